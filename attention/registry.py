@@ -1,0 +1,44 @@
+"""The attention registry: `model.attention` (a config name) -> an NNX module class.
+
+Families build attention only through `build(name, ...)`, so a new mechanism is a new file in
+attention/ that registers itself; no family changes.
+
+Self-attention modules share one call shape:
+    module(x [B, T, D], *, positions [B, T] int32, cache=None, mode="train"|"prefill"|"decode")
+        -> (y [B, T, D], cache)
+and a constructor `Module(model_config, *, dtype, rngs)` reading the fields it needs from the
+family's `config.model` (d_model, num_heads, num_kv_heads, head_dim, ...), plus
+`init_cache(batch, max_len, dtype) -> cache` for generation.
+"""
+from __future__ import annotations
+
+import importlib
+
+_REGISTRY: dict[str, type] = {}
+# mechanisms living in their own modules are imported on first use, keeping start-up light
+_MODULES = {"softmax": "attention.softmax"}
+
+
+def register(name: str):
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"attention {name!r} registered twice")
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def names() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_MODULES))
+
+
+def get(name: str) -> type:
+    if name not in _REGISTRY and name in _MODULES:
+        importlib.import_module(_MODULES[name])
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown attention {name!r}; registered: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def build(name: str, model_config, *, dtype, rngs):
+    return get(name)(model_config, dtype=dtype, rngs=rngs)

@@ -1,0 +1,77 @@
+"""Softmax self-attention with grouped-query heads (GQA) and RoPE: the baseline mechanism.
+
+softmax(Q K^T / sqrt(d_h)) V (Vaswani et al. 2017, eq. 1), with H query heads sharing
+H_kv key/value heads (Ainslie et al. 2023) and rotary positions on q and k.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention.ops.rope import apply_rope
+from attention.registry import register
+from trainer.sharding import constrain
+
+
+def dense(din, dout, logical, *, dtype, rngs, std=0.02):
+    """A bias-free Linear whose kernel carries logical axis names for the sharding rules."""
+    return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), logical),
+                      rngs=rngs)
+
+
+@register("softmax")
+class SoftmaxAttention(nnx.Module):
+    """x [B, T, D] -> [B, T, D]. Heads: num_heads query, num_kv_heads key/value (GQA)."""
+
+    def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
+        self.rope_theta = cfg.rope_theta
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        d, hd = cfg.d_model, self.head_dim
+        out_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2 scaled residual init
+        self.q_proj = dense(d, self.num_heads * hd, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.k_proj = dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.v_proj = dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+        self.o_proj = dense(self.num_heads * hd, d, ("heads", "embed"), dtype=dtype, rngs=rngs,
+                            std=out_std)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+        shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x, *, positions, cache=None, mode: str = "train"):
+        B, T, _ = x.shape
+        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q = constrain(apply_rope(q, positions, theta=self.rope_theta),
+                      ("batch", "length", "act_heads", None))
+        k = apply_rope(k, positions, theta=self.rope_theta)
+
+        if mode == "train":
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        elif mode in ("prefill", "decode"):
+            if cache is None:
+                raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
+            # all sequences of a batch are at the same position (prompts have equal length)
+            start = positions[0, 0]
+            cache = {
+                "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1),
+                "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1),
+            }
+            if mode == "prefill":  # the prompt attends only to itself
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            else:
+                key_pos = jnp.arange(cache["k"].shape[1])
+                mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+                y = jax.nn.dot_product_attention(q, cache["k"].astype(q.dtype),
+                                                 cache["v"].astype(q.dtype), mask=mask[:, None])
+        else:
+            raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim)), cache

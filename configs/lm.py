@@ -1,0 +1,54 @@
+"""Byte-level language model on the embedded corpus (the Python stdlib's source files).
+
+    python -m trainer.main --config=configs/lm.py:tiny --workdir=runs/tiny
+Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core CPU), small.
+"""
+import ml_collections
+
+from trainer.config import base_config
+
+VARIANTS = {
+    # name: (layers, d_model, heads, kv_heads, seq_len, global batch, steps, lr, warmup)
+    "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, seq_len=64, batch=8,
+                 steps=20, lr=3e-3, warmup=2),
+    "default": dict(num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, seq_len=256, batch=16,
+                    steps=600, lr=2e-3, warmup=50),
+    "small": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, seq_len=512, batch=16,
+                  steps=5000, lr=1e-3, warmup=200),
+}
+
+
+def get_config(variant=None):
+    variant = variant or "default"
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/lm.py: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    v = VARIANTS[variant]
+    c = base_config()
+    c.task = "lm"
+    c.train.steps = v["steps"]
+    c.train.global_batch_size = v["batch"]
+    c.train.lr = v["lr"]
+    c.train.warmup_steps = v["warmup"]
+    c.eval.every = max(v["steps"] // 4, 1)
+    c.eval.batches = 8
+    c.checkpoint.every = max(v["steps"] // 4, 1)
+
+    c.data.seq_len = v["seq_len"]
+
+    m = c.model
+    m.attention = "softmax"
+    m.vocab_size = 256  # bytes
+    m.num_layers = v["num_layers"]
+    m.d_model = v["d_model"]
+    m.num_heads = v["num_heads"]
+    m.num_kv_heads = v["num_kv_heads"]
+    m.head_dim = 0  # 0: d_model // num_heads
+    m.mlp_dim = int(8 / 3 * v["d_model"] / 64 + 0.5) * 64  # SwiGLU at ~ the 4x MLP's parameters
+    m.rope_theta = 10000.0
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompt = "def "
+    c.sample.max_new_tokens = 200 if variant != "tiny" else 32
+    c.sample.temperature = 0.7
+    c.sample.top_k = 40
+    return c

@@ -1,0 +1,225 @@
+"""Decoder-only language model (byte level by default) and its Task.
+
+Pre-norm Transformer: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); RoPE and GQA live in
+the attention module, which comes from the registry by `config.model.attention`, so every
+mechanism of attention/ plugs in without touching this file.
+
+Shapes: tokens [B, T] int32 -> logits [B, T, vocab] float32.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import grain
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import attention
+from attention.softmax import dense
+from trainer.config import ConfigError
+from trainer.data import ByteCorpus, ByteWindows
+from trainer.sharding import constrain
+from trainer.task import Task, register_task
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def rms_norm(d: int, *, dtype, rngs):
+    return nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                       scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)), rngs=rngs)
+
+
+class SwiGLU(nnx.Module):
+    """FFN_SwiGLU(x) = (Swish(x W1) * x W3) W2  (Shazeer 2020, eq. 6)."""
+
+    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs):
+        self.w1 = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.w3 = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.w2 = dense(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs,
+                        std=0.02 / (2 * num_layers) ** 0.5)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.w1(x)) * self.w3(x)
+        return self.w2(constrain(h, ("batch", "length", "act_mlp")))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, *, dtype, rngs):
+        self.attn_norm = rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs)
+        self.mlp_norm = rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, cache, mode):
+        h, cache = self.attn(self.attn_norm(x), positions=positions, cache=cache, mode=mode)
+        x = constrain(x + h, ("batch", "length", "act_embed"))
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "act_embed")), cache
+
+
+class LM(nnx.Module):
+    """cfg: config.model (vocab_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
+    mlp_dim, rope_theta, attention)."""
+
+    def __init__(self, cfg, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        self.remat = remat
+        # parameters carry logical axis names; the trainer's rules place them on a mesh
+        with nnx.use_eager_sharding(False):
+            self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
+                                   embedding_init=nnx.with_partitioning(
+                                       nnx.initializers.normal(1.0), ("vocab", "embed")), rngs=rngs)
+            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.final_norm = rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+            self.lm_head = dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
+                                 rngs=rngs, std=1.0 / math.sqrt(cfg.d_model))
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list:
+        return [b.attn.init_cache(batch, max_len, dtype) for b in self.blocks]
+
+    def __call__(self, tokens, *, positions=None, cache=None, mode: str = "train"):
+        """tokens [B, T] -> (logits [B, T, V] f32, cache). positions default to 0..T-1."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+        caches = cache if cache is not None else [None] * len(self.blocks)
+        new_caches = []
+        for block, c in zip(self.blocks, caches):
+            if self.remat and mode == "train":
+                x, c = nnx.remat(lambda b, x: b(x, positions, None, mode))(block, x)
+            else:
+                x, c = block(x, positions, c, mode)
+            new_caches.append(c)
+        logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab")), \
+            (new_caches if cache is not None else None)
+
+
+# ----------------------------------------------------------------------------- generation
+def sample_logits(logits, rng, *, temperature: float = 1.0, top_k: int = 0):
+    """logits [B, V] -> tokens [B]: greedy at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k"))
+def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_k):
+    model = nnx.merge(graphdef, state)
+    B, P = prompt.shape
+    cache = model.init_cache(B, P + max_new_tokens)
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    logits, cache = model(prompt, positions=positions, cache=cache, mode="prefill")
+    rngs = jax.random.split(rng, max_new_tokens)
+    first = sample_logits(logits[:, -1], rngs[0], temperature=temperature, top_k=top_k)
+
+    def step(carry, xs):
+        token, cache = carry
+        pos, r = xs
+        logits, cache = model(token[:, None], positions=jnp.full((B, 1), pos, jnp.int32),
+                              cache=cache, mode="decode")
+        nxt = sample_logits(logits[:, -1], r, temperature=temperature, top_k=top_k)
+        return (nxt, cache), (nxt, logits[:, -1])
+
+    positions = P + jnp.arange(max_new_tokens - 1, dtype=jnp.int32)
+    _, (tokens, step_logits) = jax.lax.scan(step, (first, cache), (positions, rngs[1:]))
+    tokens = jnp.concatenate([first[:, None], tokens.T], axis=1)
+    all_logits = jnp.concatenate([logits[:, -1:], jnp.swapaxes(step_logits, 0, 1)], axis=1)
+    return tokens, all_logits
+
+
+def generate(model: LM, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+             rng=None, return_logits: bool = False):
+    """KV-cached sampling in one jitted loop. prompt [B, P] int32 -> new tokens [B, N]
+    (and the logits [B, N, V] each was sampled from, if return_logits)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    graphdef, state = nnx.split(model)
+    rng = jax.random.key(0) if rng is None else rng
+    tokens, logits = _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), rng,
+                               max_new_tokens=max_new_tokens, temperature=float(temperature),
+                               top_k=int(top_k))
+    return (tokens, logits) if return_logits else tokens
+
+
+# ----------------------------------------------------------------------------- task
+@register_task("lm")
+class LMTask(Task):
+    """Next-byte prediction on a byte corpus (embedded: the Python stdlib's source)."""
+
+    throughput_unit = "tokens"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._corpus = None
+
+    def validate(self, mesh_sizes):
+        m, tp = self.config.model, mesh_sizes["tensor"]
+        for field in ("num_heads", "num_kv_heads"):
+            if m[field] % tp:
+                raise ConfigError(f"config.model.{field}={m[field]} is not divisible by the tensor "
+                                  f"axis mesh.tensor={tp}; allowed: tensor sizes dividing it")
+        if m.num_heads % m.num_kv_heads:
+            raise ConfigError(f"config.model.num_heads={m.num_heads} must be a multiple of "
+                              f"config.model.num_kv_heads={m.num_kv_heads}")
+        hd = m.head_dim or m.d_model // m.num_heads
+        if not m.head_dim and m.d_model % m.num_heads:
+            raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
+                              f"num_heads={m.num_heads}; set model.head_dim explicitly")
+        if hd % 2:
+            raise ConfigError(f"config.model.head_dim={hd} must be even (RoPE rotates pairs)")
+        try:
+            attention.get(m.attention)
+        except KeyError as e:
+            raise ConfigError(f"config.model.attention: {e.args[0]}") from None
+        if self.config.data.seq_len < 1:
+            raise ConfigError(f"config.data.seq_len must be >= 1, got {self.config.data.seq_len}")
+
+    def build_model(self, rngs):
+        t = self.config.train
+        return LM(self.config.model, dtype=_DTYPES[t.compute_dtype], remat=t.remat, rngs=rngs)
+
+    @property
+    def corpus(self) -> ByteCorpus:
+        if self._corpus is None:
+            self._corpus = ByteCorpus.from_config(self.config.data.paths)
+        return self._corpus
+
+    def train_data(self):
+        src = ByteWindows(self.corpus.train, self.config.data.seq_len)
+        return grain.MapDataset.source(src).shuffle(seed=self.config.seed).repeat(None)
+
+    def eval_data(self):
+        src = ByteWindows(self.corpus.eval, self.config.data.seq_len)
+        return grain.MapDataset.source(src).shuffle(seed=1234)
+
+    def units_per_example(self):
+        return self.config.data.seq_len
+
+    def loss(self, model, batch):
+        tokens = batch["tokens"]
+        logits, _ = model(tokens[:, :-1])
+        # mean next-token cross entropy, nats per byte
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
+        loss = nll.mean()
+        return loss, {}
+
+    def eval_summary(self, metrics):
+        loss = metrics["loss"]
+        return dict(metrics, bits_per_byte=loss / math.log(2), perplexity=math.exp(min(loss, 50.0)))
+
+    def on_fit_end(self, model, log):
+        s = self.config.sample
+        if not s.max_new_tokens:
+            return
+        prompt = jnp.asarray([list(s.prompt.encode("utf-8"))], jnp.int32)
+        out = generate(model, prompt, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                       rng=jax.random.key(self.config.seed))
+        text = bytes(int(t) for t in out[0]).decode("utf-8", errors="replace")
+        log(f"sample (temperature={s.temperature}, top_k={s.top_k}):\n{s.prompt}{text}")

@@ -1,0 +1,225 @@
+"""Configs: ml_collections files with named variants, command-line overrides, validation.
+
+A config file is a Python module with `get_config(variant: str | None) -> ConfigDict`
+(big_vision style); `configs/lm.py:tiny` names the file and the variant. Configs are locked
+after construction so a misspelt override fails, naming the valid keys.
+
+Every family's config starts from `base_config()`, which holds the fields the trainer and the
+tools rely on (train.steps, train.global_batch_size, train.lr, eval.every, checkpoint.every,
+mesh.data/fsdp/tensor, data.paths, model.attention, init_from).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import ConfigDict
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field and what is allowed."""
+
+
+def base_config() -> ConfigDict:
+    """Fields shared by every family, with defaults that run on a laptop CPU."""
+    c = ConfigDict()
+    c.task = ""  # the Task registered by a family module (models/<family>.py)
+    c.seed = 0
+    c.init_from = ""  # a checkpoint directory to initialise a new run from
+
+    c.train = ConfigDict()
+    c.train.steps = 100
+    c.train.global_batch_size = 8
+    c.train.grad_accum_steps = 1  # micro-batches per optimizer step
+    c.train.lr = 1e-3
+    c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    c.train.warmup_steps = 10
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.1  # applied to parameters with ndim >= 2 only
+    c.train.grad_clip_norm = 1.0  # 0 disables clipping
+    c.train.compute_dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters
+    c.train.remat = False  # rematerialise each block in the backward pass
+    c.train.nan_policy = "skip"  # non-finite loss/grads: "skip" the update (counted) or "stop"
+    c.train.log_every = 10
+
+    c.eval = ConfigDict()
+    c.eval.every = 100  # 0: only at the end
+    c.eval.batches = 8
+
+    c.checkpoint = ConfigDict()
+    c.checkpoint.every = 100  # 0: only at the end
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.async_save = True
+
+    c.mesh = ConfigDict()
+    c.mesh.data = -1  # -1: the rest of the devices
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.data = ConfigDict()
+    c.data.paths = ()  # empty: the family's embedded default
+    c.data.num_workers = 0  # Grain worker processes
+
+    c.model = ConfigDict()
+    c.model.attention = "softmax"  # attention registry name
+    return c
+
+
+# ----------------------------------------------------------------------------- loading
+def _load_module(path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such config file {path!r}")
+    name = "polyformer_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} defines no get_config(variant)")
+    return module
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path/to/file.py[:variant]`, locks it and applies `a.b=value` overrides."""
+    path, _, variant = spec.partition(":")
+    config = _load_module(path).get_config(variant or None)
+    config.lock()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form field.path=value")
+        set_field(config, key.removeprefix("--config.").removeprefix("config."), value)
+    return config
+
+
+def _leaf_keys(config: ConfigDict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in config.items():
+        if isinstance(v, ConfigDict):
+            out += _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def _parse(text: str, current: Any, key: str) -> Any:
+    """Parses a command-line string into the type of the field it replaces."""
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config.{key}: expected a bool (true/false), got {text!r}")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"config.{key}: expected an int, got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config.{key}: expected a float, got {text!r}") from None
+    if isinstance(current, (tuple, list)):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = [p for p in text.split(",") if p]  # a,b,c: a list of strings
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"config.{key}: expected a list, got {text!r}")
+        return type(current)(value)
+    if current is None:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    return text
+
+
+def set_field(config: ConfigDict, key: str, value: Any) -> None:
+    """Sets `a.b.c` in a locked config; unknown keys and wrong types raise ConfigError."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        keys = list(node.keys()) if isinstance(node, ConfigDict) else []
+        if part not in keys:
+            where = ".".join(parts[:i]) or "the config"
+            valid = _leaf_keys(config)
+            raise ConfigError(
+                f"unknown config field {key!r}: {where} has no field {part!r}. "
+                f"Valid fields: {', '.join(valid)}")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ConfigDict):
+        raise ConfigError(f"config.{key} is a group; set one of its fields: "
+                          f"{', '.join(_leaf_keys(current, key + '.'))}")
+    if isinstance(value, str) and not isinstance(current, str):
+        value = _parse(value, current, key)
+    try:
+        node[parts[-1]] = value
+    except TypeError as e:
+        raise ConfigError(f"config.{key}: {e}") from None
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ConfigDict:
+    return ConfigDict(json.loads(text))
+
+
+# ----------------------------------------------------------------------------- validation
+def require(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config.{field}: {msg}")
+
+
+def _one_of(config: ConfigDict, field: str, allowed: Sequence[str]) -> None:
+    value = config
+    for p in field.split("."):
+        value = value[p]
+    require(value in allowed, field, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def validate(config: ConfigDict) -> None:
+    """Checks the family-independent fields (the Task checks its own); raises ConfigError."""
+    t = config.train
+    require(bool(config.task), "task", "no task set; the family config must set config.task")
+    require(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    require(t.global_batch_size >= 1, "train.global_batch_size",
+            f"must be >= 1, got {t.global_batch_size}")
+    require(t.grad_accum_steps >= 1, "train.grad_accum_steps",
+            f"must be >= 1, got {t.grad_accum_steps}")
+    require(t.global_batch_size % t.grad_accum_steps == 0, "train.global_batch_size",
+            f"{t.global_batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    require(t.grad_clip_norm >= 0, "train.grad_clip_norm", f"must be >= 0, got {t.grad_clip_norm}")
+    require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _one_of(config, "train.compute_dtype", ("float32", "bfloat16"))
+    _one_of(config, "train.nan_policy", ("skip", "stop"))
+    for f in ("eval.every", "checkpoint.every", "eval.batches"):
+        group, name = f.split(".")
+        require(config[group][name] >= 0, f, f"must be >= 0, got {config[group][name]}")
+    require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
+            f"must be >= 1, got {config.checkpoint.max_to_keep}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (the rest) or >= 1, got {size}")
+    require([config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
+            "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for p in config.data.paths:
+        require(isinstance(p, str) and p, "data.paths", f"entries must be non-empty paths, got {p!r}")
+        require(os.path.exists(p), "data.paths", f"{p!r} does not exist")
+    require(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(not config.init_from or os.path.isdir(config.init_from), "init_from",
+            f"{config.init_from!r} is not a directory")

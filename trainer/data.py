@@ -1,0 +1,159 @@
+"""Input pipelines: Grain datasets, per-process sharding, global arrays; byte-level text corpora.
+
+A Task hands the Trainer an *example*-level `grain.MapDataset`; `process_batches` turns it into
+the host-local batches of this process such that the global batch is the same whatever the
+number of processes (global batch b is examples [b*G, (b+1)*G) of the task's dataset, and process
+p reads rows [p*G/P, (p+1)*G/P) of it). `global_batch` assembles the device arrays.
+"""
+from __future__ import annotations
+
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from trainer.config import ConfigError
+
+
+# ----------------------------------------------------------------------------- sharding
+class _ProcessRows(grain.MapDataset):
+    """Example j of process p = example (j // L) * G + p * L + j % L of the parent (L = G / P)."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+        super().__init__(parent)
+        self._g, self._p, self._l = global_batch, index, global_batch // count
+        self._len = (len(parent) // global_batch) * self._l
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        return self._parent[(j // self._l) * self._g + self._p * self._l + j % self._l]
+
+    def __str__(self):
+        return f"ProcessRows(global_batch={self._g}, process={self._p})"
+
+
+def process_batches(ds: grain.MapDataset, global_batch: int, *, process_index: int | None = None,
+                    process_count: int | None = None, prefetch: int = 2) -> grain.IterDataset:
+    """Host-local batches (dicts of arrays with leading dim global_batch / process_count)."""
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if global_batch % n:
+        raise ConfigError(f"config.train.global_batch_size={global_batch} is not divisible by "
+                          f"the {n} processes")
+    local = _ProcessRows(ds, global_batch, p, n).batch(global_batch // n, drop_remainder=True)
+    return local.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax.Arrays with the given per-key shardings."""
+    out = {}
+    for k, x in local.items():
+        gshape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(shardings[k], x, gshape)
+    return out
+
+
+# ----------------------------------------------------------------------------- text corpora
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+
+
+def stdlib_files() -> tuple[str, list[str]]:
+    """The Python standard library's own .py sources (tests excluded), sorted: on every machine."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS)
+        files += [os.path.relpath(os.path.join(d, f), root) for f in sorted(names) if f.endswith(".py")]
+    return root, sorted(files)
+
+
+def text_files(paths: Sequence[str]) -> list[str]:
+    """Files named in data.paths, directories walked recursively (sorted); hidden files skipped."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for d, dirs, names in os.walk(p):
+                dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+                out += [os.path.join(d, f) for f in sorted(names) if not f.startswith(".")]
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise ConfigError(f"config.data.paths: {p!r} does not exist")
+    if not out:
+        raise ConfigError(f"config.data.paths: no files under {list(paths)}")
+    return out
+
+
+def is_eval_file(name: str, eval_every: int = 20) -> bool:
+    """Deterministic train/eval split by file: about 1 in `eval_every` files is held out."""
+    return zlib.crc32(name.encode()) % eval_every == 0
+
+
+@dataclass(frozen=True)
+class ByteCorpus:
+    """Byte-level train/eval corpora (uint8 arrays) split by file."""
+    train: np.ndarray
+    eval: np.ndarray
+    train_files: tuple[str, ...]
+    eval_files: tuple[str, ...]
+
+    @classmethod
+    def from_files(cls, root: str, names: Sequence[str]) -> "ByteCorpus":
+        parts = {True: [], False: []}
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                parts[is_eval_file(n)].append((n, f.read()))
+        if not parts[True] or not parts[False]:
+            # too few files to split by file: hold out the last 10% of each file's bytes instead
+            everything = parts[True] + parts[False]
+            cut = [(n, int(len(b) * 0.9)) for n, b in everything]
+            parts = {False: [(n, b[:c]) for (n, b), (_, c) in zip(everything, cut)],
+                     True: [(n, b[c:]) for (n, b), (_, c) in zip(everything, cut)]}
+        join = lambda ps: np.frombuffer(b"".join(b for _, b in ps), dtype=np.uint8)
+        return cls(train=join(parts[False]), eval=join(parts[True]),
+                   train_files=tuple(n for n, _ in parts[False]),
+                   eval_files=tuple(n for n, _ in parts[True]))
+
+    @classmethod
+    def from_config(cls, paths: Sequence[str]) -> "ByteCorpus":
+        """The embedded stdlib corpus when paths is empty, else the given text files/directories."""
+        if not paths:
+            return _stdlib_corpus()
+        return cls.from_files("", text_files(paths))
+
+
+_CACHE: dict = {}
+
+
+def _stdlib_corpus() -> ByteCorpus:
+    if "stdlib" not in _CACHE:
+        _CACHE["stdlib"] = ByteCorpus.from_files(*stdlib_files())
+    return _CACHE["stdlib"]
+
+
+class ByteWindows:
+    """Non-overlapping windows of seq_len + 1 bytes: example i = data[i*T : i*T + T + 1]."""
+
+    def __init__(self, data: np.ndarray, seq_len: int):
+        self.data, self.seq_len = data, seq_len
+        self.n = (len(data) - 1) // seq_len
+        if self.n < 1:
+            raise ConfigError(f"config.data: the corpus ({len(data)} bytes) is shorter than one "
+                              f"window of data.seq_len + 1 = {seq_len + 1} bytes")
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        i = int(i)
+        s = i * self.seq_len
+        return {"tokens": self.data[s:s + self.seq_len + 1].astype(np.int32), "id": np.int32(i)}

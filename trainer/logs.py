@@ -1,0 +1,66 @@
+"""Metrics to TensorBoard (tensorboardX) and the terminal: a progress bar on a TTY, plain
+periodic log lines otherwise (CI, log files)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from tensorboardX import SummaryWriter
+
+
+def _fmt(v: float) -> str:
+    if v != v:  # nan
+        return "nan"
+    a = abs(v)
+    return f"{v:.3e}" if (a and (a < 1e-3 or a >= 1e5)) else f"{v:.4g}"
+
+
+class Reporter:
+    """Writes scalars to `workdir/tensorboard` (process 0 only) and reports progress."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, *, enabled: bool = True,
+                 stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
+                            dynamic_ncols=True, unit="step")
+        self.total = total_steps
+
+    def print(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, file=self.stream, flush=True)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(prefix + k, float(v), step)
+
+    def progress(self, step: int, values: dict[str, float], keys=("loss", "tokens/s", "mfu")) -> None:
+        """Moves the bar to `step` (or prints a log line when not on a TTY)."""
+        if not self.enabled:
+            return
+        shown = {k.removeprefix("perf/"): v for k, v in values.items()}
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: _fmt(v) for k, v in shown.items() if k in keys or k.endswith("/s")},
+                                 refresh=True)
+        else:
+            items = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+            self.print(f"step {step}/{self.total} {items}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

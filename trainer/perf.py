@@ -1,0 +1,54 @@
+"""FLOPs of a compiled step and the peak they are measured against (for MFU)."""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# dense bf16 peak per chip, FLOP/s (vendor datasheets)
+_DATASHEET = {
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+    "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
+}
+
+
+@functools.cache
+def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Measured jitted f32 n x n matmul FLOP/s on this host (best of `reps`), all cores."""
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32), cpu)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(devices=None) -> tuple[float, str]:
+    """Peak FLOP/s of the whole mesh and where the figure comes from.
+
+    CPU: the measured matmul peak of the host (simulated devices share its cores), times the
+    number of processes. GPU/TPU: the datasheet bf16 peak of the chip times the chip count.
+    """
+    devices = devices or jax.devices()
+    kind = devices[0].device_kind.lower()
+    if devices[0].platform == "cpu":
+        return cpu_matmul_peak() * jax.process_count(), "measured f32 matmul peak"
+    for name, flops in _DATASHEET.items():
+        if name in kind:
+            return flops * len(devices), f"datasheet bf16 peak ({devices[0].device_kind})"
+    return float("nan"), f"unknown device kind {devices[0].device_kind!r}"
+
+
+def compiled_flops(compiled, num_devices: int) -> float:
+    """Total FLOPs of one call from XLA's cost analysis (which reports one SPMD partition)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan"))) * num_devices

@@ -1,0 +1,145 @@
+"""Mesh and logical-axis sharding.
+
+Model code names *logical* axes (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) on parameters
+(`nnx.with_partitioning`) and on activations (`constrain`); one rules table, `LOGICAL_RULES`,
+maps them to the mesh axes `data`, `fsdp`, `tensor` (the MaxText / flax lm1b convention), so
+data parallel, FSDP and tensor parallel are config changes, never model edits.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from trainer.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also shards parameters
+
+# logical axis name -> mesh axes (None: replicated)
+LOGICAL_RULES: dict[str, Any] = {
+    # parameters
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "kv": None,
+    "vocab": "tensor",
+    "norm": None,
+    # activations
+    "batch": BATCH_AXES,
+    "length": None,
+    "act_embed": None,
+    "act_mlp": "tensor",
+    "act_heads": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def mesh_shape(config, num_devices: int | None = None) -> dict[str, int]:
+    """Resolves mesh.data/fsdp/tensor (one may be -1 = the rest) against the device count."""
+    n = num_devices if num_devices is not None else jax.device_count()
+    sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    rest = [a for a, s in sizes.items() if s == -1]
+    if rest:
+        if n % known:
+            raise ConfigError(
+                f"config.mesh: the fixed axes ({', '.join(f'{a}={s}' for a, s in sizes.items() if s != -1)}) "
+                f"multiply to {known}, which does not divide the {n} devices")
+        sizes[rest[0]] = n // known
+    if math.prod(sizes.values()) != n:
+        raise ConfigError(
+            f"config.mesh: data={sizes['data']} x fsdp={sizes['fsdp']} x tensor={sizes['tensor']} "
+            f"= {math.prod(sizes.values())} devices, but {n} are available; make the product {n} "
+            f"or set one axis to -1")
+    return sizes
+
+
+def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_shape(config, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if devices == jax.devices():
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, rules=None) -> P:
+    """('embed', 'mlp') -> P('fsdp', 'tensor') through the rules table."""
+    rules = LOGICAL_RULES if rules is None else rules
+    if logical is None:
+        return P()
+    out = []
+    for name in logical:
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        out.append(None if name is None else rules[name])
+    return P(*out)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _logical_names(variable) -> tuple | None:
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    return meta.get("out_sharding") or meta.get("sharding_names") or None
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """NamedShardings for an (abstract) nnx.State from its variables' logical axis names.
+
+    Raises ConfigError listing every parameter whose sharded dimension the mesh does not divide.
+    """
+    from flax import nnx
+
+    problems = []
+
+    def one(path, variable):
+        logical = _logical_names(variable)
+        spec = logical_to_spec(logical)
+        shape = variable.get_value().shape
+        for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
+            k = _axis_size(mesh, axes)
+            if size % k:
+                name = "/".join(str(getattr(p, "key", p)) for p in path)
+                problems.append(f"{name} dim {dim} (size {size}, logical {logical[dim]!r}) is not "
+                                f"divisible by mesh axes {axes} of size {k}")
+        return variable.replace(NamedSharding(mesh, spec))
+
+    shardings = jax.tree_util.tree_map_with_path(
+        one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if problems:
+        raise ConfigError("config.mesh: these parameters cannot be sharded on this mesh:\n  "
+                          + "\n  ".join(problems))
+    return shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Activation sharding hint by logical names; a no-op outside a mesh (eager, notebooks)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(logical)
+    axes = [a for a in spec if a is not None]
+    flat = [a for ax in axes for a in ((ax,) if isinstance(ax, str) else ax)]
+    if any(a not in mesh.axis_names for a in flat):
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -1,0 +1,87 @@
+"""The Task protocol: everything family-specific the generic Trainer needs, and their registry.
+
+A family registers one Task (models/<family>.py + configs/<family>.py); the Trainer never
+branches on the family. `config.task` names it; `models.<task>` is imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Iterable
+
+import grain
+import jax
+from flax import nnx
+
+_TASKS: dict[str, type["Task"]] = {}
+
+
+def register_task(name: str):
+    def deco(cls):
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+    return deco
+
+
+def get_task(name: str) -> type["Task"]:
+    if name not in _TASKS:
+        try:
+            importlib.import_module(f"models.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"models.{name}":
+                raise
+    if name not in _TASKS:
+        from trainer.config import ConfigError
+        raise ConfigError(f"config.task: unknown task {name!r}; registered: {', '.join(sorted(_TASKS)) or '(none)'}")
+    return _TASKS[name]
+
+
+class Task:
+    """Base class of a family's task. Batches are dicts of numpy arrays, leading axis = batch.
+
+    Subclasses implement:
+      build_model(rngs) -> nnx.Module
+      train_data() -> grain.MapDataset of examples, shuffled and repeated (infinite)
+      eval_data() -> grain.MapDataset of examples (finite, deterministic)
+      loss(model, batch) -> (scalar loss, {name: scalar metric})  # traced inside jit
+    and may override validate, eval_summary, units_per_example and on_fit_end.
+    """
+
+    name: str = ""
+    throughput_unit: str = "examples"  # reported as <unit>/s
+
+    def __init__(self, config):
+        self.config = config
+
+    # ---- checks before anything compiles
+    def validate(self, mesh_sizes: dict[str, int]) -> None:
+        """Raise trainer.config.ConfigError for family fields that are bad for this mesh."""
+
+    # ---- model
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        raise NotImplementedError(f"{type(self).__name__}.build_model")
+
+    # ---- data
+    def train_data(self) -> grain.MapDataset:
+        raise NotImplementedError(f"{type(self).__name__}.train_data")
+
+    def eval_data(self) -> grain.MapDataset:
+        raise NotImplementedError(f"{type(self).__name__}.eval_data")
+
+    def units_per_example(self) -> int:
+        """How many throughput units (tokens, images, ...) one example holds."""
+        return 1
+
+    # ---- loss and metrics
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
+        raise NotImplementedError(f"{type(self).__name__}.loss")
+
+    def eval_summary(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Derived eval metrics from the batch-averaged ones (e.g. bits per byte)."""
+        return metrics
+
+    def on_fit_end(self, model: nnx.Module, log) -> None:
+        """Called once after training (e.g. the LM prints a generated sample)."""
+
+    def describe(self) -> Iterable[str]:
+        return ()

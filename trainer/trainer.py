@@ -1,0 +1,325 @@
+"""The generic, sharded training loop. Knows nothing about any family: the Task does.
+
+    trainer = Trainer(config, workdir)
+    trainer.fit()                 # train to config.train.steps, resuming from workdir if possible
+    trainer.fit(max_steps=50)     # ... or stop (and checkpoint) at step 50; a later fit() goes on
+    trainer.evaluate()            # eval metrics of the current state
+    trainer.model                 # the NNX model (for notebooks: sampling, attention maps)
+
+The train state is one pytree, {"nnx": nnx.State of (model, optimizer), "step", "nonfinite",
+"first_nonfinite"}, sharded by the logical-axis rules, donated to the jitted step and pinned to
+the same shardings on the way out so the step compiles exactly once.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trainer import perf
+from trainer.checkpoint import Checkpoints
+from trainer.config import ConfigError, to_json, validate
+from trainer.data import global_batch, process_batches
+from trainer.logs import Reporter
+from trainer.optim import lr_schedule, make_optimizer
+from trainer.sharding import BATCH_AXES, make_mesh, mesh_shape, replicated, state_shardings
+from trainer.task import get_task
+
+
+class Trainer:
+    def __init__(self, config, workdir: str, *, devices=None, quiet: bool = False):
+        validate(config)
+        self.config = config
+        self.workdir = os.path.abspath(workdir)
+        self.quiet = quiet
+        self.task = get_task(config.task)(config)
+
+        devices = list(devices) if devices is not None else jax.devices()
+        self.mesh_sizes = mesh_shape(config, len(devices))
+        self.task.validate(self.mesh_sizes)
+        t = config.train
+        self.accum = t.grad_accum_steps
+        self.micro_batch = t.global_batch_size // self.accum
+        dp = self.mesh_sizes["data"] * self.mesh_sizes["fsdp"]
+        if self.micro_batch % dp:
+            raise ConfigError(
+                f"config.train.global_batch_size={t.global_batch_size} "
+                f"(/ grad_accum_steps={self.accum} = {self.micro_batch} per micro-batch) is not "
+                f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}")
+        self.mesh = make_mesh(config, devices)
+
+        self.tx = make_optimizer(config)
+        self.schedule = lr_schedule(config)
+        abstract = nnx.eval_shape(self._build)  # outside the mesh: names are logical here
+        self.graphdef, abstract_nnx = nnx.split(abstract)
+        self._num_params = sum(math.prod(x.shape)
+                               for x in jax.tree.leaves(nnx.state(abstract[0], nnx.Param)))
+        nnx_shardings = state_shardings(abstract_nnx, self.mesh)  # raises on divisibility problems
+        rep = replicated(self.mesh)
+        self.state_shardings = {"nnx": nnx_shardings, "step": rep, "nonfinite": rep,
+                                "first_nonfinite": rep}
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        self.abstract_state = {"nnx": abstract_nnx, "step": scalar, "nonfinite": scalar,
+                               "first_nonfinite": scalar}
+        self.checkpoints = Checkpoints(self.workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                       async_save=config.checkpoint.async_save)
+        self.state = None
+        self.train_iter = None
+        self._train_step = None  # AOT-compiled on the first batch
+        self._eval_step = None
+        self.step_flops = float("nan")
+        self.last_eval: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ state
+    def _build(self):
+        model = self.task.build_model(nnx.Rngs(self.config.seed))
+        return model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+
+    def _fresh_state(self):
+        def init():
+            return {"nnx": nnx.state(self._build()), "step": jnp.zeros((), jnp.int32),
+                    "nonfinite": jnp.zeros((), jnp.int32),
+                    "first_nonfinite": jnp.full((), -1, jnp.int32)}
+        with jax.set_mesh(self.mesh):
+            return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def _log(self, msg: str) -> None:
+        if not self.quiet and jax.process_index() == 0:
+            print(msg, flush=True)
+
+    def initial_state(self):
+        """Restores the newest checkpoint in the workdir (with the data position), else initialises."""
+        if self.state is not None:
+            return self.state
+        self.train_iter = iter(process_batches(self.task.train_data(), self.config.train.global_batch_size))
+        step = self.checkpoints.latest_step()
+        if step is None:
+            self.state = self._fresh_state()
+        else:
+            self._log(f"resuming from {self.checkpoints.directory}/{step}")
+            self.state = self.checkpoints.restore(step, self.abstract_state, self.state_shardings,
+                                                  self.train_iter)
+        return self.state
+
+    @property
+    def step(self) -> int:
+        return int(self.initial_state()["step"])
+
+    @property
+    def model(self) -> nnx.Module:
+        """The current model (a fresh NNX object that shares nothing with the donated state)."""
+        model, _ = nnx.merge(self.graphdef, self.initial_state()["nnx"])
+        return model
+
+    # ------------------------------------------------------------------ steps
+    def _loss_and_grads(self, model, batch):
+        """Mean loss, metrics and grads over the grad_accum_steps micro-batches of `batch`."""
+        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def f(p, mb):
+            m = nnx.merge(gdef, p, rest)
+            loss, metrics = self.task.loss(m, mb)
+            return loss, metrics
+
+        grad_fn = jax.value_and_grad(f, has_aux=True)
+        if self.accum == 1:
+            (loss, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+            return loss, metrics, grads
+
+        def body(carry, mb):
+            (loss, metrics), g = grad_fn(params, mb)
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, g))
+            return acc, None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                             jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch)))
+        (loss, metrics), g = zeros
+        (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, g), batch)
+        return jax.tree.map(lambda x: x / self.accum, (loss, metrics, grads))
+
+    def _train_step_fn(self, state, batch):
+        model, optimizer = nnx.merge(self.graphdef, state["nnx"])
+        loss, metrics, grads = self._loss_and_grads(model, batch)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(nnx_state):
+            m, opt = nnx.merge(self.graphdef, nnx_state)
+            opt.update(m, grads)
+            return nnx.state((m, opt))
+
+        # a non-finite loss or gradient never reaches the parameters: the update is skipped
+        new_nnx = jax.lax.cond(ok, apply, lambda s: s, nnx.state((model, optimizer)))
+        step = state["step"]
+        new_state = {
+            "nnx": new_nnx,
+            "step": step + 1,
+            "nonfinite": state["nonfinite"] + (~ok).astype(jnp.int32),
+            "first_nonfinite": jnp.where(~ok & (state["first_nonfinite"] < 0), step + 1,
+                                         state["first_nonfinite"]),
+        }
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm)
+        return new_state, metrics
+
+    def _eval_step_fn(self, state, batch):
+        model, _ = nnx.merge(self.graphdef, state["nnx"])
+        loss, metrics = self.task.loss(model, batch)
+        return dict(metrics, loss=loss)
+
+    def _batch_shardings(self, batch, leading):
+        lead = (None,) * leading
+        return {k: NamedSharding(self.mesh, P(*lead, BATCH_AXES, *([None] * (v.ndim - 1 - leading))))
+                for k, v in batch.items()}
+
+    def _device_batch(self, local):
+        """Host-local batch [b, ...] -> global arrays [accum, B/accum, ...] sharded over data x fsdp."""
+        local = {k: v.reshape((self.accum, v.shape[0] // self.accum) + v.shape[1:])
+                 for k, v in local.items()}
+        shardings = self._batch_shardings(local, leading=1)
+        out = {}
+        for k, x in local.items():
+            gshape = (self.accum, x.shape[1] * jax.process_count()) + x.shape[2:]
+            out[k] = jax.make_array_from_process_local_data(shardings[k], x, gshape)
+        return out
+
+    def _compile_train_step(self, batch):
+        batch_shardings = {k: v.sharding for k, v in batch.items()}
+        jitted = jax.jit(self._train_step_fn,
+                         in_shardings=(self.state_shardings, batch_shardings),
+                         out_shardings=(self.state_shardings, replicated(self.mesh)),
+                         donate_argnums=0)
+        with jax.set_mesh(self.mesh):
+            compiled = jitted.lower(self.state, batch).compile()
+        self.step_flops = perf.compiled_flops(compiled, self.mesh.size)
+        return compiled
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self) -> dict[str, float]:
+        """Batch-averaged eval metrics over (at most) eval.batches global batches."""
+        state = self.initial_state()
+        it = process_batches(self.task.eval_data(), self.micro_batch)
+        sums, n = {}, 0
+        for local in it:
+            if n >= max(self.config.eval.batches, 1):
+                break
+            shardings = self._batch_shardings(local, leading=0)
+            batch = global_batch(local, shardings)
+            if self._eval_step is None:
+                self._eval_step = jax.jit(self._eval_step_fn,
+                                          in_shardings=(self.state_shardings, shardings),
+                                          out_shardings=replicated(self.mesh))
+            with jax.set_mesh(self.mesh):
+                m = self._eval_step(state, batch)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        if n == 0:
+            raise ConfigError(f"the eval split has fewer than one batch of {self.micro_batch} examples")
+        metrics = {k: float(v) / n for k, v in jax.device_get(sums).items()}
+        self.last_eval = self.task.eval_summary(metrics)
+        return self.last_eval
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        state = self.initial_state()
+        self.checkpoints.save(int(state["step"]), state, self.train_iter, to_json(self.config))
+
+    def _check_finite(self, state) -> None:
+        if self.config.train.nan_policy == "stop" and int(state["nonfinite"]) > 0:
+            first = int(state["first_nonfinite"])
+            raise FloatingPointError(
+                f"non-finite loss or gradients at step {first} (train.nan_policy='stop'); the "
+                f"update of that step was not applied. The last checkpoint is in "
+                f"{self.checkpoints.directory}; set train.nan_policy='skip' to skip such steps")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, max_steps: int | None = None) -> dict[str, Any]:
+        """Trains to train.steps (or to step `max_steps`), checkpointing and evaluating on the way.
+
+        Returns {"step", "loss", "eval": {...}} of the last logged step.
+        """
+        cfg = self.config
+        state = self.initial_state()
+        step = int(state["step"])
+        until = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
+        units = cfg.train.global_batch_size * self.task.units_per_example()
+        unit = self.task.throughput_unit
+        peak, _ = perf.peak_flops(list(self.mesh.devices.flat))
+        report = Reporter(self.workdir, cfg.train.steps, step,
+                          enabled=not self.quiet and jax.process_index() == 0)
+        report.print(f"{cfg.task}: step {step} -> {until} on mesh {self.mesh_sizes}, "
+                     f"{self.num_params():,} parameters, workdir {self.workdir}")
+        last = {"step": step}
+        t_mark, step_mark, saved_at, evaluated_at = None, step, -1, -1
+        try:
+            while step < until:
+                batch = self._device_batch(next(self.train_iter))
+                if self._train_step is None:
+                    self._train_step = self._compile_train_step(batch)
+                state, metrics = self._train_step(state, batch)
+                self.state = state
+                step += 1
+                if t_mark is None:  # the first step includes compilation: time from its end
+                    jax.block_until_ready(state)
+                    t_mark, step_mark = time.perf_counter(), step
+                if step % cfg.train.log_every == 0 or step == until:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    self._check_finite(state)
+                    now = time.perf_counter()
+                    if step > step_mark:
+                        dt = (now - t_mark) / (step - step_mark)
+                        metrics[f"perf/{unit}/s"] = units / dt
+                        metrics["perf/step_s"] = dt
+                        metrics["perf/mfu"] = self.step_flops / dt / peak
+                    t_mark, step_mark = now, step
+                    metrics["lr"] = float(self.schedule(step - 1))
+                    metrics["nonfinite_steps"] = float(state["nonfinite"])
+                    report.scalars(step, metrics, "train/")
+                    report.progress(step, metrics)
+                    last.update(step=step, loss=metrics["loss"], metrics=metrics)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < until:
+                    ev = self.evaluate()
+                    evaluated_at = step
+                    report.scalars(step, ev, "eval/")
+                    report.print(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+                    t_mark, step_mark = time.perf_counter(), step
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < until:
+                    self._check_finite(state)
+                    self.save()
+                    saved_at = step
+            self._check_finite(state)
+            if saved_at != step and step > 0:
+                self.save()
+            if evaluated_at != step:
+                ev = self.evaluate()
+                report.scalars(step, ev, "eval/")
+                report.print(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+            last["step"] = step
+            last["eval"] = dict(self.last_eval)
+            self.checkpoints.wait()
+            if step >= cfg.train.steps and not self.quiet and jax.process_index() == 0:
+                self.task.on_fit_end(self.model, report.print)
+        finally:
+            report.close()
+        return last
+
+    def num_params(self) -> int:
+        return self._num_params
+
+    def close(self) -> None:
+        self.checkpoints.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
