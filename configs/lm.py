@@ -12,7 +12,7 @@ VARIANTS = {
     "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, seq_len=64, batch=8,
                  steps=20, lr=3e-3, warmup=2),
     "default": dict(num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, seq_len=256, batch=16,
-                    steps=600, lr=2e-3, warmup=50),
+                    steps=200, lr=2e-3, warmup=20),
     "small": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, seq_len=512, batch=16,
                   steps=5000, lr=1e-3, warmup=200),
 }

@@ -19,7 +19,7 @@ from flax import nnx
 import attention
 from attention.softmax import dense
 from trainer.config import ConfigError
-from trainer.data import ByteCorpus, ByteWindows
+from trainer.data import ByteCorpus, ByteWindows, text_files
 from trainer.sharding import constrain
 from trainer.task import Task, register_task
 
@@ -180,6 +180,8 @@ class LMTask(Task):
             raise ConfigError(f"config.model.attention: {e.args[0]}") from None
         if self.config.data.seq_len < 1:
             raise ConfigError(f"config.data.seq_len must be >= 1, got {self.config.data.seq_len}")
+        if self.config.data.paths:
+            text_files(self.config.data.paths)  # raises on missing paths and empty directories
 
     def build_model(self, rngs):
         t = self.config.train

@@ -22,7 +22,10 @@ class Checkpoints:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True,
-                enable_async_checkpointing=async_save))
+                enable_async_checkpointing=async_save),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -46,6 +49,25 @@ class Checkpoints:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"]
+
+    def restore_params(self, step: int, mesh) -> dict[str, "jax.Array"]:
+        """The model parameters of checkpoint `step` as {path: array}, whatever the model was.
+
+        Paths are '/'-joined keys of the model's state ('blocks/0/attn/q_proj/kernel'); arrays come
+        back replicated on `mesh` (a run initialised from another is small enough for that, and
+        the caller reshards what it keeps).
+        """
+        meta = self.manager.item_metadata(step)["state"]
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep), meta)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))
+        flat = jax.tree_util.tree_flatten_with_path(restored["state"]["nnx"]["0"])[0]
+        out = {}
+        for path, value in flat:
+            keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+            out["/".join(k for k in keys if k != "value")] = value
+        return out
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

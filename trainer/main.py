@@ -40,12 +40,11 @@ def main(argv=None) -> int:
         workdir = args.workdir or os.path.join(
             "runs", os.path.splitext(os.path.basename(path))[0] + (f"_{variant}" if variant else ""))
         from trainer.trainer import Trainer
-        trainer = Trainer(config, workdir)
+        with Trainer(config, workdir) as trainer:
+            result = trainer.fit(max_steps=args.max_steps)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with trainer:
-        result = trainer.fit(max_steps=args.max_steps)
     ev = result.get("eval", {})
     summary = " ".join(f"{k}={v:.4g}" for k, v in ev.items())
     print(f"done: step {result['step']}, {summary}; checkpoints in {trainer.checkpoints.directory}")

@@ -103,11 +103,50 @@ class Trainer:
         step = self.checkpoints.latest_step()
         if step is None:
             self.state = self._fresh_state()
+            if self.config.init_from:
+                self.state = self._init_from(self.config.init_from, self.state)
         else:
             self._log(f"resuming from {self.checkpoints.directory}/{step}")
             self.state = self.checkpoints.restore(step, self.abstract_state, self.state_shardings,
                                                   self.train_iter)
         return self.state
+
+    def _init_from(self, source: str, state):
+        """Copies the parameters of another run's newest checkpoint into a fresh state.
+
+        Every parameter of this model must exist in the source with the same shape; anything else
+        (a grown or re-headed model) is an error naming the parameters, because such transfers
+        need an explicit mapping. Optimizer state and step start fresh.
+        """
+        src_dir = source if os.path.isdir(os.path.join(source, "checkpoints")) else os.path.dirname(
+            os.path.abspath(source).rstrip("/"))
+        src = Checkpoints(src_dir, async_save=False)
+        step = src.latest_step()
+        if step is None:
+            raise ConfigError(f"config.init_from: no checkpoint in {source!r}")
+        params = src.restore_params(step, self.mesh)
+        src.close()
+        model, optimizer = nnx.merge(self.graphdef, state["nnx"])
+        ours = nnx.to_flat_state(nnx.state(model, nnx.Param))
+        problems, new = [], {}
+        for path, var in ours:
+            name = "/".join(str(p) for p in path)
+            if name not in params:
+                problems.append(f"{name}: missing in the source")
+            elif params[name].shape != var.get_value().shape:
+                problems.append(f"{name}: shape {params[name].shape} in the source, "
+                                f"{var.get_value().shape} here")
+            else:
+                new[path] = params[name]
+        if problems:
+            raise ConfigError(f"config.init_from: {source} (step {step}) does not match this "
+                              "model:\n  " + "\n  ".join(problems))
+        for path, var in ours:
+            var.set_value(jax.device_put(new[path].astype(var.get_value().dtype),
+                                         var.get_value().sharding))
+        nnx.update(model, nnx.from_flat_state(ours))
+        self._log(f"initialised parameters from {src.directory}/{step}")
+        return dict(state, nnx=nnx.state((model, optimizer)))
 
     @property
     def step(self) -> int:

@@ -1,0 +1,102 @@
+"""Shared set-up: 8 simulated CPU devices, absolute config paths, tiny configs, run helpers.
+
+XLA_FLAGS must be set before jax is first imported (it fixes the device count for the
+process), so it is set here at import time, before anything imports jax.
+"""
+from __future__ import annotations
+
+import os
+
+_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICE_FLAG}".strip()
+
+import dataclasses  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LM_CONFIG = os.path.join(REPO_ROOT, "configs", "lm.py")
+TINY = f"{LM_CONFIG}:tiny"
+
+# Small and fast, but every optimizer step changes the parameters (warmup 0: the first step's
+# learning rate is not 0), so comparisons after a few steps see the updates.
+TEST_OVERRIDES = (
+    "train.steps=3",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+    "eval.every=0",
+    "eval.batches=2",
+    "checkpoint.every=0",
+    "sample.max_new_tokens=0",
+    "model.num_layers=1",
+    "data.seq_len=32",
+)
+
+
+def make_tiny_config(*overrides: str):
+    """configs/lm.py:tiny with TEST_OVERRIDES, then `overrides` ("a.b=value" strings)."""
+    from trainer import load_config
+    return load_config(TINY, [*TEST_OVERRIDES, *overrides])
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: tiny_config("mesh.data=2", "train.steps=4") -> a locked ConfigDict."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, (
+        f"the tests need 8 (simulated) devices, got {jax.device_count()}; XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS')!r} was set after jax initialised its backend")
+
+
+# ----------------------------------------------------------------------------- running
+def param_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as host numpy arrays keyed by path (safe after donation)."""
+    state = nnx.state(model, nnx.Param)
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path): np.asarray(jax.device_get(x)) for path, x in leaves}
+
+
+@dataclasses.dataclass
+class Run:
+    result: dict[str, Any]  # what fit() returned
+    losses: dict[int, float]  # train loss of every logged step
+    train_metrics: dict[int, dict[str, float]]  # all train metrics of every logged step
+    params: dict[str, np.ndarray]  # final parameters
+
+
+def run_trainer(config, workdir, *, max_steps: int | None = None) -> Run:
+    """Trainer(config, workdir).fit(max_steps), recording the train metrics of every logged step."""
+    import trainer.trainer as trainer_module
+    from trainer import Trainer
+
+    metrics: dict[int, dict[str, float]] = {}
+
+    class RecordingReporter(trainer_module.Reporter):
+        def scalars(self, step, values, prefix=""):
+            if prefix == "train/":
+                metrics[step] = {k: float(v) for k, v in values.items()}
+            super().scalars(step, values, prefix)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "Reporter", RecordingReporter)
+        with Trainer(config, str(workdir), quiet=True) as t:
+            result = t.fit(max_steps=max_steps)
+            params = param_arrays(t.model)
+    return Run(result=result, losses={s: m["loss"] for s, m in metrics.items()},
+               train_metrics=metrics, params=params)
+
+
+def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], err_msg=k, **tol)
