@@ -5,7 +5,7 @@ Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core C
 """
 import ml_collections
 
-from trainer.config import base_config
+from trainer.config import ConfigError, base_config
 
 VARIANTS = {
     # name: (layers, d_model, heads, kv_heads, seq_len, global batch, steps, lr, warmup)
@@ -21,7 +21,7 @@ VARIANTS = {
 def get_config(variant=None):
     variant = variant or "default"
     if variant not in VARIANTS:
-        raise ValueError(f"configs/lm.py: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+        raise ConfigError(f"configs/lm.py: unknown variant {variant!r}; known variants: {', '.join(VARIANTS)}")
     v = VARIANTS[variant]
     c = base_config()
     c.task = "lm"

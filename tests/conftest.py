@@ -72,6 +72,8 @@ class Run:
     losses: dict[int, float]  # train loss of every logged step
     train_metrics: dict[int, dict[str, float]]  # all train metrics of every logged step
     params: dict[str, np.ndarray]  # final parameters
+    workdir: str = ""
+    compiled: list[str] = dataclasses.field(default_factory=list)  # names XLA compiled, if recorded
 
 
 def run_trainer(config, workdir, *, max_steps: int | None = None) -> Run:
@@ -93,7 +95,7 @@ def run_trainer(config, workdir, *, max_steps: int | None = None) -> Run:
             result = t.fit(max_steps=max_steps)
             params = param_arrays(t.model)
     return Run(result=result, losses={s: m["loss"] for s, m in metrics.items()},
-               train_metrics=metrics, params=params)
+               train_metrics=metrics, params=params, workdir=str(workdir))
 
 
 def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], **tol) -> None:

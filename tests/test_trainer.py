@@ -14,29 +14,53 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT, TINY, assert_params_close, make_tiny_config, param_arrays, run_trainer
-from trainer import Trainer
+from trainer import ConfigError, Trainer
 from trainer.data import process_batches
 
-STEPS = 3
+STEPS = 4
+REFERENCE_MESH = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """3 steps of the tiny LM on the 2x2x2 mesh: the run the other configurations must match."""
-    config = make_tiny_config(f"train.steps={STEPS}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    return run_trainer(config, tmp_path_factory.mktemp("reference"))
+    """4 steps of the tiny LM on the 2x2x2 mesh (evaluating at steps 2 and 4): the run the other
+    configurations must match. Records the names of the functions XLA compiled meanwhile."""
+    compiled: list[str] = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name", ""))
+
+    config = make_tiny_config(f"train.steps={STEPS}", "eval.every=2", *REFERENCE_MESH)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        run = run_trainer(config, tmp_path_factory.mktemp("reference"))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    run.compiled = compiled
+    return run
 
 
 def test_reference_run_trains(reference):
     assert reference.result["step"] == STEPS
     assert sorted(reference.losses) == list(range(1, STEPS + 1))
     assert all(np.isfinite(v) for v in reference.losses.values())
+    assert reference.losses[STEPS] < reference.losses[1]
     assert set(reference.result["eval"]) >= {"loss", "bits_per_byte", "perplexity"}
     assert np.isfinite(reference.result["eval"]["loss"])
 
 
+def test_train_step_compiles_once(reference):
+    """4 steps and two evaluations: one compilation of the train step, one of the eval step."""
+    train = [n for n in reference.compiled if "_train_step_fn" in n]
+    evals = [n for n in reference.compiled if "_eval_step_fn" in n]
+    assert len(train) == 1, f"train step compiled {len(train)} times: {reference.compiled}"
+    assert len(evals) == 1, f"eval step compiled {len(evals)} times: {reference.compiled}"
+
+
 @pytest.mark.parametrize("data,fsdp,tensor", [(8, 1, 1), (1, 8, 1)])
 def test_loss_equal_across_meshes(reference, tmp_path, data, fsdp, tensor):
+    """data x fsdp x tensor = 8x1x1 and 1x8x1 train like the 2x2x2 reference."""
     config = make_tiny_config(f"train.steps={STEPS}", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
                               f"mesh.tensor={tensor}")
     run = run_trainer(config, tmp_path)
@@ -44,67 +68,112 @@ def test_loss_equal_across_meshes(reference, tmp_path, data, fsdp, tensor):
         np.testing.assert_allclose(run.losses[step], reference.losses[step], rtol=1e-5,
                                    err_msg=f"train loss at step {step}")
     np.testing.assert_allclose(run.result["eval"]["loss"], reference.result["eval"]["loss"], rtol=1e-5)
+    # Adam's normalised updates amplify reduction-order noise in tiny gradients: atol ~1% of lr
     assert_params_close(run.params, reference.params, rtol=1e-4, atol=2e-5)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    """4 steps in one go == 2 steps, a new Trainer on the same workdir (restoring the state and
-    the data-iterator position from the checkpoint), 2 more steps."""
-    config = make_tiny_config("train.steps=4", "mesh.data=4", "mesh.fsdp=2", "mesh.tensor=1")
-    whole = run_trainer(config, tmp_path / "whole")
-
-    first = run_trainer(config, tmp_path / "split", max_steps=2)
+def test_resume_equals_uninterrupted(reference, tmp_path):
+    """2 steps, then a new Trainer on the same workdir (restoring the state and the data-iterator
+    position from the checkpoint) for 2 more == the 4 uninterrupted steps of the reference."""
+    config = make_tiny_config(f"train.steps={STEPS}", "eval.every=2", *REFERENCE_MESH)
+    first = run_trainer(config, tmp_path, max_steps=2)
     assert first.result["step"] == 2
-    with Trainer(config, str(tmp_path / "split"), quiet=True) as t:
+    with Trainer(config, str(tmp_path), quiet=True) as t:
         assert t.checkpoints.all_steps() == [2]
         assert t.step == 2  # restored, not re-initialised
-    second = run_trainer(config, tmp_path / "split")
-    assert second.result["step"] == 4
+    second = run_trainer(config, tmp_path)
+    assert second.result["step"] == STEPS
     assert sorted(second.losses) == [3, 4], "the resumed run must not repeat steps 1-2"
 
     resumed_losses = {**first.losses, **second.losses}
-    for step in range(1, 5):  # steps 3-4 differ if the data iterator restarted
-        np.testing.assert_array_equal(resumed_losses[step], whole.losses[step],
+    for step in range(1, STEPS + 1):  # steps 3-4 differ if the data iterator restarted
+        np.testing.assert_array_equal(resumed_losses[step], reference.losses[step],
                                       err_msg=f"train loss at step {step}")
-    assert_params_close(second.params, whole.params, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(second.result["eval"]["loss"], whole.result["eval"]["loss"], rtol=1e-6)
+    assert_params_close(second.params, reference.params, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(second.result["eval"]["loss"], reference.result["eval"]["loss"],
+                               rtol=1e-6)
+
+    # rerunning the finished run trains nothing: it restores, evaluates and keeps its checkpoints
+    again = run_trainer(config, tmp_path)
+    assert again.result["step"] == STEPS and again.losses == {}
+    assert_params_close(again.params, reference.params, rtol=0, atol=0)
+    np.testing.assert_allclose(again.result["eval"]["loss"], second.result["eval"]["loss"], rtol=1e-6)
+    with Trainer(config, str(tmp_path), quiet=True) as t:
+        assert t.checkpoints.all_steps() == [2, STEPS]
 
 
-def test_train_step_compiles_once(tiny_config, tmp_path):
-    """4 steps with two evaluations: one compilation of the train step, one of the eval step."""
-    compiled: list[str] = []
+def test_model_is_a_snapshot_that_survives_training(tiny_config, tmp_path):
+    """`trainer.model` stays usable (and unchanged) after later steps donate the train state;
+    fit() in two parts on one Trainer goes on where the first part stopped."""
+    config = tiny_config("train.steps=2")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with Trainer(config, str(tmp_path), quiet=True) as t:
+        snapshot = t.model
+        initial = param_arrays(snapshot)
+        logits_before, _ = snapshot(tokens)
+        assert t.fit(max_steps=1)["step"] == 1
+        assert t.fit()["step"] == 2
+        donated = [x for x in jax.tree.leaves(nnx.state(snapshot)) if x.is_deleted()]
+        assert not donated, (f"{len(donated)} arrays of trainer.model were donated to the train "
+                             "step (the model aliases the train state)")
+        logits_after, _ = snapshot(tokens)
+        np.testing.assert_array_equal(logits_after, logits_before)
+        assert_params_close(param_arrays(snapshot), initial, rtol=0, atol=0)
+        assert any(np.any(a != b) for a, b in zip(param_arrays(t.model).values(), initial.values()))
 
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(kwargs.get("fun_name", ""))
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        config = tiny_config("train.steps=4", "eval.every=2", "mesh.data=2", "mesh.fsdp=2",
-                             "mesh.tensor=2")
-        run = run_trainer(config, tmp_path)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert run.result["step"] == 4
-    train = [n for n in compiled if "_train_step_fn" in n]
-    evals = [n for n in compiled if "_eval_step_fn" in n]
-    assert len(train) == 1, f"train step compiled {len(train)} times: {compiled}"
-    assert len(evals) == 1, f"eval step compiled {len(evals)} times: {compiled}"
+# ----------------------------------------------------------------------------- init_from
+@pytest.mark.parametrize("source", ["workdir", "checkpoints"])
+def test_init_from_copies_parameters_of_another_run(reference, tiny_config, tmp_path, source):
+    """A new run (here on another mesh) starts from the reference's final parameters, at step 0
+    with a fresh optimizer; `init_from` may name the run's workdir or its checkpoints/."""
+    path = reference.workdir if source == "workdir" else os.path.join(reference.workdir, "checkpoints")
+    config = tiny_config("mesh.data=8", f"init_from={path}")
+    with Trainer(config, str(tmp_path), quiet=True) as t:
+        assert t.step == 0
+        assert_params_close(param_arrays(t.model), reference.params, rtol=0, atol=0)
+        _, opt = nnx.merge(t.graphdef, t.state["nnx"])
+        assert int(opt.step[...]) == 0
+        mu = [x for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if getattr(x, "ndim", 0) >= 2]
+        assert mu and all(not np.any(np.asarray(x)) for x in mu), "optimizer moments start at 0"
+
+
+def test_init_from_a_different_model_names_the_mismatched_parameters(reference, tiny_config, tmp_path):
+    config = tiny_config(*REFERENCE_MESH, "model.mlp_dim=128", f"init_from={reference.workdir}")
+    with pytest.raises(ConfigError) as e:
+        with Trainer(config, str(tmp_path), quiet=True) as t:
+            t.fit()
+    message = str(e.value)
+    assert "init_from" in message and "mlp" in message and "128" in message
+    assert "q_proj" not in message, "only the mismatched parameters are listed"
+
+
+def test_init_from_without_checkpoint_is_a_config_error(tiny_config, tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    config = tiny_config(f"init_from={empty}")
+    with pytest.raises(ConfigError, match="init_from"):
+        with Trainer(config, str(tmp_path / "run"), quiet=True) as t:
+            t.fit()
 
 
 def test_grad_accumulation_matches_full_batch(reference, tmp_path):
-    config = make_tiny_config(f"train.steps={STEPS}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-                              "train.global_batch_size=8", "train.grad_accum_steps=2")
+    """global batch 8 as 2 micro-batches of 4 == one batch of 8."""
+    config = make_tiny_config(f"train.steps={STEPS}", *REFERENCE_MESH, "train.global_batch_size=8",
+                              "train.grad_accum_steps=2")
     run = run_trainer(config, tmp_path)
     for step in range(1, STEPS + 1):
         np.testing.assert_allclose(run.losses[step], reference.losses[step], rtol=1e-4,
                                    err_msg=f"train loss at step {step}")
     assert_params_close(run.params, reference.params, rtol=1e-4, atol=1e-5)
+    # same parameters, same eval.batches: the eval set must not depend on grad_accum_steps
+    np.testing.assert_allclose(run.result["eval"]["loss"], reference.result["eval"]["loss"],
+                               rtol=1e-4, err_msg="eval loss (eval covers a different set of "
+                               "examples when grad_accum_steps > 1?)")
 
 
 def test_remat_matches_no_remat(reference, tmp_path):
-    config = make_tiny_config(f"train.steps={STEPS}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-                              "train.remat=true")
+    config = make_tiny_config(f"train.steps={STEPS}", *REFERENCE_MESH, "train.remat=true")
     run = run_trainer(config, tmp_path)
     for step in range(1, STEPS + 1):
         np.testing.assert_allclose(run.losses[step], reference.losses[step], rtol=1e-5,
@@ -183,12 +252,14 @@ def test_nan_skip_skips_only_the_bad_step(tiny_config, tmp_path, monkeypatch):
 
 
 def test_nan_stop_raises_with_step(tiny_config, tmp_path, monkeypatch):
-    config = tiny_config("train.steps=3", "train.nan_policy=stop")
+    config = tiny_config("train.steps=3", "train.nan_policy=stop", "checkpoint.every=1")
     _poison_loss(monkeypatch, bad_ids=_ids_of_batch(config, 1))  # step 2's batch
     with Trainer(config, str(tmp_path), quiet=True) as t:
         with pytest.raises(FloatingPointError, match=r"step 2\b"):
             t.fit()
         assert t.step == 2, "training stops at the bad step"
+        t.checkpoints.wait()
+        assert t.checkpoints.all_steps() == [1], "the state after the bad step is not checkpointed"
 
 
 # ----------------------------------------------------------------------------- command line

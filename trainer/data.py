@@ -76,16 +76,22 @@ def stdlib_files() -> tuple[str, list[str]]:
     return root, sorted(files)
 
 
-def text_files(paths: Sequence[str]) -> list[str]:
-    """Files named in data.paths, directories walked recursively (sorted); hidden files skipped."""
+def text_files(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """Files named in data.paths as (path, name) pairs, directories walked recursively (sorted,
+    hidden files skipped). The name is the path relative to its data.paths entry (a file's
+    basename for a file entry): the train/eval split hashes it, so the split does not depend on
+    where the corpus lives."""
     out = []
     for p in paths:
         if os.path.isdir(p):
             for d, dirs, names in os.walk(p):
                 dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-                out += [os.path.join(d, f) for f in sorted(names) if not f.startswith(".")]
+                for f in sorted(names):
+                    if not f.startswith("."):
+                        full = os.path.join(d, f)
+                        out.append((full, os.path.relpath(full, p)))
         elif os.path.isfile(p):
-            out.append(p)
+            out.append((p, os.path.basename(p)))
         else:
             raise ConfigError(f"config.data.paths: {p!r} does not exist")
     if not out:
@@ -107,11 +113,14 @@ class ByteCorpus:
     eval_files: tuple[str, ...]
 
     @classmethod
-    def from_files(cls, root: str, names: Sequence[str]) -> "ByteCorpus":
+    def from_files(cls, root: str, names: Sequence[str],
+                   split_keys: Sequence[str] | None = None) -> "ByteCorpus":
+        """Files root/name; a file is held out for eval by is_eval_file(its split key), which
+        defaults to its name."""
         parts = {True: [], False: []}
-        for n in names:
+        for n, key in zip(names, split_keys or names):
             with open(os.path.join(root, n), "rb") as f:
-                parts[is_eval_file(n)].append((n, f.read()))
+                parts[is_eval_file(key)].append((n, f.read()))
         if not parts[True] or not parts[False]:
             # too few files to split by file: hold out the last 10% of each file's bytes instead
             everything = parts[True] + parts[False]
@@ -128,7 +137,8 @@ class ByteCorpus:
         """The embedded stdlib corpus when paths is empty, else the given text files/directories."""
         if not paths:
             return _stdlib_corpus()
-        return cls.from_files("", text_files(paths))
+        files = text_files(paths)
+        return cls.from_files("", [f for f, _ in files], [k for _, k in files])
 
 
 _CACHE: dict = {}

@@ -54,6 +54,7 @@ class Trainer:
                 f"config.train.global_batch_size={t.global_batch_size} "
                 f"(/ grad_accum_steps={self.accum} = {self.micro_batch} per micro-batch) is not "
                 f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}")
+        self._check_eval_size()
         self.mesh = make_mesh(config, devices)
 
         self.tx = make_optimizer(config)
@@ -77,6 +78,20 @@ class Trainer:
         self._eval_step = None
         self.step_flops = float("nan")
         self.last_eval: dict[str, float] = {}
+
+    def _check_eval_size(self) -> None:
+        """Fails now, not after training, when the eval split cannot fill one micro-batch."""
+        try:
+            n = len(self.task.eval_data())
+        except ConfigError as e:
+            raise ConfigError(f"the eval split: {e}") from None
+        except TypeError:  # a dataset of unknown length: nothing to check up front
+            return
+        if n < self.micro_batch:
+            raise ConfigError(
+                f"config.data: the eval split holds {n} examples, fewer than one eval micro-batch "
+                f"of {self.micro_batch} (train.global_batch_size / train.grad_accum_steps); use "
+                "more data or a smaller batch")
 
     # ------------------------------------------------------------------ state
     def _build(self):
@@ -154,8 +169,9 @@ class Trainer:
 
     @property
     def model(self) -> nnx.Module:
-        """The current model (a fresh NNX object that shares nothing with the donated state)."""
-        model, _ = nnx.merge(self.graphdef, self.initial_state()["nnx"])
+        """A snapshot of the current model: its arrays are copies, so later train steps (which
+        donate the train state) neither change nor invalidate it."""
+        model, _ = nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.initial_state()["nnx"]))
         return model
 
     # ------------------------------------------------------------------ steps
@@ -187,7 +203,7 @@ class Trainer:
     def _train_step_fn(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state["nnx"])
         loss, metrics, grads = self._loss_and_grads(model, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(nnx_state):
@@ -242,12 +258,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, float]:
-        """Batch-averaged eval metrics over (at most) eval.batches global batches."""
+        """Batch-averaged eval metrics over (at most) eval.batches global batches, run as
+        micro-batches of global_batch_size / grad_accum_steps examples."""
         state = self.initial_state()
         it = process_batches(self.task.eval_data(), self.micro_batch)
         sums, n = {}, 0
         for local in it:
-            if n >= max(self.config.eval.batches, 1):
+            if n >= max(self.config.eval.batches, 1) * self.accum:
                 break
             shardings = self._batch_shardings(local, leading=0)
             batch = global_batch(local, shardings)
@@ -335,7 +352,7 @@ class Trainer:
                     self.save()
                     saved_at = step
             self._check_finite(state)
-            if saved_at != step and step > 0:
+            if saved_at != step and step > 0 and self.checkpoints.latest_step() != step:
                 self.save()
             if evaluated_at != step:
                 ev = self.evaluate()
