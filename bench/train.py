@@ -6,7 +6,7 @@ one jitted step over pre-made device batches, state donated). Runs alternate, re
 printed ratios are medians. MFU = XLA cost_analysis FLOPs of the compiled step / step time /
 the f32 2048x2048 matmul peak measured in this run. Prints, never asserts.
 
-    python bench/train.py [--variants tiny,default] [--steps 20] [--reps 3]
+    python bench/train.py [--variants tiny,default] [--steps 20] [--reps 5]
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def run_bare(config, steps: int) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", default="tiny,default")
-    ap.add_argument("--steps", type=int, default=0, help="steps per run (0: 60 tiny / 15 others)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=0, help="steps per run (0: 300 tiny / 15 others)")
+    ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
 
     peak0 = perf.measure_cpu_matmul()
@@ -90,7 +90,7 @@ def main():
           f"f32 2048 matmul peak {peak0 / 1e9:.1f} GFLOP/s (start of run)")
     rows = []
     for variant in a.variants.split(","):
-        steps = a.steps or (60 if variant == "tiny" else 15)
+        steps = a.steps or (300 if variant == "tiny" else 15)
         config = config_for(variant, steps)
         tokens = config.train.global_batch_size * config.data.seq_len
         tr, bare, flops = [], [], float("nan")

@@ -11,7 +11,9 @@ VARIANTS = {
     # name: (layers, d_model, heads, kv_heads, seq_len, global batch, steps, lr, warmup)
     "tiny": dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, seq_len=64, batch=8,
                  steps=20, lr=3e-3, warmup=2),
-    "default": dict(num_layers=4, d_model=256, num_heads=4, num_kv_heads=2, seq_len=256, batch=16,
+    # default: 3 wide layers rather than 4 narrow ones: on a 2-core CPU, 512-wide matmuls and
+    # 128-dim heads run at ~40% of the f32 matmul peak, 256-wide ones at ~30%
+    "default": dict(num_layers=3, d_model=512, num_heads=4, num_kv_heads=2, seq_len=256, batch=16,
                     steps=200, lr=2e-3, warmup=20),
     "small": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, seq_len=512, batch=16,
                   steps=5000, lr=1e-3, warmup=200),
@@ -43,7 +45,8 @@ def get_config(variant=None):
     m.num_heads = v["num_heads"]
     m.num_kv_heads = v["num_kv_heads"]
     m.head_dim = 0  # 0: d_model // num_heads
-    m.mlp_dim = int(8 / 3 * v["d_model"] / 64 + 0.5) * 64  # SwiGLU at ~ the 4x MLP's parameters
+    # SwiGLU at ~ the 4x MLP's parameters, rounded to a multiple of 128 (TPU lanes / MXU tiles)
+    m.mlp_dim = max(int(8 / 3 * v["d_model"] / 128 + 0.5), 1) * 128
     m.rope_theta = 10000.0
 
     c.sample = ml_collections.ConfigDict()

@@ -139,12 +139,12 @@ def test_init_from_copies_parameters_of_another_run(reference, tiny_config, tmp_
 
 
 def test_init_from_a_different_model_names_the_mismatched_parameters(reference, tiny_config, tmp_path):
-    config = tiny_config(*REFERENCE_MESH, "model.mlp_dim=128", f"init_from={reference.workdir}")
+    config = tiny_config(*REFERENCE_MESH, "model.mlp_dim=256", f"init_from={reference.workdir}")
     with pytest.raises(ConfigError) as e:
         with Trainer(config, str(tmp_path), quiet=True) as t:
             t.fit()
     message = str(e.value)
-    assert "init_from" in message and "mlp" in message and "128" in message
+    assert "init_from" in message and "mlp" in message and "256" in message
     assert "q_proj" not in message, "only the mismatched parameters are listed"
 
 

@@ -78,6 +78,7 @@ class Trainer:
         self._eval_step = None
         self.step_flops = float("nan")
         self.last_eval: dict[str, float] = {}
+        self._sharding_cache: dict = {}
 
     def _check_eval_size(self) -> None:
         """Fails now, not after training, when the eval split cannot fill one micro-batch."""
@@ -230,20 +231,24 @@ class Trainer:
         return dict(metrics, loss=loss)
 
     def _batch_shardings(self, batch, leading):
-        lead = (None,) * leading
-        return {k: NamedSharding(self.mesh, P(*lead, BATCH_AXES, *([None] * (v.ndim - 1 - leading))))
+        """Per-key shardings: the batch dim (after `leading` unsharded dims) over data x fsdp."""
+        key = (leading,) + tuple((k, v.ndim) for k, v in batch.items())
+        if key not in self._sharding_cache:  # built once: the step loop calls this every step
+            lead = (None,) * leading
+            self._sharding_cache[key] = {
+                k: NamedSharding(self.mesh, P(*lead, BATCH_AXES, *([None] * (v.ndim - 1 - leading))))
                 for k, v in batch.items()}
+        return self._sharding_cache[key]
 
     def _device_batch(self, local):
         """Host-local batch [b, ...] -> global arrays [accum, B/accum, ...] sharded over data x fsdp."""
         local = {k: v.reshape((self.accum, v.shape[0] // self.accum) + v.shape[1:])
                  for k, v in local.items()}
         shardings = self._batch_shardings(local, leading=1)
-        out = {}
-        for k, x in local.items():
-            gshape = (self.accum, x.shape[1] * jax.process_count()) + x.shape[2:]
-            out[k] = jax.make_array_from_process_local_data(shardings[k], x, gshape)
-        return out
+        gshapes = {k: (self.accum, x.shape[1] * jax.process_count()) + x.shape[2:]
+                   for k, x in local.items()}
+        # one call for the whole dict: a single batched transfer
+        return jax.make_array_from_process_local_data(shardings, local, gshapes)
 
     def _compile_train_step(self, batch):
         batch_shardings = {k: v.sharding for k, v in batch.items()}
