@@ -45,6 +45,11 @@ class Reporter:
             for k, v in values.items():
                 self.writer.add_scalar(prefix + k, float(v), step)
 
+    def tick(self, step: int) -> None:
+        """Moves the bar to `step` without new metrics (every step; tqdm rate-limits redraws)."""
+        if self.bar is not None and step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+
     def progress(self, step: int, values: dict[str, float], keys=("loss", "tokens/s", "mfu")) -> None:
         """Moves the bar to `step` (or prints a log line when not on a TTY)."""
         if not self.enabled:

@@ -351,11 +351,13 @@ class Trainer:
                     evaluated_at = step
                     report.scalars(step, ev, "eval/")
                     report.print(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
-                    t_mark, step_mark = time.perf_counter(), step
+                    t_mark, step_mark = time.perf_counter(), step  # throughput excludes eval
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < until:
                     self._check_finite(state)
                     self.save()
                     saved_at = step
+                    t_mark, step_mark = time.perf_counter(), step  # ... and checkpointing
+                report.tick(step)
             self._check_finite(state)
             if saved_at != step and step > 0 and self.checkpoints.latest_step() != step:
                 self.save()
