@@ -59,9 +59,13 @@ def process_batches(ds: grain.MapDataset, global_batch: int, *, process_index: i
     return local.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 
 
-def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global jax.Arrays with the given per-key shardings."""
-    gshapes = {k: (x.shape[0] * jax.process_count(),) + x.shape[1:] for k, x in local.items()}
+def global_batch(local: dict[str, np.ndarray], shardings: dict, batch_axis: int = 0
+                 ) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global jax.Arrays with the given per-key shardings; the
+    processes' rows are concatenated along `batch_axis`. One call for the whole dict: a single
+    batched transfer."""
+    gshapes = {k: x.shape[:batch_axis] + (x.shape[batch_axis] * jax.process_count(),)
+               + x.shape[batch_axis + 1:] for k, x in local.items()}
     return jax.make_array_from_process_local_data(shardings, local, gshapes)
 
 

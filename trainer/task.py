@@ -5,6 +5,7 @@ branches on the family. `config.task` names it; `models.<task>` is imported on f
 """
 from __future__ import annotations
 
+import abc
 import importlib
 from typing import Any, Iterable
 
@@ -36,7 +37,7 @@ def get_task(name: str) -> type["Task"]:
     return _TASKS[name]
 
 
-class Task:
+class Task(abc.ABC):
     """Base class of a family's task. Batches are dicts of numpy arrays, leading axis = batch.
 
     Subclasses implement:
@@ -58,23 +59,27 @@ class Task:
         """Raise trainer.config.ConfigError for family fields that are bad for this mesh."""
 
     # ---- model
+    @abc.abstractmethod
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        raise NotImplementedError(f"{type(self).__name__}.build_model")
+        """The family's NNX model, built from self.config."""
 
     # ---- data
+    @abc.abstractmethod
     def train_data(self) -> grain.MapDataset:
-        raise NotImplementedError(f"{type(self).__name__}.train_data")
+        """Training examples: a shuffled, repeated (infinite) grain.MapDataset of dicts."""
 
+    @abc.abstractmethod
     def eval_data(self) -> grain.MapDataset:
-        raise NotImplementedError(f"{type(self).__name__}.eval_data")
+        """Held-out examples: a finite, deterministic grain.MapDataset of dicts."""
 
     def units_per_example(self) -> int:
         """How many throughput units (tokens, images, ...) one example holds."""
         return 1
 
     # ---- loss and metrics
+    @abc.abstractmethod
     def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
-        raise NotImplementedError(f"{type(self).__name__}.loss")
+        """(scalar loss, {name: scalar metric}) of a batch; traced inside the jitted step."""
 
     def eval_summary(self, metrics: dict[str, float]) -> dict[str, float]:
         """Derived eval metrics from the batch-averaged ones (e.g. bits per byte)."""

@@ -244,11 +244,7 @@ class Trainer:
         """Host-local batch [b, ...] -> global arrays [accum, B/accum, ...] sharded over data x fsdp."""
         local = {k: v.reshape((self.accum, v.shape[0] // self.accum) + v.shape[1:])
                  for k, v in local.items()}
-        shardings = self._batch_shardings(local, leading=1)
-        gshapes = {k: (self.accum, x.shape[1] * jax.process_count()) + x.shape[2:]
-                   for k, x in local.items()}
-        # one call for the whole dict: a single batched transfer
-        return jax.make_array_from_process_local_data(shardings, local, gshapes)
+        return global_batch(local, self._batch_shardings(local, leading=1), batch_axis=1)
 
     def _compile_train_step(self, batch):
         batch_shardings = {k: v.sharding for k, v in batch.items()}
