@@ -161,10 +161,11 @@ class LMTask(Task):
 
     def validate(self, mesh_sizes):
         m, tp = self.config.model, mesh_sizes["tensor"]
-        for field in ("num_heads", "num_kv_heads"):
-            if m[field] % tp:
-                raise ConfigError(f"config.model.{field}={m[field]} is not divisible by the tensor "
-                                  f"axis mesh.tensor={tp}; allowed: tensor sizes dividing it")
+        bad = [f"config.model.{field}={m[field]} is not divisible by the tensor axis "
+               f"mesh.tensor={tp}; allowed: tensor sizes dividing it"
+               for field in ("num_heads", "num_kv_heads") if m[field] % tp]
+        if bad:
+            raise ConfigError("\n".join(bad))
         if m.num_heads % m.num_kv_heads:
             raise ConfigError(f"config.model.num_heads={m.num_heads} must be a multiple of "
                               f"config.model.num_kv_heads={m.num_kv_heads}")

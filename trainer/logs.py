@@ -2,6 +2,7 @@
 periodic log lines otherwise (CI, log files)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,6 +25,8 @@ class Reporter:
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        # the same scalars as JSON lines, full precision (scripts, tests, quick plots)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = None
         if self.tty:
@@ -44,6 +47,9 @@ class Reporter:
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(prefix + k, float(v), step)
+            self.jsonl.write(json.dumps({"step": step, **{prefix + k: float(v)
+                                                          for k, v in values.items()}}) + "\n")
+            self.jsonl.flush()
 
     def tick(self, step: int) -> None:
         """Moves the bar to `step` without new metrics (every step; tqdm rate-limits redraws)."""
@@ -69,3 +75,4 @@ class Reporter:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.jsonl.close()

@@ -20,6 +20,20 @@ def parse_args(argv):
                         "an existing workdir resumes")
     p.add_argument("--max_steps", type=int, default=None,
                    help="stop (with a checkpoint) at this step; a later run continues")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print parameter shapes, shardings, per-device memory and the compiled "
+                        "step's memory and FLOPs, then exit without training")
+    g = p.add_argument_group(
+        "multiple processes (jax.distributed); see README 'Running on a pod / cluster'")
+    g.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    g.add_argument("--num_processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                   help="number of processes (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process_id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="this process's index (env JAX_PROCESS_ID)")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() with auto-detection (TPU pods, "
+                        "SLURM, Open MPI, Kubernetes) when no coordinator is given")
     args, rest = p.parse_known_args(argv)
     overrides = []
     for a in rest:
@@ -29,8 +43,31 @@ def parse_args(argv):
     return args, overrides
 
 
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
+
+
+def init_distributed(args) -> None:
+    """Joins the multi-process runtime before anything touches a device."""
+    given = [a for a in ("coordinator_address", "num_processes", "process_id")
+             if getattr(args, a) is not None]
+    if not given and not args.distributed:
+        return
+    import jax
+    # CPU processes exchange collectives over gloo (TPU/GPU use their own interconnect)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if given and len(given) < 3 and not args.distributed:
+        missing = sorted({"coordinator_address", "num_processes", "process_id"} - set(given))
+        raise SystemExit(f"error: multi-process runs need --coordinator_address, --num_processes "
+                         f"and --process_id together (missing: {', '.join('--' + m for m in missing)})")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    init_distributed(args)
     # import after argument parsing: --help stays fast and bad flags fail before jax starts
     from trainer.config import ConfigError, load_config
 
@@ -40,11 +77,16 @@ def main(argv=None) -> int:
         workdir = args.workdir or os.path.join(
             "runs", os.path.splitext(os.path.basename(path))[0] + (f"_{variant}" if variant else ""))
         from trainer.trainer import Trainer
-        with Trainer(config, workdir) as trainer:
+        with Trainer(config, workdir, dry_run=args.dry_run) as trainer:
+            if args.dry_run:
+                print(trainer.dry_run())
+                return 0
             result = trainer.fit(max_steps=args.max_steps)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result.get("preempted"):
+        return 0  # the Trainer printed where it stopped and what it saved
     ev = result.get("eval", {})
     summary = " ".join(f"{k}={v:.4g}" for k, v in ev.items())
     print(f"done: step {result['step']}, {summary}; checkpoints in {trainer.checkpoints.directory}")

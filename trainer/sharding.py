@@ -94,10 +94,11 @@ def _logical_names(variable) -> tuple | None:
     return meta.get("out_sharding") or meta.get("sharding_names") or None
 
 
-def state_shardings(abstract_state, mesh: Mesh):
+def state_shardings(abstract_state, mesh: Mesh, on_problem: str = "raise"):
     """NamedShardings for an (abstract) nnx.State from its variables' logical axis names.
 
-    Raises ConfigError listing every parameter whose sharded dimension the mesh does not divide.
+    Raises ConfigError listing every parameter whose sharded dimension the mesh does not divide
+    (on_problem="replicate": such dimensions are left unsharded instead; the dry run uses it).
     """
     from flax import nnx
 
@@ -105,7 +106,7 @@ def state_shardings(abstract_state, mesh: Mesh):
 
     def one(path, variable):
         logical = _logical_names(variable)
-        spec = logical_to_spec(logical)
+        spec = list(logical_to_spec(logical))
         shape = variable.get_value().shape
         for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
             k = _axis_size(mesh, axes)
@@ -113,11 +114,12 @@ def state_shardings(abstract_state, mesh: Mesh):
                 name = "/".join(str(getattr(p, "key", p)) for p in path)
                 problems.append(f"{name} dim {dim} (size {size}, logical {logical[dim]!r}) is not "
                                 f"divisible by mesh axes {axes} of size {k}")
-        return variable.replace(NamedSharding(mesh, spec))
+                spec[dim] = None
+        return variable.replace(NamedSharding(mesh, P(*spec)))
 
     shardings = jax.tree_util.tree_map_with_path(
         one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    if problems:
+    if problems and on_problem == "raise":
         raise ConfigError("config.mesh: these parameters cannot be sharded on this mesh:\n  "
                           + "\n  ".join(problems))
     return shardings

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -25,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trainer import perf
-from trainer.checkpoint import Checkpoints
+from trainer.checkpoint import Checkpoints, UnreadableCheckpoint
 from trainer.config import ConfigError, to_json, validate
 from trainer.data import global_batch, process_batches
 from trainer.logs import Reporter
@@ -35,26 +38,39 @@ from trainer.task import get_task
 
 
 class Trainer:
-    def __init__(self, config, workdir: str, *, devices=None, quiet: bool = False):
+    def __init__(self, config, workdir: str, *, devices=None, quiet: bool = False,
+                 dry_run: bool = False):
+        """dry_run: collect divisibility problems in self.problems instead of raising, and
+        touch nothing on disk (see `dry_run()`)."""
         validate(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.quiet = quiet
         self.task = get_task(config.task)(config)
+        self.problems: list[str] = []
+
+        def problem(error: ConfigError) -> None:
+            if not dry_run:
+                raise error
+            self.problems.append(str(error))
 
         devices = list(devices) if devices is not None else jax.devices()
         self.mesh_sizes = mesh_shape(config, len(devices))
-        self.task.validate(self.mesh_sizes)
+        try:
+            self.task.validate(self.mesh_sizes)
+        except ConfigError as e:
+            problem(e)
         t = config.train
         self.accum = t.grad_accum_steps
         self.micro_batch = t.global_batch_size // self.accum
         dp = self.mesh_sizes["data"] * self.mesh_sizes["fsdp"]
         if self.micro_batch % dp:
-            raise ConfigError(
+            problem(ConfigError(
                 f"config.train.global_batch_size={t.global_batch_size} "
                 f"(/ grad_accum_steps={self.accum} = {self.micro_batch} per micro-batch) is not "
-                f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}")
-        self._check_eval_size()
+                f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}"))
+        if not self.problems:
+            self._check_eval_size()
         self.mesh = make_mesh(config, devices)
 
         self.tx = make_optimizer(config)
@@ -63,15 +79,20 @@ class Trainer:
         self.graphdef, abstract_nnx = nnx.split(abstract)
         self._num_params = sum(math.prod(x.shape)
                                for x in jax.tree.leaves(nnx.state(abstract[0], nnx.Param)))
-        nnx_shardings = state_shardings(abstract_nnx, self.mesh)  # raises on divisibility problems
+        try:
+            nnx_shardings = state_shardings(abstract_nnx, self.mesh)
+        except ConfigError as e:  # parameters the mesh does not divide
+            problem(e)
+            nnx_shardings = state_shardings(abstract_nnx, self.mesh, on_problem="replicate")
         rep = replicated(self.mesh)
         self.state_shardings = {"nnx": nnx_shardings, "step": rep, "nonfinite": rep,
                                 "first_nonfinite": rep}
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         self.abstract_state = {"nnx": abstract_nnx, "step": scalar, "nonfinite": scalar,
                                "first_nonfinite": scalar}
-        self.checkpoints = Checkpoints(self.workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                       async_save=config.checkpoint.async_save)
+        self.checkpoints = None if dry_run else Checkpoints(
+            self.workdir, max_to_keep=config.checkpoint.max_to_keep,
+            async_save=config.checkpoint.async_save)
         self.state = None
         self.train_iter = None
         self._train_step = None  # AOT-compiled on the first batch
@@ -79,6 +100,71 @@ class Trainer:
         self.step_flops = float("nan")
         self.last_eval: dict[str, float] = {}
         self._sharding_cache: dict = {}
+
+    def _abstract_sharded_state(self):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_shardings)
+
+    def dry_run(self) -> str:
+        """A report, without training or allocating the state: every parameter's shape,
+        PartitionSpec and bytes per device; per-device bytes of parameters and optimizer state;
+        the divisibility problems; and, when there are none, the compiled train step's memory
+        analysis and FLOPs."""
+        from flax import nnx as _nnx
+
+        lines = [f"dry run: task {self.config.task}, mesh {self.mesh_sizes} over "
+                 f"{self.mesh.size} {self.mesh.devices.flat[0].platform} devices"]
+        model_state, opt_state = self.abstract_state["nnx"][0], self.abstract_state["nnx"][1]
+        shardings = self.state_shardings["nnx"]
+
+        def per_device(abstract, sharding) -> int:
+            shard = sharding.shard_shape(abstract.shape)
+            return math.prod(shard) * np.dtype(abstract.dtype).itemsize
+
+        rows = []
+        for (path, var), (_, sh) in zip(_nnx.to_flat_state(model_state),
+                                        _nnx.to_flat_state(shardings[0])):
+            a, spec = var.get_value(), sh.get_value()
+            rows.append(("/".join(map(str, path)), str(tuple(a.shape)), str(a.dtype),
+                         str(spec.spec), f"{per_device(a, spec):,}"))
+        head = ("parameter", "shape", "dtype", "PartitionSpec", "bytes/device")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        lines += [fmt.format(*head)] + [fmt.format(*r) for r in rows]
+
+        def total(tree, shard_tree) -> int:
+            leaves = jax.tree.leaves(tree)
+            return sum(per_device(a, s) for a, s in zip(leaves, jax.tree.leaves(shard_tree)))
+
+        p_bytes = total(model_state, shardings[0])
+        o_bytes = total(opt_state, shardings[1])
+        lines.append(f"per device: parameters {_mib(p_bytes)} + optimizer state {_mib(o_bytes)} "
+                     f"= {_mib(p_bytes + o_bytes)} ({self.num_params():,} parameters)")
+        if self.problems:
+            lines.append("problems for this mesh:")
+            lines += ["  " + line for p in self.problems for line in p.splitlines()]
+            lines.append("the step was not compiled; fix the problems above")
+            return "\n".join(lines)
+        local = next(iter(process_batches(self.task.train_data(),
+                                          self.config.train.global_batch_size, prefetch=0)))
+        local = {k: v.reshape((self.accum, v.shape[0] // self.accum) + v.shape[1:])
+                 for k, v in local.items()}
+        shard = self._batch_shardings(local, leading=1)
+        batch = {k: jax.ShapeDtypeStruct(
+            (self.accum, v.shape[1] * jax.process_count()) + v.shape[2:], v.dtype,
+            sharding=shard[k]) for k, v in local.items()}
+        compiled = self._compile_train_step(batch)
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            lines.append(
+                "compiled train step, per device: arguments "
+                f"{_mib(mem.argument_size_in_bytes)}, outputs {_mib(mem.output_size_in_bytes)}, "
+                f"temporaries {_mib(mem.temp_size_in_bytes)}, aliased (donated) "
+                f"{_mib(mem.alias_size_in_bytes)}, code {_mib(mem.generated_code_size_in_bytes)}")
+        lines.append(f"compiled train step: {self.step_flops / 1e9:,.2f} GFLOP per step "
+                     f"(all devices), batch {self.config.train.global_batch_size} "
+                     f"x {self.accum} accumulation micro-step(s); no problems for this mesh")
+        return "\n".join(lines)
 
     def _check_eval_size(self) -> None:
         """Fails now, not after training, when the eval split cannot fill one micro-batch."""
@@ -116,16 +202,45 @@ class Trainer:
         if self.state is not None:
             return self.state
         self.train_iter = iter(process_batches(self.task.train_data(), self.config.train.global_batch_size))
-        step = self.checkpoints.latest_step()
-        if step is None:
+        self.state = self._restore_newest()
+        if self.state is None:
             self.state = self._fresh_state()
             if self.config.init_from:
                 self.state = self._init_from(self.config.init_from, self.state)
-        else:
-            self._log(f"resuming from {self.checkpoints.directory}/{step}")
-            self.state = self.checkpoints.restore(step, self.abstract_state, self.state_shardings,
-                                                  self.train_iter)
         return self.state
+
+    def _restore_newest(self):
+        """The newest readable checkpoint of the workdir, resharded onto this mesh (None if there
+        is none). Interrupted saves and unreadable steps are skipped with a warning naming them;
+        unreadable steps are moved to workdir/checkpoints.unreadable/, never deleted. A checkpoint
+        of a different model is an error: resuming it silently would lose the run."""
+        for d in self.checkpoints.incomplete():
+            self._warn(f"skipping {d}: an incomplete checkpoint (its save was interrupted)")
+        for step in reversed(self.checkpoints.all_steps()):
+            try:
+                problems = self.checkpoints.mismatches(step, self.abstract_state)
+                if problems:
+                    raise ConfigError(
+                        f"the workdir {self.workdir} holds checkpoint {step} of a different model "
+                        "(or optimizer):\n  " + "\n  ".join(problems[:20])
+                        + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+                        + "\nuse a new --workdir, and set init_from=<that workdir> to start a new "
+                        "run from its parameters deliberately")
+                state = self.checkpoints.restore(step, self.abstract_state, self.state_shardings,
+                                                 self.train_iter)
+            except UnreadableCheckpoint as e:
+                moved = self.checkpoints.set_aside(step)
+                self._warn(f"skipping unreadable checkpoint {e}; moved it to {moved}")
+                self.train_iter = iter(process_batches(self.task.train_data(),
+                                                       self.config.train.global_batch_size))
+                continue
+            self._log(f"resuming from {self.checkpoints.step_dir(step)}")
+            return state
+        return None
+
+    def _warn(self, msg: str) -> None:
+        if jax.process_index() == 0:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def _init_from(self, source: str, state):
         """Copies the parameters of another run's newest checkpoint into a fresh state.
@@ -252,8 +367,9 @@ class Trainer:
                          in_shardings=(self.state_shardings, batch_shardings),
                          out_shardings=(self.state_shardings, replicated(self.mesh)),
                          donate_argnums=0)
+        state = self.state if self.state is not None else self._abstract_sharded_state()
         with jax.set_mesh(self.mesh):
-            compiled = jitted.lower(self.state, batch).compile()
+            compiled = jitted.lower(state, batch).compile()
         self.step_flops = perf.compiled_flops(compiled, self.mesh.size)
         return compiled
 
@@ -316,6 +432,7 @@ class Trainer:
                      f"{self.num_params():,} parameters, workdir {self.workdir}")
         last = {"step": step}
         t_mark, step_mark, saved_at, evaluated_at = None, step, -1, -1
+        stop = _StopSignals()
         try:
             while step < until:
                 batch = self._device_batch(next(self.train_iter))
@@ -354,6 +471,17 @@ class Trainer:
                     saved_at = step
                     t_mark, step_mark = time.perf_counter(), step  # ... and checkpointing
                 report.tick(step)
+                if stop.requested(step, every=1 if jax.process_count() == 1 else cfg.train.log_every):
+                    break
+            if stop.signal is not None and step < until:  # preempted: checkpoint and leave
+                self._check_finite(state)
+                if saved_at != step and self.checkpoints.latest_step() != step:
+                    self.save()
+                self.checkpoints.wait()
+                report.print(f"stopped by {stop.signal} at step {step}; checkpoint "
+                             f"{self.checkpoints.step_dir(step)} written, rerun to resume")
+                last.update(step=step, preempted=stop.signal)
+                return last
             self._check_finite(state)
             if saved_at != step and step > 0 and self.checkpoints.latest_step() != step:
                 self.save()
@@ -367,6 +495,7 @@ class Trainer:
             if step >= cfg.train.steps and not self.quiet and jax.process_index() == 0:
                 self.task.on_fit_end(self.model, report.print)
         finally:
+            stop.close()
             report.close()
         return last
 
@@ -374,7 +503,8 @@ class Trainer:
         return self._num_params
 
     def close(self) -> None:
-        self.checkpoints.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
     def __enter__(self):
         return self
@@ -382,3 +512,50 @@ class Trainer:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT during fit: finish the current step, checkpoint, return (preemption).
+
+    A second signal of the same kind acts as if none was caught (SIGINT raises
+    KeyboardInterrupt, SIGTERM kills). With several processes the flag is agreed on every
+    `every` steps (an all-gather), so all processes stop at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._caught = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self._caught:  # the second one: behave as without us
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self._caught = True
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, step: int, every: int = 1) -> bool:
+        if jax.process_count() == 1:
+            return self._caught
+        if step % max(every, 1):
+            return False
+        from jax.experimental import multihost_utils
+        flags = multihost_utils.process_allgather(np.int32(self._caught))
+        if np.any(flags) and self.signal is None:
+            self.signal = "SIGTERM (on another process)"
+        return bool(np.any(flags))
+
+    def close(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
