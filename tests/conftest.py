@@ -74,14 +74,22 @@ class Run:
     params: dict[str, np.ndarray]  # final parameters
     workdir: str = ""
     compiled: list[str] = dataclasses.field(default_factory=list)  # names XLA compiled, if recorded
+    ids: list[np.ndarray] = dataclasses.field(default_factory=list)  # example ids, batch by batch
 
 
-def run_trainer(config, workdir, *, max_steps: int | None = None) -> Run:
-    """Trainer(config, workdir).fit(max_steps), recording the train metrics of every logged step."""
+def run_trainer(config, workdir, *, max_steps: int | None = None, devices=None) -> Run:
+    """Trainer(config, workdir, devices).fit(max_steps), recording the train metrics of every
+    logged step and the example ids of every train batch."""
     import trainer.trainer as trainer_module
     from trainer import Trainer
 
     metrics: dict[int, dict[str, float]] = {}
+    ids: list[np.ndarray] = []
+    device_batch = trainer_module.Trainer._device_batch
+
+    def recording_device_batch(self, local):
+        ids.append(np.array(local["id"]))
+        return device_batch(self, local)
 
     class RecordingReporter(trainer_module.Reporter):
         def scalars(self, step, values, prefix=""):
@@ -91,11 +99,12 @@ def run_trainer(config, workdir, *, max_steps: int | None = None) -> Run:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer_module, "Reporter", RecordingReporter)
-        with Trainer(config, str(workdir), quiet=True) as t:
+        mp.setattr(trainer_module.Trainer, "_device_batch", recording_device_batch)
+        with Trainer(config, str(workdir), quiet=True, devices=devices) as t:
             result = t.fit(max_steps=max_steps)
             params = param_arrays(t.model)
     return Run(result=result, losses={s: m["loss"] for s, m in metrics.items()},
-               train_metrics=metrics, params=params, workdir=str(workdir))
+               train_metrics=metrics, params=params, workdir=str(workdir), ids=ids)
 
 
 def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], **tol) -> None:

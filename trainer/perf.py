@@ -33,7 +33,8 @@ def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     """The best jitted f32 n x n matmul FLOP/s seen on this host, all cores.
 
     A busy machine measures low, which would inflate MFU; so the best figure measured so far on
-    this CPU model and core count is kept in ~/.cache/polyformer/cpu_peak.json and used when higher.
+    this CPU model and core count is kept in ~/.cache/polyformer/cpu_peak.json and used when higher
+    (but not when over twice the new measurement: then it is not a figure of this machine).
     """
     measured = measure_cpu_matmul(n, reps)
     key = f"{_cpu_name()} x{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} n{n}"
@@ -43,8 +44,11 @@ def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
             cache = json.load(f)
     except (OSError, ValueError):
         cache = {}
-    best = max(measured, float(cache.get(key, 0.0)))
-    if best > cache.get(key, 0.0):
+    cached = float(cache.get(key, 0.0))
+    if cached > 2 * measured:  # not this machine's figure (or a bad one): trust the new one
+        cached = 0.0
+    best = max(measured, cached)
+    if best > cached:
         cache[key] = best
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -58,7 +62,7 @@ def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 def measure_cpu_matmul(n: int = 2048, reps: int = 5) -> float:
     """Jitted f32 n x n matmul FLOP/s on this host now (best of `reps`)."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # an addressable one, also with many processes
     a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32), cpu)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
