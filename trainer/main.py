@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         with Trainer(config, workdir, dry_run=args.dry_run) as trainer:
             if args.dry_run:
                 print(trainer.dry_run())
-                return 0
+                return 1 if trainer.problems else 0
             result = trainer.fit(max_steps=args.max_steps)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
