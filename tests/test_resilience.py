@@ -223,15 +223,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir, *args: str) -> None:
+def start_two_processes(workdir, *args: str) -> list[subprocess.Popen]:
     port = _free_port()
-    procs = [subprocess.Popen(
+    return [subprocess.Popen(
         cli(workdir, *args, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
             f"--process_id={i}"), env=env(devices=4), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+
+
+def finish(procs) -> list[str]:
+    """Waits for the processes; all must exit 0. Returns their stdout."""
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, f"process rc {p.returncode}:\n{err[-3000:]}"
+    return [out for out, _ in outs]
+
+
+def run_two_processes(workdir, *args: str) -> None:
+    finish(start_two_processes(workdir, *args))
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    procs = start_two_processes(tmp_path, "--config.train.steps=100000")
+    wait_for_step(procs[0], tmp_path, 3)
+    procs[1].send_signal(signal.SIGTERM)  # process 0 learns of it through the all-gather
+    out0, _ = finish(procs)
+    step = max(steps_on_disk(tmp_path))
+    assert f"stopped by SIGTERM (on another process) at step {step};" in out0
 
 
 def test_two_processes_match_one_and_checkpoints_move_between_them(reference, tmp_path):
