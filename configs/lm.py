@@ -1,7 +1,8 @@
 """Byte-level language model on the embedded corpus (the Python stdlib's source files).
 
     python -m trainer.main --config=configs/lm.py:tiny --workdir=runs/tiny
-Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core CPU), small.
+Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core CPU), small;
+gla_tiny and gla: the tiny and default LMs with gated linear attention.
 """
 import ml_collections
 
@@ -15,6 +16,9 @@ VARIANTS = {
     # 128-dim heads run at ~40% of the f32 matmul peak, 256-wide ones at ~30%
     "default": dict(num_layers=3, d_model=512, num_heads=4, num_kv_heads=2, seq_len=256, batch=16,
                     steps=200, lr=2e-3, warmup=20),
+    # gated linear attention (attention/gla.py) in the same LMs
+    "gla_tiny": dict(base="tiny", attention="gla"),
+    "gla": dict(base="default", attention="gla"),
     "small": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, seq_len=512, batch=16,
                   steps=5000, lr=1e-3, warmup=200),
 }
@@ -24,7 +28,9 @@ def get_config(variant=None):
     variant = variant or "default"
     if variant not in VARIANTS:
         raise ConfigError(f"configs/lm.py: unknown variant {variant!r}; known variants: {', '.join(VARIANTS)}")
-    v = VARIANTS[variant]
+    v = dict(VARIANTS[variant])
+    if "base" in v:  # a mechanism variant: the base variant's shapes and schedule
+        v = {**VARIANTS[v.pop("base")], **v}
     c = base_config()
     c.task = "lm"
     c.train.steps = v["steps"]
@@ -38,7 +44,7 @@ def get_config(variant=None):
     c.data.seq_len = v["seq_len"]
 
     m = c.model
-    m.attention = "softmax"
+    m.attention = v.get("attention", "softmax")
     m.vocab_size = 256  # bytes
     m.num_layers = v["num_layers"]
     m.d_model = v["d_model"]
@@ -48,10 +54,17 @@ def get_config(variant=None):
     # SwiGLU at ~ the 4x MLP's parameters, rounded to a multiple of 128 (TPU lanes / MXU tiles)
     m.mlp_dim = max(int(8 / 3 * v["d_model"] / 128 + 0.5), 1) * 128
     m.rope_theta = 10000.0
+    if m.attention == "gla":  # fla GatedLinearAttention defaults (attention/gla.py)
+        m.gla_expand_k = 0.5
+        m.gla_expand_v = 1.0
+        m.gla_gate_rank = 16
+        m.gla_gate_norm = 16.0
+        m.gla_chunk = 64
+        m.gla_impl = "auto"
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = "def "
-    c.sample.max_new_tokens = 200 if variant != "tiny" else 32
+    c.sample.max_new_tokens = 32 if variant.endswith("tiny") else 200
     c.sample.temperature = 0.7
     c.sample.top_k = 40
     return c

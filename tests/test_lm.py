@@ -16,9 +16,11 @@ from trainer import load_config
 from trainer.data import ByteCorpus, process_batches, stdlib_files
 
 
-@pytest.fixture(scope="module")
-def model_config():
-    return load_config(TINY).model  # 2 layers, GQA (4 query heads, 2 key/value heads)
+@pytest.fixture(scope="module", params=["softmax", "gla"])
+def model_config(request):
+    """The tiny LM (2 layers; softmax: GQA with 4 query / 2 key-value heads) with each
+    attention mechanism: generation and causality must hold for every one."""
+    return load_config(TINY, [f"model.attention={request.param}"]).model
 
 
 @pytest.fixture(scope="module")

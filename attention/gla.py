@@ -1,0 +1,91 @@
+"""The gated linear attention layer (Yang et al., ICML 2024; the fla `GatedLinearAttention` layout).
+
+    q = x W_q, k = x W_k  (expand_k = 0.5: key dim d/2), v = x W_v (expand_v = 1)
+    log forget gate  g = logsigmoid(x W_1 W_2 + b) / 16   (low rank 16; the /16 normaliser)
+    o = GLA(q, k, v, g)   (attention.ops.gla: S_t = diag(e^g_t) S_{t-1} + k_t^T v_t, o_t = q_t S_t)
+    y = W_o (RMSNorm(o) * swish(x W_r))   (per-head RMSNorm, swish output gate)
+
+No positional encoding: the decaying state orders the tokens. Decoding keeps the recurrent state
+[B, H, K, V] as the cache, so generation costs O(1) per token whatever the context length.
+
+Config fields (config.model; defaults used when absent): num_heads, d_model, gla_expand_k (0.5),
+gla_expand_v (1.0), gla_gate_rank (16), gla_gate_norm (16.0), gla_chunk (64), gla_impl ("auto").
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention.ops.gla import gla, gla_step
+from attention.registry import register
+from attention.softmax import dense
+from trainer.sharding import constrain
+
+
+def _field(cfg, name, default):
+    return cfg[name] if name in cfg else default
+
+
+@register("gla")
+class GatedLinearAttention(nnx.Module):
+    """x [B, T, D] -> [B, T, D] with num_heads heads of key dim D*expand_k/H, value D*expand_v/H."""
+
+    def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        d, H = cfg.d_model, cfg.num_heads
+        key_dim = int(d * _field(cfg, "gla_expand_k", 0.5))
+        value_dim = int(d * _field(cfg, "gla_expand_v", 1.0))
+        if key_dim % H or value_dim % H:
+            raise ValueError(f"gla: key dim {key_dim} and value dim {value_dim} (d_model={d} x "
+                             f"expand_k / expand_v) must be divisible by num_heads={H}")
+        self.num_heads, self.head_k, self.head_v = H, key_dim // H, value_dim // H
+        self.gate_norm = float(_field(cfg, "gla_gate_norm", 16.0))
+        self.chunk = int(_field(cfg, "gla_chunk", 64))
+        self.impl = str(_field(cfg, "gla_impl", "auto"))
+        rank = int(_field(cfg, "gla_gate_rank", 16))
+        out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
+        self.q_proj = dense(d, key_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.k_proj = dense(d, key_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.v_proj = dense(d, value_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.g_down = dense(d, rank, ("embed", None), dtype=dtype, rngs=rngs)
+        self.g_up = nnx.Linear(
+            rank, key_dim, use_bias=True, dtype=dtype, param_dtype=jnp.float32,
+            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "heads")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("heads",)), rngs=rngs)
+        self.r_proj = dense(d, value_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.o_norm = nnx.RMSNorm(
+            self.head_v, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+            scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)), rngs=rngs)
+        self.o_proj = dense(value_dim, d, ("heads", "embed"), dtype=dtype, rngs=rngs, std=out_std)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+        """The recurrent state (f32 whatever the compute dtype); max_len is not needed."""
+        return {"S": jnp.zeros((batch, self.num_heads, self.head_k, self.head_v), jnp.float32)}
+
+    def __call__(self, x, *, positions=None, cache=None, mode: str = "train"):
+        B, T, _ = x.shape
+        H = self.num_heads
+        q = self.q_proj(x).reshape(B, T, H, self.head_k)
+        k = self.k_proj(x).reshape(B, T, H, self.head_k)
+        v = self.v_proj(x).reshape(B, T, H, self.head_v)
+        q = constrain(q, ("batch", "length", "act_heads", None))
+        # g = logsigmoid(x W1 W2 + b) / 16 (GLA sec. 4.4, fla gate_logit_normalizer)
+        log_g = (jax.nn.log_sigmoid(self.g_up(self.g_down(x)).astype(jnp.float32))
+                 / self.gate_norm).reshape(B, T, H, self.head_k)
+        if mode == "train":
+            o, _ = gla(q, k, v, log_g, chunk_size=self.chunk, impl=self.impl)
+        elif mode in ("prefill", "decode"):
+            if cache is None:
+                raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
+            if T == 1:
+                o, s = gla_step(q[:, 0], k[:, 0], v[:, 0], log_g[:, 0], cache["S"])
+                o = o[:, None]
+            else:
+                o, s = gla(q, k, v, log_g, initial_state=cache["S"], output_final_state=True,
+                           chunk_size=self.chunk, impl=self.impl)
+            cache = {"S": s}
+        else:
+            raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
+        gate = jax.nn.silu(self.r_proj(x)).reshape(B, T, H, self.head_v)
+        y = (self.o_norm(o) * gate).reshape(B, T, H * self.head_v)
+        return self.o_proj(y), cache
