@@ -119,3 +119,15 @@ def test_bad_arguments_name_the_problem():
         gla(q, k, v, log_g, initial_state=h0[:, :1])
     with pytest.raises(ValueError, match="chunk_size"):
         gla(q, k, v, log_g, chunk_size=24, impl="xla")
+
+
+def test_pallas_impl_through_the_public_op():
+    """gla(impl="pallas") (interpret mode on CPU) agrees with the xla form, gradients included
+    (tests/test_gla_pallas.py checks the kernels themselves against a recurrence in depth)."""
+    q, k, v, log_g, h0 = inputs(T=40, K=16, V=24)
+    (o_p, s_p), vjp_p = jax.vjp(lambda *a: run("pallas", *a), q, k, v, log_g, h0)
+    (o_x, s_x), vjp_x = jax.vjp(lambda *a: run("xla", *a), q, k, v, log_g, h0)
+    assert rel_err(o_p, o_x) < 1e-5 and rel_err(s_p, s_x) < 1e-5
+    cot = (jnp.ones_like(o_x), jnp.ones_like(s_x))
+    for gp, gx in zip(vjp_p(cot), vjp_x(cot)):
+        assert rel_err(gp, gx) < 1e-5

@@ -9,8 +9,9 @@ q, k, log_g: [B, T, H, K]; v: [B, T, H, V]; log_g <= 0 is the log forget gate (p
 states [B, H, K, V] float32. Any T. impl:
   "reference": the token-by-token recurrence in f32 (lax.scan), the ground truth;
   "xla": the chunkwise form with secondary chunking (every exponent <= 0), the CPU default;
-  "pallas": the kernels in pallas_kernels/gla (forward and backward, custom_vjp);
-  "auto": pallas on GPU/TPU, else xla.
+  "pallas": the kernels in pallas_kernels/gla (forward and backward, custom_vjp; TPU, and
+            interpret mode on CPU);
+  "auto": pallas on TPU, else xla.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=Fa
     _check(q, k, v, log_g, initial_state, impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("gpu", "tpu") and _pallas() else "xla"
+        # the kernels carry the chunk state over a sequential grid axis: TPU (Mosaic) only so far
+        impl = "pallas" if jax.default_backend() == "tpu" and _pallas() else "xla"
     if impl == "reference":
         o, s = gla_reference(q, k, v, log_g, scale=scale, initial_state=initial_state)
     elif impl == "xla":

@@ -1,0 +1,388 @@
+"""Pallas kernels of chunkwise gated linear attention (GLA), forward and backward.
+
+Layout inside the kernels: [B, H, T, D] with T a multiple of the chunk C, so a block is
+[1, 1, C, D] (last two dims: chunk, full head dim) and a state block is [1, 1, 1, V, K].
+States are kept *transposed*, S^T: [V, K], so that the per-key-dim decay diag(e^g) S becomes a
+row (lane) broadcast `S^T * e^g[None, :]`, and every matmul is `a @ b`, `a @ b.T` or `a.T @ b`.
+
+Per chunk, with b = within-chunk cumulative sum of log_g (b_C its last row), Q already scaled:
+  state   S_[i+1] = diag(e^{b_C}) S_[i] + (K * e^{b_C - b})^T V
+  output  O = (Q * e^b) S_[i] + (A ⊙ M) V,   A_rs = sum_d q_rd k_sd e^{b_rd - b_sd}, M: r >= s.
+Every exponent is kept <= 0 (strong decay, log_g ~ -7 a step, would overflow e^{-b}) by
+secondary chunking into sub-chunks of `sub` rows, one grid step looping over them:
+- a query sub-chunk meets the keys of earlier sub-chunks through a matmul rebased on its first row
+  r0: q factors e^{b_r - b_r0} and k factors e^{b_r0 - b_s}, both <= 1 (the block's other keys
+  would get positive exponents: those are clamped to 0, so they stay finite, and masked out);
+- in the backward a key sub-chunk meets the queries of later sub-chunks the same way, rebased on
+  its last row;
+- a diagonal sub-block is computed element-wise in log space, one key column at a time.
+
+Backward (dO given; dS_[N] = cotangent of the final state):
+  dS_[i] = diag(e^{b_C}) dS_[i+1] + (Q * e^b)^T dO                   (reverse over chunks)
+  dQ = e^b ⊙ (dO S_[i]^T) + [dA K-part],  dA = (dO V^T) ⊙ M
+  dK = e^{b_C - b} ⊙ (V dS_[i+1]^T) + [dA^T Q-part]
+  dV = (A ⊙ M)^T dO + (K * e^{b_C - b}) dS_[i+1]
+and d log_g follows from the GLA identity (see `gla_core`'s backward), so the kernel only emits
+q ⊙ dq - k ⊙ dk per position.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+
+
+class Config(NamedTuple):
+    scale: float
+    chunk: int
+    sub: int
+    interpret: bool
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _dot(a, b, contract):
+    return lax.dot_general(a, b, (contract, ((), ())), precision=_HI, preferred_element_type=_F32)
+
+
+def _mm(a, b):  # a @ b
+    return _dot(a, b, ((1,), (0,)))
+
+
+def _mm_nt(a, b):  # a @ b.T
+    return _dot(a, b, ((1,), (1,)))
+
+
+def _mm_tn(a, b):  # a.T @ b
+    return _dot(a, b, ((0,), (0,)))
+
+
+def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
+    if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
+        raise NotImplementedError(
+            "gla_pallas: the kernels carry the chunk state across a sequential grid axis, which "
+            "the Mosaic TPU lowering (and interpret mode) supports but the GPU lowering does not")
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _diag_block_forward(q, k, b):
+    """A [c, c]: A_rj = sum_d q_rd k_jd e^{b_rd - b_jd} for r >= j, else 0 (all in f32).
+
+    One key column j at a time, exponents min(b_r - b_j, 0) <= 0 (rows r < j are masked).
+    Row j is picked with a masked sublane sum, which lowers everywhere (no dynamic slicing).
+    """
+    c, kd = q.shape
+    sub_rows = lax.broadcasted_iota(jnp.int32, (c, kd), 0)
+    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+    def body(j, a):
+        pick = sub_rows == j
+        k_j = jnp.sum(jnp.where(pick, k, 0.0), axis=0, keepdims=True)
+        b_j = jnp.sum(jnp.where(pick, b, 0.0), axis=0, keepdims=True)
+        a_col = jnp.sum(q * k_j * jnp.exp(jnp.minimum(b - b_j, 0.0)), axis=1, keepdims=True)
+        return a + jnp.where(col == j, a_col, 0.0)
+
+    a = lax.fori_loop(0, c, body, jnp.zeros((c, c), _F32))
+    return jnp.where(row >= col, a, 0.0)
+
+
+def _diag_block_backward(q, k, v, do, b):
+    """Gradients of the diagonal sub-block O = (A ⊙ M) V (q already scaled).
+
+    Returns dq and dk *without* the r = s terms, dv, and dA_rr = do_r · v_r: the r = s terms,
+    dA_rr k_r and dA_rr q_r, are added by the caller after it forms q ⊙ dq - k ⊙ dk, in which
+    they cancel exactly (under strong decay they are nearly all of dq and dk, and forming the
+    difference with them in it would lose d log_g's digits).
+    """
+    c, kd = q.shape
+    vd = v.shape[1]
+    sub_k = lax.broadcasted_iota(jnp.int32, (c, kd), 0)
+    sub_v = lax.broadcasted_iota(jnp.int32, (c, vd), 0)
+    row = lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    col = lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    d_a = jnp.where(row > col, _mm_nt(do, v), 0.0)  # dA = (dO V^T) ⊙ M, strictly below
+
+    def body(j, carry):
+        dq, dk, dv = carry
+        pick = sub_k == j
+        k_j = jnp.sum(jnp.where(pick, k, 0.0), axis=0, keepdims=True)
+        b_j = jnp.sum(jnp.where(pick, b, 0.0), axis=0, keepdims=True)
+        e = jnp.where(sub_k >= j, jnp.exp(jnp.minimum(b - b_j, 0.0)), 0.0)  # e^{b_r - b_j}
+        a_col = jnp.sum(q * k_j * e, axis=1, keepdims=True)  # A[:, j]
+        da_col = jnp.sum(jnp.where(col == j, d_a, 0.0), axis=1, keepdims=True)  # dA[:, j]
+        dq = dq + da_col * k_j * e
+        dk = dk + jnp.where(pick, jnp.sum(da_col * q * e, axis=0, keepdims=True), 0.0)
+        dv = dv + jnp.where(sub_v == j, jnp.sum(a_col * do, axis=0, keepdims=True), 0.0)
+        return dq, dk, dv
+
+    zeros = (jnp.zeros((c, kd), _F32), jnp.zeros((c, kd), _F32), jnp.zeros((c, vd), _F32))
+    dq, dk, dv = lax.fori_loop(0, c, body, zeros)
+    return dq, dk, dv, jnp.sum(do * v, axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _chunk_states_kernel(k_ref, v_ref, b_ref, h0_ref, states_ref, final_ref, s_scr):
+    """Sequential over chunks: writes the state entering each chunk; the last one's successor
+    is the final state."""
+    i = pl.program_id(2)
+    c = k_ref.shape[2]
+
+    @pl.when(i == 0)
+    def _():
+        s_scr[...] = h0_ref[0, 0]
+
+    states_ref[0, 0, 0] = s_scr[...]
+    b = b_ref[0, 0]
+    b_last = b_ref[0, 0, c - 1:c, :]
+    k_decayed = k_ref[0, 0].astype(_F32) * jnp.exp(b_last - b)  # K * e^{b_C - b}
+    s_scr[...] = s_scr[...] * jnp.exp(b_last) + _mm_tn(v_ref[0, 0].astype(_F32), k_decayed)
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _():
+        final_ref[0, 0] = s_scr[...]
+
+
+def _output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref, *, scale, sub):
+    c = q_ref.shape[2]
+    s_t = s_ref[0, 0, 0]  # S_[i]^T: [V, K]
+    k_all = k_ref[0, 0].astype(_F32)
+    v_all = v_ref[0, 0].astype(_F32)
+    b_all = b_ref[0, 0]
+    key_pos = lax.broadcasted_iota(jnp.int32, (sub, c), 1)
+
+    def sub_chunk(j, carry):
+        i0 = pl.multiple_of(j * sub, sub)
+        rows = pl.ds(i0, sub)
+        q = q_ref[0, 0, rows, :].astype(_F32) * scale
+        k = k_ref[0, 0, rows, :].astype(_F32)
+        v = v_ref[0, 0, rows, :].astype(_F32)
+        b = b_ref[0, 0, rows, :]
+        b_first = b[0:1, :]
+        o = _mm_nt(q * jnp.exp(b), s_t)  # inter-chunk: (Q e^b) S
+        # Keys of earlier sub-chunks, rebased on this sub-chunk's first row. The chunk's other
+        # keys would get positive exponents: clamped to 0 (finite) and masked out.
+        k_rebased = k_all * jnp.exp(jnp.minimum(b_first - b_all, 0.0))
+        a = jnp.where(key_pos < i0, _mm_nt(q * jnp.exp(b - b_first), k_rebased), 0.0)
+        o = o + _mm(a, v_all)
+        o = o + _mm(_diag_block_forward(q, k, b), v)
+        o_ref[0, 0, rows, :] = o.astype(o_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, c // sub, sub_chunk, 0)
+
+
+def _state_grads_kernel(q_ref, b_ref, do_ref, dfinal_ref, ds_ref, dh0_ref, ds_scr, *, scale):
+    """Reverse over chunks (index maps run backwards): writes dS_[i+1], the gradient w.r.t. the
+    state leaving each chunk; what is left at the end is d initial_state."""
+    i = pl.program_id(2)
+    c = q_ref.shape[2]
+
+    @pl.when(i == 0)
+    def _():
+        ds_scr[...] = dfinal_ref[0, 0]
+
+    ds_ref[0, 0, 0] = ds_scr[...]
+    b = b_ref[0, 0]
+    q_decayed = q_ref[0, 0].astype(_F32) * (scale * jnp.exp(b))
+    ds_scr[...] = (ds_scr[...] * jnp.exp(b_ref[0, 0, c - 1:c, :])
+                   + _mm_tn(do_ref[0, 0].astype(_F32), q_decayed))
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _():
+        dh0_ref[0, 0] = ds_scr[...]
+
+
+def _input_grads_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, s_ref, ds_ref,
+                        dq_ref, dk_ref, dv_ref, dg_ref, *, scale, sub):
+    c = q_ref.shape[2]
+    s_t = s_ref[0, 0, 0]  # S_[i]^T        [V, K]
+    ds_t = ds_ref[0, 0, 0]  # dS_[i+1]^T   [V, K]
+    q_all = q_ref[0, 0].astype(_F32) * scale
+    k_all = k_ref[0, 0].astype(_F32)
+    v_all = v_ref[0, 0].astype(_F32)
+    do_all = do_ref[0, 0].astype(_F32)
+    b_all = b_ref[0, 0]
+    b_last = b_all[c - 1:c, :]
+    key_pos = lax.broadcasted_iota(jnp.int32, (sub, c), 1)
+
+    def sub_chunk(j, carry):
+        i0 = pl.multiple_of(j * sub, sub)
+        rows = pl.ds(i0, sub)
+        q = q_ref[0, 0, rows, :].astype(_F32) * scale
+        k = k_ref[0, 0, rows, :].astype(_F32)
+        v = v_ref[0, 0, rows, :].astype(_F32)
+        do = do_ref[0, 0, rows, :].astype(_F32)
+        b = b_ref[0, 0, rows, :]
+        b_first, b_end = b[0:1, :], b[sub - 1:sub, :]
+        # state terms
+        dq = jnp.exp(b) * _mm(do, s_t)
+        to_end = jnp.exp(b_last - b)
+        dk = to_end * _mm(v, ds_t)
+        dv = _mm_nt(k * to_end, ds_t)
+        # dq from keys of earlier sub-chunks, rebased on this sub-chunk's first row (the other
+        # keys' exponents are clamped to 0 and their terms masked out, as in the forward)
+        k_rebased = k_all * jnp.exp(jnp.minimum(b_first - b_all, 0.0))
+        d_a = jnp.where(key_pos < i0, _mm_nt(do, v_all), 0.0)
+        dq = dq + jnp.exp(b - b_first) * _mm(d_a, k_rebased)
+        # dk, dv from queries of later sub-chunks, rebased on this sub-chunk's last row
+        later = key_pos >= i0 + sub
+        back = jnp.exp(b_end - b)
+        q_rebased = q_all * jnp.exp(jnp.minimum(b_all - b_end, 0.0))
+        a_t = jnp.where(later, _mm_nt(k * back, q_rebased), 0.0)  # A[later, this]^T
+        dv = dv + _mm(a_t, do_all)
+        d_a_t = jnp.where(later, _mm_nt(v, do_all), 0.0)  # dA[later, this]^T
+        dk = dk + back * _mm(d_a_t, q_rebased)
+        dq_d, dk_d, dv_d, d_a_rr = _diag_block_backward(q, k, v, do, b)
+        dq, dk, dv = dq + dq_d, dk + dk_d, dv + dv_d
+        # (scale q) ⊙ (dq / scale) - k ⊙ dk, without the r = s terms that cancel in it
+        dg_ref[0, 0, rows, :] = q * dq - k * dk
+        dq_ref[0, 0, rows, :] = ((dq + d_a_rr * k) * scale).astype(dq_ref.dtype)
+        dk_ref[0, 0, rows, :] = (dk + d_a_rr * q).astype(dk_ref.dtype)
+        dv_ref[0, 0, rows, :] = dv.astype(dv_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, c // sub, sub_chunk, 0)
+
+
+# ----------------------------------------------------------------------------- pallas_calls
+def _seq_spec(c, d, reverse_n=None):
+    if reverse_n is None:
+        return pl.BlockSpec((1, 1, c, d), lambda b, h, i: (b, h, i, 0))
+    return pl.BlockSpec((1, 1, c, d), lambda b, h, i: (b, h, reverse_n - 1 - i, 0))
+
+
+def _state_spec(kd, vd, reverse_n=None):
+    if reverse_n is None:
+        return pl.BlockSpec((1, 1, 1, vd, kd), lambda b, h, i: (b, h, i, 0, 0))
+    return pl.BlockSpec((1, 1, 1, vd, kd), lambda b, h, i: (b, h, reverse_n - 1 - i, 0, 0))
+
+
+def _bh_spec(kd, vd):
+    return pl.BlockSpec((1, 1, vd, kd), lambda b, h, i: (b, h, 0, 0))
+
+
+def chunk_states(k, v, b, h0, cfg: Config):
+    """k, b: [B, H, T, K]; v: [B, H, T, V]; h0: [B, H, V, K] f32 (transposed state).
+    Returns (states entering each chunk [B, H, N, V, K], final state [B, H, V, K]), f32."""
+    bs, hs, t, kd = k.shape
+    vd = v.shape[-1]
+    c = cfg.chunk
+    n = t // c
+    return pl.pallas_call(
+        _chunk_states_kernel,
+        grid=(bs, hs, n),
+        in_specs=[_seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd), _bh_spec(kd, vd)],
+        out_specs=[_state_spec(kd, vd), _bh_spec(kd, vd)],
+        out_shape=[jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
+                   jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)],
+        scratch_shapes=[pltpu.VMEM((vd, kd), _F32)],
+        compiler_params=_compiler_params(cfg.interpret, ("parallel", "parallel", "arbitrary")),
+        interpret=cfg.interpret,
+        name="gla_chunk_states",
+    )(k, v, b, h0)
+
+
+def chunk_output(q, k, v, b, states, cfg: Config):
+    bs, hs, t, kd = q.shape
+    vd = v.shape[-1]
+    c = cfg.chunk
+    return pl.pallas_call(
+        functools.partial(_output_kernel, scale=cfg.scale, sub=cfg.sub),
+        grid=(bs, hs, t // c),
+        in_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd),
+                  _state_spec(kd, vd)],
+        out_specs=_seq_spec(c, vd),
+        out_shape=jax.ShapeDtypeStruct((bs, hs, t, vd), v.dtype),
+        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3),
+        interpret=cfg.interpret,
+        name="gla_chunk_output",
+    )(q, k, v, b, states)
+
+
+def chunk_state_grads(q, b, do, dfinal, cfg: Config):
+    """Returns (dS of the state leaving each chunk [B, H, N, V, K], d h0 [B, H, V, K]), f32."""
+    bs, hs, t, kd = q.shape
+    vd = do.shape[-1]
+    c = cfg.chunk
+    n = t // c
+    return pl.pallas_call(
+        functools.partial(_state_grads_kernel, scale=cfg.scale),
+        grid=(bs, hs, n),
+        in_specs=[_seq_spec(c, kd, n), _seq_spec(c, kd, n), _seq_spec(c, vd, n),
+                  _bh_spec(kd, vd)],
+        out_specs=[_state_spec(kd, vd, n), _bh_spec(kd, vd)],
+        out_shape=[jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
+                   jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)],
+        scratch_shapes=[pltpu.VMEM((vd, kd), _F32)],
+        compiler_params=_compiler_params(cfg.interpret, ("parallel", "parallel", "arbitrary")),
+        interpret=cfg.interpret,
+        name="gla_chunk_state_grads",
+    )(q, b, do, dfinal)
+
+
+def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
+    """Returns dq, dk (dtypes of q, k), dv (dtype of v) and q ⊙ dq - k ⊙ dk (f32)."""
+    bs, hs, t, kd = q.shape
+    vd = v.shape[-1]
+    c = cfg.chunk
+    return pl.pallas_call(
+        functools.partial(_input_grads_kernel, scale=cfg.scale, sub=cfg.sub),
+        grid=(bs, hs, t // c),
+        in_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd),
+                  _seq_spec(c, vd), _state_spec(kd, vd), _state_spec(kd, vd)],
+        out_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape, _F32)],
+        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3),
+        interpret=cfg.interpret,
+        name="gla_chunk_input_grads",
+    )(q, k, v, b, do, states, dstates)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+def _chunk_cumsum(log_g, c):
+    """b: cumulative sum of log_g within each chunk (f32), [B, H, T, K]."""
+    bs, hs, t, kd = log_g.shape
+    return jnp.cumsum(log_g.reshape(bs, hs, t // c, c, kd), axis=3).reshape(log_g.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gla_core(q, k, v, log_g, h0, cfg: Config):
+    """Kernel-layout GLA. q, k: [B, H, T, K]; v: [B, H, T, V]; log_g: f32 [B, H, T, K];
+    h0: f32 [B, H, V, K] (transposed); T a multiple of cfg.chunk.
+    Returns (o [B, H, T, V] in v.dtype, final state^T [B, H, V, K] f32)."""
+    return _gla_fwd(q, k, v, log_g, h0, cfg)[0]
+
+
+def _gla_fwd(q, k, v, log_g, h0, cfg):
+    b = _chunk_cumsum(log_g, cfg.chunk)
+    states, final = chunk_states(k, v, b, h0, cfg)
+    o = chunk_output(q, k, v, b, states, cfg)
+    return (o, final), (q, k, v, log_g, h0)
+
+
+def _gla_bwd(cfg, res, cotangents):
+    q, k, v, log_g, h0 = res
+    do, dfinal = cotangents
+    b = _chunk_cumsum(log_g, cfg.chunk)
+    states, final = chunk_states(k, v, b, h0, cfg)  # recomputed rather than stored
+    dstates, dh0 = chunk_state_grads(q, b, do, dfinal, cfg)
+    dq, dk, dv, dg_terms = chunk_input_grads(q, k, v, b, do, states, dstates, cfg)
+    # With B_t the cumulative sum of log_g over the whole sequence, the loss depends on B through
+    # q_t e^{B_t}, k_t e^{-B_t} and the factor e^{B_T} of the final state, so
+    #   dL/dB_t = q_t ⊙ dq_t - k_t ⊙ dk_t + [t = T] sum_v (S_T ⊙ dS_T)
+    # and d log_g_t = sum_{t' >= t} dL/dB_t' (the initial state enters through q ⊙ dq).
+    dg = lax.cumsum(dg_terms, axis=2, reverse=True)
+    dg = dg + jnp.sum(final * dfinal, axis=2)[:, :, None, :]
+    return dq, dk, dv, dg, dh0
+
+
+gla_core.defvjp(_gla_fwd, _gla_bwd)

@@ -1,0 +1,199 @@
+"""Pallas GLA kernels (interpret mode on CPU) against the token-by-token recurrence.
+
+Reference: S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t,  o_t = (scale q_t) S_t, run with
+`lax.scan` in f32. Checked: o, the final state, and the gradients w.r.t. q, k, v, log_g and the
+initial state under random cotangents for o and the final state.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.gla import gla_pallas
+
+HI = jax.lax.Precision.HIGHEST
+NAMES = ("o", "final_state", "dq", "dk", "dv", "dlog_g", "dinitial_state")
+
+
+def run_jitted(fn, *args):
+    """jit(fn)(*args), compiled without LLVM's backend optimisations: interpret-mode kernels are
+    large loops whose compile time, not run time, dominates these tests (about 2x faster)."""
+    compiled = jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+    return compiled(*args)
+
+
+def reference_gla(q, k, v, log_g, scale, initial_state):
+    """The recurrence, one token at a time, in f32. [B, T, H, *] in; (o, final state) out."""
+    q, k, v, log_g = (jnp.swapaxes(x.astype(jnp.float32), 0, 1) for x in (q, k, v, log_g))
+
+    def step(state, x):
+        q_t, k_t, v_t, g_t = x  # [B, H, K] / [B, H, V]
+        state = state * jnp.exp(g_t)[..., None] + k_t[..., :, None] * v_t[..., None, :]
+        return state, jnp.einsum("bhk,bhkv->bhv", scale * q_t, state, precision=HI)
+
+    final, o = jax.lax.scan(step, initial_state, (q, k, v, log_g))
+    return jnp.swapaxes(o, 0, 1), final
+
+
+def make_inputs(seed, b, t, h, kd, vd, decay, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 7)
+    q = jax.random.normal(ks[0], (b, t, h, kd))
+    k = jax.random.normal(ks[1], (b, t, h, kd))
+    v = jax.random.normal(ks[2], (b, t, h, vd))
+    if decay == "weak":  # the GLA layer's gate: logsigmoid(x) / 16
+        log_g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, kd))) / 16
+    else:  # about -7 per step: e^{-7 * 64} underflows, so naive e^{-b} factors would overflow
+        log_g = -7.0 * jax.random.uniform(ks[3], (b, t, h, kd), minval=0.5, maxval=1.5)
+    h0 = jax.random.normal(ks[4], (b, h, kd, vd))
+    do = jax.random.normal(ks[5], (b, t, h, vd))
+    dfinal = jax.random.normal(ks[6], (b, h, kd, vd))
+    q, k, v, do = (x.astype(dtype) for x in (q, k, v, do))
+    return (q, k, v, log_g, h0), (do, dfinal)
+
+
+def run_pallas(primals, cotangents, *, with_initial, with_final, chunk_size=64):
+    """(o, final or None, dq, dk, dv, dlog_g, dinitial or None) of gla_pallas, jitted."""
+    q, k, v, log_g, h0 = primals
+    do, dfinal = cotangents
+    scale = q.shape[-1] ** -0.5
+
+    def go(q, k, v, log_g, h0, do, dfinal):
+        def f(q, k, v, log_g, h0):
+            return gla_pallas(q, k, v, log_g, scale=scale,
+                              initial_state=h0 if with_initial else None,
+                              output_final_state=with_final, chunk_size=chunk_size)
+        (o, final), vjp = jax.vjp(f, q, k, v, log_g, h0)
+        assert (final is not None) == with_final
+        grads = vjp((do, dfinal if with_final else None))
+        return (o, final, *grads)
+
+    out = list(run_jitted(go, q, k, v, log_g, h0, do, dfinal))
+    if not with_initial:
+        out[6] = None
+    return out
+
+
+def run_reference(primals, cotangents, *, with_initial, with_final):
+    """Same outputs from the recurrence, in f32, on the (upcast) same inputs."""
+    q, k, v, log_g, h0 = (x.astype(jnp.float32) for x in primals)
+    do, dfinal = (x.astype(jnp.float32) for x in cotangents)
+    scale = q.shape[-1] ** -0.5
+    if not with_initial:
+        h0 = jnp.zeros_like(h0)
+    if not with_final:
+        dfinal = jnp.zeros_like(dfinal)
+
+    def go(q, k, v, log_g, h0, do, dfinal):
+        (o, final), vjp = jax.vjp(lambda *a: reference_gla(*a[:4], scale, a[4]), q, k, v, log_g, h0)
+        return (o, final, *vjp((do, dfinal)))
+
+    out = list(run_jitted(go, q, k, v, log_g, h0, do, dfinal))
+    if not with_final:
+        out[1] = None
+    if not with_initial:
+        out[6] = None
+    return out
+
+
+def scaled_max_error(x, ref):
+    """max |x - ref| relative to the scale of ref (its largest magnitude)."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def relative_rmse(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.sqrt(np.mean((x - ref) ** 2) / max(np.mean(ref ** 2), 1e-30)))
+
+
+def assert_all_close(got, want, tol, metric=scaled_max_error, tol_dlog_g=None):
+    assert len(got) == len(want) == len(NAMES)
+    tols = {name: tol for name in NAMES}
+    if tol_dlog_g is not None:
+        tols["dlog_g"] = tol_dlog_g
+    errors = {}
+    for name, x, ref in zip(NAMES, got, want):
+        assert (x is None) == (ref is None), name
+        if x is None:
+            continue
+        assert x.shape == ref.shape, (name, x.shape, ref.shape)
+        assert bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))), f"{name} is not finite"
+        errors[name] = metric(x, ref)
+    bad = {n: e for n, e in errors.items() if not e <= tols[n]}
+    assert not bad, f"errors above {tols}: {bad} (all: {errors})"
+
+
+# f32 tolerance on max |error| / max |reference|. Under strong decay, d log_g is held to 5e-5:
+# the kernels see e^{b_r - b_s} through b, the within-chunk cumulative sum of log_g, which reaches
+# about -450 at the end of a 64-chunk, where f32's spacing is 3e-5; d log_g (a sum of the small
+# differences q dq - k dk) inherits that relative error while the recurrence multiplies exp(log_g)
+# step by step. Everything else, and d log_g under the GLA layer's weak decay, stays near 1e-6.
+F32_TOL = 1e-5
+F32_TOL_DLOG_G_STRONG = 5e-5
+
+# (B, T, K, V, decay, with_initial_state, output_final_state): every T in {1, 63, 64, 200},
+# K in {16, 60} and V in {24, 64}, both decays, both flags, in a handful of combinations.
+F32_CASES = [
+    (2, 1, 16, 24, "weak", True, True),
+    (1, 63, 60, 64, "weak", True, True),
+    (1, 64, 16, 64, "strong", True, False),
+    (1, 200, 60, 24, "strong", False, True),
+    (2, 200, 16, 64, "weak", False, False),
+    (1, 63, 16, 24, "strong", True, True),
+    (1, 64, 60, 24, "weak", False, True),
+]
+
+
+@pytest.mark.parametrize("b,t,kd,vd,decay,with_initial,with_final", F32_CASES)
+def test_chunked_kernels_equal_recurrence_f32(b, t, kd, vd, decay, with_initial, with_final):
+    primals, cotangents = make_inputs(t * 7 + kd, b, t, 2, kd, vd, decay)
+    flags = dict(with_initial=with_initial, with_final=with_final)
+    got = run_pallas(primals, cotangents, **flags)
+    want = run_reference(primals, cotangents, **flags)
+    assert got[0].dtype == jnp.float32 and got[0].shape == (b, t, 2, vd)
+    strong = decay == "strong"
+    assert_all_close(got, want, tol=F32_TOL, tol_dlog_g=F32_TOL_DLOG_G_STRONG if strong else None)
+
+
+@pytest.mark.parametrize("decay", ["weak", "strong"])
+def test_bf16_inputs_match_f32_reference(decay):
+    primals, cotangents = make_inputs(3, 1, 100, 2, 60, 64, decay, dtype=jnp.bfloat16)
+    flags = dict(with_initial=True, with_final=True)
+    got = run_pallas(primals, cotangents, **flags)
+    want = run_reference(primals, cotangents, **flags)
+    assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+    assert got[2].dtype == got[3].dtype == got[4].dtype == jnp.bfloat16
+    assert_all_close(got, want, tol=5e-3, metric=relative_rmse)
+
+
+def test_result_independent_of_chunk_size():
+    primals, cotangents = make_inputs(5, 1, 100, 2, 16, 24, "weak")
+    # a mix of weak and strong decay along the key dims
+    q, k, v, log_g, h0 = primals
+    primals = (q, k, v, log_g.at[..., ::3].set(-7.0), h0)
+    flags = dict(with_initial=True, with_final=True)
+    want = run_reference(primals, cotangents, **flags)
+    results = {c: run_pallas(primals, cotangents, chunk_size=c, **flags) for c in (16, 32, 64)}
+    for got in results.values():
+        assert_all_close(got, want, tol=F32_TOL, tol_dlog_g=F32_TOL_DLOG_G_STRONG)
+    for got in (results[16], results[32]):
+        assert_all_close(got, results[64], tol=F32_TOL, tol_dlog_g=F32_TOL_DLOG_G_STRONG)
+
+
+def test_splitting_the_sequence_carries_the_state():
+    """run(x1 || x2) == run(x2, initial_state = final(x1)), split inside a chunk."""
+    (q, k, v, log_g, h0), _ = make_inputs(9, 1, 80, 2, 16, 24, "weak")
+
+    def split_and_whole(q, k, v, log_g, h0):
+        def run(sl, state):
+            return gla_pallas(q[:, sl], k[:, sl], v[:, sl], log_g[:, sl], scale=0.25,
+                              initial_state=state, output_final_state=True)
+        o1, final1 = run(slice(0, 37), h0)
+        o2, final2 = run(slice(37, None), final1)
+        return jnp.concatenate([o1, o2], axis=1), final2, *run(slice(None), h0)
+
+    o_split, final_split, o_all, final_all = run_jitted(split_and_whole, q, k, v, log_g, h0)
+    assert scaled_max_error(o_split, o_all) <= F32_TOL
+    assert scaled_max_error(final_split, final_all) <= F32_TOL
