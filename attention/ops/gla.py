@@ -118,8 +118,7 @@ def _intra_chunk_scores(q, k, b, sub: int):
     causal = jnp.tril(jnp.ones((sub, sub), bool))
     e = bs[..., :, :, None, :] - bs[..., :, None, :, :]             # [..., n, c_r, c_s, K]
     decay = jnp.exp(jnp.where(causal[:, :, None], e, -jnp.inf))
-    # multiply-then-reduce: XLA:CPU runs this ~4x faster than the same 3-operand einsum
-    a_diag = jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * decay, axis=-1)  # [..., n, c, c]
+    a_diag = jnp.einsum("...nrk,...nsk,...nrsk->...nrs", qs, ks, decay)  # [..., n, c, c]
     eye = jnp.eye(n, dtype=q.dtype)
     a = a_off + eye[:, None, :, None] * a_diag[..., :, :, None, :]
     return a.reshape(*lead, C, C)
@@ -128,7 +127,7 @@ def _intra_chunk_scores(q, k, b, sub: int):
 def gla_chunked(q, k, v, log_g, *, scale, initial_state=None, chunk_size=64):
     """The chunkwise-parallel form (GLA sec. 4): per chunk i, with b the within-chunk cumsum of
     log_g,  O = (Q e^b) S_[i] + A V  and  S_[i+1] = diag(e^(b_C)) S_[i] + (K e^(b_C - b))^T V.
-    Chunks run in parallel except the state recurrence (a scan over T / C chunk states).
+    All chunks run in parallel; the chunk-state recurrence is an associative scan.
     Differentiable by autodiff; f32 inside. Returns (o in v's dtype, final state f32)."""
     B, T, H, K = q.shape
     V, out_dtype = v.shape[-1], v.dtype
@@ -152,15 +151,22 @@ def gla_chunked(q, k, v, log_g, *, scale, initial_state=None, chunk_size=64):
     b_last = b[..., -1:, :]                                         # [B, H, N, 1, K]
     # per-chunk state contributions and decays, then the sequential recurrence over chunks
     u = jnp.einsum("bhnck,bhncv->bhnkv", kc * jnp.exp(b_last - b), vc)
-    decay = jnp.exp(b_last[..., 0, :])                              # [B, H, N, K]
-    s0 = (jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32))
+    log_d = b_last[..., 0, :]                                       # [B, H, N, K], <= 0
 
-    def step(s, xs):
-        d, u_i = xs
-        return d[..., None] * s + u_i, s                            # emit the state *before*
+    # S_[i+1] = diag(d_i) S_[i] + U_i is a linear recurrence: an associative scan over chunks
+    # (log2 N parallel levels instead of N sequential steps), pairs (log d, U) composed as
+    # (la, Ua) then (lb, Ub) -> (la + lb, e^lb Ua + Ub); every exponent is <= 0
+    def compose(a, b):
+        (la, ua), (lb, ub) = a, b
+        return la + lb, jnp.exp(lb)[..., None] * ua + ub
 
-    s_final, s_before = jax.lax.scan(step, s0, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(u, 2, 0)))
-    s_before = jnp.moveaxis(s_before, 0, 2)                         # [B, H, N, K, V]
+    log_cum, s_incl = jax.lax.associative_scan(compose, (log_d, u), axis=2)
+    s_before = jnp.concatenate([jnp.zeros_like(s_incl[:, :, :1]), s_incl[:, :, :-1]], axis=2)
+    s_final = s_incl[:, :, -1]
+    if initial_state is not None:  # its decay up to each chunk: e^(sum of earlier log d)
+        h0 = initial_state.astype(f32)[:, :, None]
+        s_before = s_before + jnp.exp(log_cum - log_d)[..., None] * h0
+        s_final = s_final + jnp.exp(log_cum[:, :, -1])[..., None] * h0[:, :, 0]
     o_inter = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(b), s_before)
     o_intra = jnp.einsum("bhnrs,bhnsv->bhnrv", _intra_chunk_scores(qc, kc, b, sub), vc)
     o = (o_inter + o_intra).transpose(0, 2, 3, 1, 4).reshape(B, Tp, H, V)[:, :T]
