@@ -16,7 +16,7 @@ import importlib
 
 _REGISTRY: dict[str, type] = {}
 # mechanisms living in their own modules are imported on first use, keeping start-up light
-_MODULES = {"softmax": "attention.softmax", "gla": "attention.gla"}
+_MODULES = {"softmax": "attention.softmax", "gla": "attention.gla", "hedgehog": "attention.hedgehog"}
 
 
 def register(name: str):

@@ -11,6 +11,7 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICE_FLAG}".strip()
+import attention  # noqa: E402,F401  (sets its XLA:CPU workaround flag before jax starts)
 
 import dataclasses  # noqa: E402
 from typing import Any  # noqa: E402

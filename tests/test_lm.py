@@ -16,7 +16,7 @@ from trainer import load_config
 from trainer.data import ByteCorpus, process_batches, stdlib_files
 
 
-@pytest.fixture(scope="module", params=["softmax", "gla"])
+@pytest.fixture(scope="module", params=["softmax", "gla", "hedgehog"])
 def model_config(request):
     """The tiny LM (2 layers; softmax: GQA with 4 query / 2 key-value heads) with each
     attention mechanism: generation and causality must hold for every one."""

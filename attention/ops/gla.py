@@ -167,7 +167,10 @@ def gla_chunked(q, k, v, log_g, *, scale, initial_state=None, chunk_size=64):
         h0 = initial_state.astype(f32)[:, :, None]
         s_before = s_before + jnp.exp(log_cum - log_d)[..., None] * h0
         s_final = s_final + jnp.exp(log_cum[:, :, -1])[..., None] * h0[:, :, 0]
-    o_inter = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(b), s_before)
+    if initial_state is None and N == 1:  # no state enters the only chunk
+        o_inter = 0.0
+    else:
+        o_inter = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(b), s_before)
     o_intra = jnp.einsum("bhnrs,bhnsv->bhnrv", _intra_chunk_scores(qc, kc, b, sub), vc)
     o = (o_inter + o_intra).transpose(0, 2, 3, 1, 4).reshape(B, Tp, H, V)[:, :T]
     return o.astype(out_dtype), s_final
