@@ -2,7 +2,8 @@
 
     python -m trainer.main --config=configs/lm.py:tiny --workdir=runs/tiny
 Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core CPU), small;
-gla_tiny and gla: the tiny and default LMs with gated linear attention.
+gla_tiny and gla: the tiny and default LMs with gated linear attention; hedgehog_distill then
+hedgehog_finetune: converting the default softmax LM (runs/lm, from `make train`) to Hedgehog.
 """
 import ml_collections
 
@@ -19,6 +20,12 @@ VARIANTS = {
     # gated linear attention (attention/gla.py) in the same LMs
     "gla_tiny": dict(base="tiny", attention="gla"),
     "gla": dict(base="default", attention="gla"),
+    # Hedgehog conversion (PAPERS.md): from the softmax LM of `make train` (runs/lm), 1) train
+    # only the feature maps to mimic its attention (distillation loss), 2) fine-tune everything
+    "hedgehog_distill": dict(base="default", attention="hedgehog", distill=True, steps=100,
+                             lr=1e-2, warmup=10, init_from="runs/lm", trainable="feature_map"),
+    "hedgehog_finetune": dict(base="default", attention="hedgehog", steps=200, lr=5e-4,
+                              warmup=10, init_from="runs/hedgehog_distill"),
     "small": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, seq_len=512, batch=16,
                   steps=5000, lr=1e-3, warmup=200),
 }
@@ -54,6 +61,13 @@ def get_config(variant=None):
     # SwiGLU at ~ the 4x MLP's parameters, rounded to a multiple of 128 (TPU lanes / MXU tiles)
     m.mlp_dim = max(int(8 / 3 * v["d_model"] / 128 + 0.5), 1) * 128
     m.rope_theta = 10000.0
+    # Hedgehog (attention/hedgehog.py): distillation mode and feature dim (0 = head_dim)
+    m.hedgehog_distill = bool(v.get("distill", False))
+    m.hedgehog_feature_dim = 0
+    c.init_from = v.get("init_from", "")
+    if v.get("distill"):
+        c.init_from_new = "feature_map"  # the softmax source has no feature maps
+    c.train.trainable = v.get("trainable", "")
     if m.attention == "gla":  # fla GatedLinearAttention defaults (attention/gla.py)
         m.gla_expand_k = 0.5
         m.gla_expand_v = 1.0

@@ -14,6 +14,7 @@ import ast
 import importlib.util
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import ml_collections
@@ -30,6 +31,9 @@ def base_config() -> ConfigDict:
     c.task = ""  # the Task registered by a family module (models/<family>.py)
     c.seed = 0
     c.init_from = ""  # a checkpoint directory to initialise a new run from
+    # regex: parameters of this model that may be absent from init_from (kept at their initial
+    # values, e.g. "feature_map" when converting softmax attention to Hedgehog)
+    c.init_from_new = ""
 
     c.train = ConfigDict()
     c.train.steps = 100
@@ -47,6 +51,9 @@ def base_config() -> ConfigDict:
     c.train.remat = False  # rematerialise each block in the backward pass
     c.train.nan_policy = "skip"  # non-finite loss/grads: "skip" the update (counted) or "stop"
     c.train.log_every = 10
+    # regex over parameter paths ("blocks/0/attn/feature_map_q/w"): only matching parameters
+    # are trained (the rest frozen, no optimizer state); "" trains all
+    c.train.trainable = ""
 
     c.eval = ConfigDict()
     c.eval.every = 100  # 0: only at the end
@@ -223,3 +230,9 @@ def validate(config: ConfigDict) -> None:
     require(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(not config.init_from or os.path.isdir(config.init_from), "init_from",
             f"{config.init_from!r} is not a directory")
+    for field, value in (("train.trainable", config.train.trainable),
+                         ("init_from_new", config.init_from_new)):
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ConfigError(f"config.{field}: {value!r} is not a regular expression ({e})") from None

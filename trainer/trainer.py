@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -79,6 +80,11 @@ class Trainer:
         self.graphdef, abstract_nnx = nnx.split(abstract)
         self._num_params = sum(math.prod(x.shape)
                                for x in jax.tree.leaves(nnx.state(abstract[0], nnx.Param)))
+        if config.train.trainable and not jax.tree.leaves(nnx.state(abstract[0], self.trainable)):
+            names = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(
+                nnx.state(abstract[0], nnx.Param))]
+            raise ConfigError(f"config.train.trainable={config.train.trainable!r} matches no "
+                              f"parameter; parameters are named like {', '.join(names[:4])}, ...")
         try:
             nnx_shardings = state_shardings(abstract_nnx, self.mesh)
         except ConfigError as e:  # parameters the mesh does not divide
@@ -183,7 +189,17 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _build(self):
         model = self.task.build_model(nnx.Rngs(self.config.seed))
-        return model, nnx.Optimizer(model, self.tx, wrt=nnx.Param)
+        return model, nnx.Optimizer(model, self.tx, wrt=self.trainable)
+
+    @property
+    def trainable(self):
+        """The NNX filter of trained parameters: all Params, or those whose path matches
+        train.trainable."""
+        pattern = self.config.train.trainable
+        if not pattern:
+            return nnx.Param
+        regex = re.compile(pattern)
+        return nnx.All(nnx.Param, lambda path, _: bool(regex.search("/".join(map(str, path)))))
 
     def _fresh_state(self):
         def init():
@@ -259,11 +275,15 @@ class Trainer:
         src.close()
         model, optimizer = nnx.merge(self.graphdef, state["nnx"])
         ours = nnx.to_flat_state(nnx.state(model, nnx.Param))
-        problems, new = [], {}
+        new_ok = re.compile(self.config.init_from_new) if self.config.init_from_new else None
+        problems, new, kept = [], {}, []
         for path, var in ours:
             name = "/".join(str(p) for p in path)
-            if name not in params:
-                problems.append(f"{name}: missing in the source")
+            if name not in params and new_ok is not None and new_ok.search(name):
+                kept.append(name)  # a parameter the source does not have: keeps its init
+            elif name not in params:
+                problems.append(f"{name}: missing in the source (config.init_from_new lets "
+                                "named new parameters keep their initial values)")
             elif params[name].shape != var.get_value().shape:
                 problems.append(f"{name}: shape {params[name].shape} in the source, "
                                 f"{var.get_value().shape} here")
@@ -273,8 +293,13 @@ class Trainer:
             raise ConfigError(f"config.init_from: {source} (step {step}) does not match this "
                               "model:\n  " + "\n  ".join(problems))
         for path, var in ours:
+            if path not in new:
+                continue
             var.set_value(jax.device_put(new[path].astype(var.get_value().dtype),
                                          var.get_value().sharding))
+        if kept:
+            self._log(f"init_from: {len(kept)} new parameters keep their initial values "
+                      f"({kept[0]}{', ...' if len(kept) > 1 else ''})")
         nnx.update(model, nnx.from_flat_state(ours))
         self._log(f"initialised parameters from {src.directory}/{step}")
         return dict(state, nnx=nnx.state((model, optimizer)))
@@ -293,7 +318,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _loss_and_grads(self, model, batch):
         """Mean loss, metrics and grads over the grad_accum_steps micro-batches of `batch`."""
-        gdef, params, rest = nnx.split(model, nnx.Param, ...)
+        gdef, params, rest = nnx.split(model, self.trainable, ...)
 
         def f(p, mb):
             m = nnx.merge(gdef, p, rest)
