@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "pallas", "xla", "reference")
-SUB_CHUNK = 16  # secondary chunk: the diagonal blocks computed element-wise in log space
+SUB_CHUNK = 8  # secondary chunk: diagonal blocks element-wise in log space (8: fastest on CPU)
 
 
 def _check(q, k, v, log_g, initial_state, impl):
