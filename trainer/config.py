@@ -17,7 +17,6 @@ import os
 import re
 from typing import Any, Sequence
 
-import ml_collections
 from ml_collections import ConfigDict
 
 
