@@ -8,7 +8,8 @@ and the decode step. Public API (see DESIGN.md, "Attention ops"):
 q, k, log_g: [B, T, H, K]; v: [B, T, H, V]; log_g <= 0 is the log forget gate (per key dim);
 states [B, H, K, V] float32. Any T. impl:
   "reference": the token-by-token recurrence in f32 (lax.scan), the ground truth;
-  "xla": the chunkwise form with secondary chunking (every exponent <= 0), the CPU default;
+  "xla": the chunkwise form with (recursive) secondary chunking, every exponent <= 0; the
+         CPU default;
   "pallas": the kernels in pallas_kernels/gla (forward and backward, custom_vjp; TPU, and
             interpret mode on CPU);
   "auto": pallas on TPU, else xla.
@@ -19,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("auto", "pallas", "xla", "reference")
-SUB_CHUNK = 8  # secondary chunk: diagonal blocks element-wise in log space (8: fastest on CPU)
 
 
 def _check(q, k, v, log_g, initial_state, impl):
@@ -97,45 +97,51 @@ def gla_reference(q, k, v, log_g, *, scale, initial_state=None):
     return jnp.moveaxis(o, 0, 1).astype(v.dtype), s
 
 
-def _intra_chunk_scores(q, k, b, sub: int):
-    """A_rs = sum_d q_rd k_sd exp(b_rd - b_sd) for r >= s within each chunk (GLA sec. 4.2).
+def _intra_chunk_output(q, k, v, b):
+    """o_r = sum_{s<=r} (sum_d q_rd k_sd exp(b_rd - b_sd)) v_s within each chunk (GLA sec. 4.2).
 
-    q, k, b: [..., C, K] (b = within-chunk cumsum of log_g, non-increasing in r). The chunk is cut
-    into sub-chunks of `sub` rows: blocks below the diagonal are rebased on the first row b0 of
-    the query sub-chunk, q e^(b - b0) and k e^(b0 - b), both exponents <= 0, and run as matmuls;
-    diagonal blocks are computed element-wise with exponents b_r - b_s <= 0. Returns [..., C, C].
-    """
+    q, k, b: [..., C, K]; v: [..., C, V]; C a power of two; b is the within-chunk cumsum of
+    log_g (non-increasing in r). Secondary chunking applied recursively: at level s the chunk is
+    cut into groups of 2s rows, and each group's right half (queries) attends to its left half
+    (keys) as one matmul, both sides rebased on m = b at the left half's last row:
+    (q e^(b - m)) (k e^(m - b))^T, every exponent <= 0. The levels s = 1, 2, 4, ..., C/2 cover
+    every pair s < r exactly once; the diagonal r = s has decay e^0 = 1. This costs one exp per
+    element per level plus matmuls, where the flat form would cost C exps per element."""
     *lead, C, K = q.shape
-    n = C // sub
-    qs, ks, bs = (x.reshape(*lead, n, sub, K) for x in (q, k, b))
-    b0 = bs[..., :1, :]                                             # [..., n, 1, K]
-    q_reb = qs * jnp.exp(bs - b0)                                   # [..., n, c, K]
-    below = jnp.arange(n)[:, None] > jnp.arange(n)[None, :]         # query block I > key block J
-    expo = b0[..., :, None, :, :] - bs[..., None, :, :, :]          # [..., nI, nJ, c, K]
-    valid = below[:, :, None, None]
-    k_reb = jnp.where(valid, ks[..., None, :, :, :] * jnp.exp(jnp.where(valid, expo, 0.0)), 0.0)
-    a_off = jnp.einsum("...irk,...ijsk->...irjs", q_reb, k_reb)     # [..., nI, c, nJ, c]
-    causal = jnp.tril(jnp.ones((sub, sub), bool))
-    e = bs[..., :, :, None, :] - bs[..., :, None, :, :]             # [..., n, c_r, c_s, K]
-    decay = jnp.exp(jnp.where(causal[:, :, None], e, -jnp.inf))
-    a_diag = jnp.einsum("...nrk,...nsk,...nrsk->...nrs", qs, ks, decay)  # [..., n, c, c]
-    eye = jnp.eye(n, dtype=q.dtype)
-    a = a_off + eye[:, None, :, None] * a_diag[..., :, :, None, :]
-    return a.reshape(*lead, C, C)
+    V = v.shape[-1]
+    o = jnp.sum(q * k, axis=-1, keepdims=True) * v                  # r == s
+    s = 1
+    while s < C:
+        G = C // (2 * s)
+        qg, kg, bg = (x.reshape(*lead, G, 2, s, K) for x in (q, k, b))
+        m = bg[..., 0, s - 1:, :]                                   # [..., G, 1, K]
+        q_r = qg[..., 1, :, :] * jnp.exp(bg[..., 1, :, :] - m)     # right half, b <= m
+        k_l = kg[..., 0, :, :] * jnp.exp(m - bg[..., 0, :, :])     # left half, b >= m
+        v_l = v.reshape(*lead, G, 2, s, V)[..., 0, :, :]
+        if s <= 4:  # tiny blocks: broadcast-and-sum beats XLA:CPU's batched dot here
+            a = jnp.sum(q_r[..., :, None, :] * k_l[..., None, :, :], axis=-1)
+            o_r = jnp.sum(a[..., None] * v_l[..., None, :, :], axis=-2)
+        else:
+            a = jnp.einsum("...rk,...sk->...rs", q_r, k_l)
+            o_r = jnp.einsum("...rs,...sv->...rv", a, v_l)
+        o = o + jnp.stack([jnp.zeros_like(o_r), o_r], axis=-3).reshape(*lead, C, V)
+        s *= 2
+    return o
 
 
 def gla_chunked(q, k, v, log_g, *, scale, initial_state=None, chunk_size=64):
     """The chunkwise-parallel form (GLA sec. 4): per chunk i, with b the within-chunk cumsum of
-    log_g,  O = (Q e^b) S_[i] + A V  and  S_[i+1] = diag(e^(b_C)) S_[i] + (K e^(b_C - b))^T V.
-    All chunks run in parallel; the chunk-state recurrence is an associative scan.
-    Differentiable by autodiff; f32 inside. Returns (o in v's dtype, final state f32)."""
+    log_g,  O = (Q e^b) S_[i] + intra(Q, K, V, b)  and  S_[i+1] = diag(e^(b_C)) S_[i] +
+    (K e^(b_C - b))^T V. The intra-chunk part runs in parallel over chunks; the chunk-state
+    recurrence is a scan over chunks. Differentiable by autodiff; f32 inside.
+    chunk_size: a power of two (capped at the padded length). Returns (o in v's dtype,
+    final state f32)."""
     B, T, H, K = q.shape
     V, out_dtype = v.shape[-1], v.dtype
     C = int(chunk_size)
-    sub = min(SUB_CHUNK, C)
-    if C < 1 or C % sub:
-        raise ValueError(f"chunk_size must be a positive multiple of {SUB_CHUNK} (or <= it), "
-                         f"got {chunk_size}")
+    if C < 1 or C & (C - 1):
+        raise ValueError(f"chunk_size must be a power of two, got {chunk_size}")
+    C = min(C, 1 << max(T - 1, 0).bit_length())  # a short sequence needs no 64-row chunk
     f32 = jnp.float32
     Tp = -(-T // C) * C
     pad = [(0, 0), (0, Tp - T), (0, 0), (0, 0)]
@@ -143,34 +149,23 @@ def gla_chunked(q, k, v, log_g, *, scale, initial_state=None, chunk_size=64):
     q, k, v, log_g = (jnp.pad(x.astype(f32), pad) for x in (q, k, v, log_g))
     N = Tp // C
 
-    def chunks(x):  # [B, Tp, H, D] -> [B, H, N, C, D]
-        return x.reshape(B, N, C, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)
+    def chunks(x):  # [B, Tp, H, D] -> [N, B, H, C, D]: chunk axis leading for the scan
+        return x.reshape(B, N, C, H, x.shape[-1]).transpose(1, 0, 3, 2, 4)
 
     qc, kc, vc, gc = chunks(q * scale), chunks(k), chunks(v), chunks(log_g)
-    b = jnp.cumsum(gc, axis=-2)                                     # [B, H, N, C, K]
-    b_last = b[..., -1:, :]                                         # [B, H, N, 1, K]
-    # per-chunk state contributions and decays, then the sequential recurrence over chunks
-    u = jnp.einsum("bhnck,bhncv->bhnkv", kc * jnp.exp(b_last - b), vc)
-    log_d = b_last[..., 0, :]                                       # [B, H, N, K], <= 0
+    b = jnp.cumsum(gc, axis=-2)                                     # [N, B, H, C, K]
+    b_last = b[..., -1:, :]
+    u = jnp.einsum("nbhck,nbhcv->nbhkv", kc * jnp.exp(b_last - b), vc)
+    decay = jnp.exp(b_last[..., 0, :])[..., None]                   # [N, B, H, K, 1], <= 1
 
-    # S_[i+1] = diag(d_i) S_[i] + U_i is a linear recurrence: an associative scan over chunks
-    # (log2 N parallel levels instead of N sequential steps), pairs (log d, U) composed as
-    # (la, Ua) then (lb, Ub) -> (la + lb, e^lb Ua + Ub); every exponent is <= 0
-    def compose(a, b):
-        (la, ua), (lb, ub) = a, b
-        return la + lb, jnp.exp(lb)[..., None] * ua + ub
+    def step(s, xs):  # S_[i+1] = diag(d_i) S_[i] + U_i
+        d, u_i = xs
+        return d * s + u_i, s
 
-    log_cum, s_incl = jax.lax.associative_scan(compose, (log_d, u), axis=2)
-    s_before = jnp.concatenate([jnp.zeros_like(s_incl[:, :, :1]), s_incl[:, :, :-1]], axis=2)
-    s_final = s_incl[:, :, -1]
-    if initial_state is not None:  # its decay up to each chunk: e^(sum of earlier log d)
-        h0 = initial_state.astype(f32)[:, :, None]
-        s_before = s_before + jnp.exp(log_cum - log_d)[..., None] * h0
-        s_final = s_final + jnp.exp(log_cum[:, :, -1])[..., None] * h0[:, :, 0]
-    if initial_state is None and N == 1:  # no state enters the only chunk
-        o_inter = 0.0
-    else:
-        o_inter = jnp.einsum("bhnck,bhnkv->bhncv", qc * jnp.exp(b), s_before)
-    o_intra = jnp.einsum("bhnrs,bhnsv->bhnrv", _intra_chunk_scores(qc, kc, b, sub), vc)
-    o = (o_inter + o_intra).transpose(0, 2, 3, 1, 4).reshape(B, Tp, H, V)[:, :T]
+    s0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
+    s_final, s_before = jax.lax.scan(step, s0, (decay, u))
+    o = _intra_chunk_output(qc, kc, vc, b)
+    if initial_state is not None or N > 1:  # otherwise no state enters the only chunk
+        o = o + jnp.einsum("nbhck,nbhkv->nbhcv", qc * jnp.exp(b), s_before)
+    o = o.transpose(1, 0, 3, 2, 4).reshape(B, Tp, H, V)[:, :T]
     return o.astype(out_dtype), s_final
