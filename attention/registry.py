@@ -13,10 +13,14 @@ family's `config.model` (d_model, num_heads, num_kv_heads, head_dim, ...), plus
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 _REGISTRY: dict[str, type] = {}
 # mechanisms living in their own modules are imported on first use, keeping start-up light
-_MODULES = {"softmax": "attention.softmax", "gla": "attention.gla", "hedgehog": "attention.hedgehog"}
+_MODULES = {name: f"attention.{name}" for name in (
+    "softmax", "gla", "hedgehog",
+    "routing", "landmark", "hip", "flexprefill", "dhsa", "ssa",  # sparse (block_sparse_attention)
+)}
 
 
 def register(name: str):
@@ -28,12 +32,16 @@ def register(name: str):
     return deco
 
 
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 def names() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_MODULES))
+    return sorted(set(_REGISTRY) | {n for n, m in _MODULES.items() if _available(m)})
 
 
 def get(name: str) -> type:
-    if name not in _REGISTRY and name in _MODULES:
+    if name not in _REGISTRY and name in _MODULES and _available(_MODULES[name]):
         importlib.import_module(_MODULES[name])
     if name not in _REGISTRY:
         raise KeyError(f"unknown attention {name!r}; registered: {', '.join(names())}")

@@ -45,6 +45,13 @@ class SoftmaxAttention(nnx.Module):
         shape = (batch, max_len, self.num_kv_heads, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
+    def attend(self, q, k, v, *, mode: str):
+        """Causal self-attention of a whole segment (training, or a prompt at prefill).
+        q [B, T, H, hd], k, v [B, T, H_kv, hd] (RoPE applied) -> [B, T, H, hd]. Sparse mechanisms
+        sharing these projections (so a trained softmax checkpoint loads into them) override
+        this; decoding over the cache stays dense."""
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
@@ -55,7 +62,7 @@ class SoftmaxAttention(nnx.Module):
         k = apply_rope(k, positions, theta=self.rope_theta)
 
         if mode == "train":
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            y = self.attend(q, k, v, mode=mode)
         elif mode in ("prefill", "decode"):
             if cache is None:
                 raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
@@ -66,7 +73,7 @@ class SoftmaxAttention(nnx.Module):
                 "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1),
             }
             if mode == "prefill":  # the prompt attends only to itself
-                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+                y = self.attend(q, k, v, mode=mode)
             else:
                 key_pos = jnp.arange(cache["k"].shape[1])
                 mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
