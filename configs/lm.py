@@ -7,6 +7,8 @@ hedgehog_finetune: converting the default softmax LM (runs/lm, from `make train`
 """
 import ml_collections
 
+import attention
+
 from trainer.config import ConfigError, base_config
 
 VARIANTS = {
@@ -68,6 +70,9 @@ def get_config(variant=None):
     if v.get("distill"):
         c.init_from_new = "feature_map"  # the softmax source has no feature maps
     c.train.trainable = v.get("trainable", "")
+    # a mechanism's own options (class attribute CONFIG_DEFAULTS), overridable from the CLI
+    for key, value in getattr(attention.get(m.attention), "CONFIG_DEFAULTS", {}).items():
+        m[key] = value
     if m.attention == "gla":  # fla GatedLinearAttention defaults (attention/gla.py)
         m.gla_expand_k = 0.5
         m.gla_expand_v = 1.0
