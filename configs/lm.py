@@ -28,6 +28,10 @@ VARIANTS = {
                              lr=1e-2, warmup=10, init_from="runs/lm", trainable="feature_map"),
     "hedgehog_finetune": dict(base="default", attention="hedgehog", steps=200, lr=5e-4,
                               warmup=10, init_from="runs/hedgehog_distill"),
+    # long context (2k bytes): the softmax LM the training-free sparse prefill methods (HiP,
+    # FlexPrefill, DHSA, Landmark retrieval) are measured on by bench/sparse.py
+    "long": dict(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, seq_len=2048, batch=4,
+                 steps=200, lr=2e-3, warmup=20),
     "small": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, seq_len=512, batch=16,
                   steps=5000, lr=1e-3, warmup=200),
 }

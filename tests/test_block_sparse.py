@@ -130,3 +130,16 @@ def test_bad_input_is_a_clear_error():
         block_sparse_attention(q, k, v, BlockMask.from_dense(jnp.ones((2, 4), bool), 8, 8))
     with pytest.raises(ValueError, match="impl must be one of"):
         block_sparse_attention(q, k, v, dense_causal_mask(32, 32, 8, 8), impl="cuda")
+
+
+def test_pairs_counts_the_computed_token_pairs():
+    T, S = 70, 70
+    full = BlockMask.from_dense(jnp.ones((5, 9), bool), 16, 8, q_len=T, k_len=S)
+    assert float(full.pairs(causal=False)[0, 0]) == T * S
+    assert float(full.pairs(causal=True)[0, 0]) == T * (T + 1) / 2
+    assert float(dense_causal_mask(T, S, 16, 8).pairs(causal=True)[0, 0]) == T * (T + 1) / 2
+    one = BlockMask.from_dense(jnp.eye(5, 9, dtype=bool), 16, 8, q_len=T, k_len=S)
+    # query block i sees key block i (keys 8i..8i+7), all of them in the past of its 16 queries
+    # except inside block 0, where query r sees keys 0..r
+    expected = (1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 8 * 8) + 16 * 8 * 3 + 6 * 8
+    assert float(one.pairs(causal=True)[0, 0]) == expected

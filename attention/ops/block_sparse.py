@@ -141,6 +141,18 @@ class BlockMask:
         hit = (self.t_indices[..., None] == jnp.arange(self.num_q_blocks)) & slot[..., None]
         return jnp.swapaxes(jnp.any(hit, axis=-2), -1, -2)
 
+    def pairs(self, causal: bool) -> jax.Array:
+        """(query, key) token pairs the op computes under this mask, per [Bm, Hm] (f32): the
+        attention cost, to compare with T * S (or T (T + 1) / 2 for dense causal)."""
+        per_block = np.zeros((self.num_q_blocks, self.num_k_blocks), np.float64)
+        r = np.arange(self.q_len)
+        for j in range(self.num_k_blocks):  # keys of block j each query row may see
+            lo, hi = j * self.block_k, min((j + 1) * self.block_k, self.k_len) - 1
+            seen = np.clip((np.minimum(r, hi) if causal else np.full_like(r, hi)) - lo + 1, 0, None)
+            per_block[:, j] = np.bincount(r // self.block_q, seen, self.num_q_blocks)
+        return jnp.sum(jnp.where(self.to_dense(), jnp.asarray(per_block, jnp.float32), 0.0),
+                       axis=(-1, -2))
+
     def density(self) -> jax.Array:
         """Fraction of (query block, key block) pairs that are active, per [Bm, Hm]."""
         return jnp.sum(self.counts, -1) / (self.num_q_blocks * self.num_k_blocks)

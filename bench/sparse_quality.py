@@ -1,0 +1,107 @@
+"""Quality and attention cost of training-free sparse prefill on a trained softmax LM (the second
+part of bench/sparse.py; run through it). Prints, never asserts.
+
+The LM of `--workdir` (a softmax run, e.g. configs/lm.py:long) is rebuilt once per method with
+`config.model.attention = <method>`: the sparse prefill layers share SoftmaxAttention's
+parameters, so the checkpoint loads unchanged. Each eval batch runs through mode="prefill" (the
+path generation takes for a prompt) at the model's training context; loss is the mean next-byte
+cross entropy. Attention cost = (query, key) pairs computed, summed over layers and heads, from
+what each sparse layer sows as nnx.Intermediate "attention_pairs"; dense causal computes
+T (T + 1) / 2 per head and layer.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import attention
+from models.lm import LM, LMTask
+from trainer.checkpoint import Checkpoints
+
+
+def _load(workdir: str):
+    ck = Checkpoints(workdir, async_save=False)
+    step = ck.latest_step()
+    if step is None:
+        raise SystemExit(f"bench/sparse.py --part quality: no checkpoint in {workdir!r}; train one "
+                         f"first: python -m trainer.main --config=configs/lm.py:long "
+                         f"--workdir={workdir}")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    params = ck.restore_params(step, mesh)
+    config = ml_collections.ConfigDict(ck.restore_config(step))
+    ck.close()
+    return step, params, config
+
+
+def _build(config, method: str, params: dict):
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.model.attention = method
+    for key, value in getattr(attention.get(method), "CONFIG_DEFAULTS", {}).items():
+        if key not in cfg.model:
+            cfg.model[key] = value
+    model = LM(cfg.model, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    flat = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+    missing = sorted(set(flat) - set(params))
+    if missing:
+        raise SystemExit(f"{method}: parameters not in the softmax checkpoint: {missing[:4]}")
+    for path, var in nnx.to_flat_state(state):
+        var.value = jnp.asarray(params["/".join(str(k) for k in path)])
+    nnx.update(model, state)
+    return model
+
+
+def _eval(model, batches, T: int):
+    @nnx.jit
+    def run(model, tokens):
+        B = tokens.shape[0]
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cache = model.init_cache(B, T)
+        (logits, _), inter = nnx.capture(model, nnx.Intermediate)(
+            tokens[:, :-1], positions=positions, cache=cache, mode="prefill")
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
+        pairs = [jnp.sum(v) * (B if v.shape[0] == 1 else 1) / B  # per sequence, all heads
+                 for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
+                 if any(getattr(k, "key", None) == "attention_pairs" for k in path)]
+        return jnp.mean(nll), (sum(pairs) if pairs else jnp.float32(-1))
+
+    losses, pairs, t0 = [], [], None
+    for i, tokens in enumerate(batches):
+        loss, p = run(model, jnp.asarray(tokens))
+        loss, p = float(loss), float(p)
+        if i == 0:
+            t0 = time.perf_counter()  # the first batch compiles
+        losses.append(loss)
+        pairs.append(p)
+    secs = (time.perf_counter() - t0) / max(len(batches) - 1, 1)
+    return float(np.mean(losses)), float(np.mean(pairs)), secs
+
+
+def quality_part(a):
+    step, params, config = _load(a.workdir)
+    task = LMTask(config)
+    T = config.data.seq_len  # windows hold seq_len + 1 bytes: seq_len inputs, seq_len targets
+    ds = task.eval_data()
+    bs = 2
+    batches = [np.stack([ds[i * bs + j]["tokens"] for j in range(bs)]) for i in range(a.batches)]
+    m = config.model
+    dense_pairs = m.num_layers * m.num_heads * T * (T + 1) / 2
+    print(f"\n{a.workdir} (step {step}): {m.num_layers} layers x {m.d_model}, {m.num_heads} heads, "
+          f"context {T}; {a.batches} eval batches of {bs}, mode=prefill")
+    print("\n| method | eval loss | vs dense | attention pairs | dense / method | s / batch |")
+    print("|---|---|---|---|---|---|")
+    dense_loss = None
+    for method in ["softmax"] + [x for x in a.methods.split(",") if x]:
+        model = _build(config, method, params)
+        loss, pairs, secs = _eval(model, batches, T)
+        pairs = dense_pairs if method == "softmax" else pairs
+        dense_loss = loss if method == "softmax" else dense_loss
+        rel = (loss / dense_loss - 1) * 100
+        ratio = dense_pairs / pairs if pairs > 0 else math.nan
+        print(f"| {method} | {loss:.4f} | {rel:+.2f}% | {pairs:,.0f} | {ratio:.2f}x | {secs:.2f} |")
