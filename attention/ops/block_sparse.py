@@ -17,7 +17,7 @@ impl:
          blocks, not T x S;
   "pallas": the flash-style kernels in pallas_kernels/block_sparse (forward and backward, custom
          VJP); on CPU only in interpret mode;
-  "auto": pallas on TPU / GPU when available, else xla.
+  "auto": pallas on TPU when the block sizes suit Mosaic (block_q a multiple of 128), else xla.
 """
 from __future__ import annotations
 
@@ -223,8 +223,8 @@ def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, sc
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("tpu", "gpu") and _pallas() else "xla"
+    if impl == "auto":  # the kernels are Mosaic (TPU) kernels; GPU and CPU take the xla path
+        impl = "pallas" if jax.default_backend() == "tpu" and _pallas_supported(mask) else "xla"
     if impl == "reference":
         o, lse = block_sparse_reference(q, k, v, mask, causal=causal, scale=scale)
     elif impl == "xla":
@@ -244,6 +244,14 @@ def _pallas():
     except ImportError:
         return None
     return block_sparse_pallas
+
+
+def _pallas_supported(mask) -> bool:
+    try:
+        from pallas_kernels.block_sparse import pallas_supported
+    except ImportError:
+        return False
+    return pallas_supported(mask)
 
 
 def _expand_kv(q, k, v):

@@ -1,0 +1,396 @@
+"""Pallas kernels of block-sparse flash attention, forward and backward (TPU / Mosaic first).
+
+Layout inside the kernels: heads-major, q / o / dO [B, H, Tp, D], k / v [B, H_kv, Sp, D], with
+Tp = NQ * block_q and Sp = NK * block_k (the wrapper pads; keys >= k_len are masked in-kernel,
+padded query rows are sliced off and get zero cotangents). A q / k / v block is
+[block_q | block_k, D]: D is the full head dim and block_q / block_k are the sublane dim.
+
+Per-row statistics (lse, and D_r = rowsum(dO * O) - dlse_r) travel as *rows*: [B, H, 1, Tp] with
+blocks (1, block_q) -- the second-minor dim equals the full dim 1 and the minor dim is block_q,
+which is TPU-legal when block_q is a multiple of 128 (the splash-attention layout). In-kernel
+the online-softmax m / l live lane-broadcast in [block_q, 128] VMEM scratch (so the running max
+never needs a relayout), and the forward writes lse by transposing that [block_q, 128] tile.
+
+Block sparsity (the BlockMask layouts, flattened to 1-D so SMEM does not pad each row to a
+full tile) is scalar-prefetched; the BlockSpec index maps read it, so only active blocks are
+DMA'd. Slots past a row's count repeat its last index (BlockMask's padding), so the pipeline
+re-uses the block already in VMEM and the body is skipped with `pl.when`.
+
+  forward   grid (B, H, NQ, MK), last axis "arbitrary": for query block i, step j visits key
+            block indices[b, h, i, j]; online softmax (m, l, acc in f32 scratch); o and lse are
+            written at the last step.
+  dq        grid (B, H, NQ, MK), same traversal: p = exp(s - lse) recomputed,
+            dS = p * (dP - D_r), dq += scale * dS K.
+  dk / dv   grid (B, H, NK, MQ): for key block j, step t visits query block
+            t_indices[b, h, j, t]; computed transposed (S^T = K Q^T, [block_k, block_q]) so lse
+            and D_r broadcast along lanes as rows; dv += P^T dO, dk += scale * dS^T Q. Per
+            *query* head (GQA groups are summed by the caller, in f32).
+
+The lse cotangent: lse_r = log sum_c exp(s_rc) has d lse_r / d s_rc = p_rc, so with dlse it
+folds into D_r: dS = p * (dP - (rowsum(dO * O) - dlse)).
+
+Rows that see no key (all blocks in their future under causal, or an all-False row built under
+jit) give l = 0: o = 0, lse = -inf. The backward gets lse = +inf for them so p = exp(s - lse) = 0
+exactly and every gradient stays finite.
+
+TPU-legal block sizes (Mosaic; checked by compiling fwd + dq + dk/dv for v5p with libtpu on CPU):
+block_q must be a multiple of 128 (it is the minor dim of the lse / D row blocks); block_k a
+multiple of 8 compiles (8 .. 256 checked, f32 and bf16), but use multiples of 128 in production so
+the S tiles fill the MXU and lanes; D any size (it is the full dim), ideally a multiple of 128.
+Interpret mode (the CPU tests) accepts any multiple of 8.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+_LANES = 128  # lane width: m / l scratch are lane-broadcast [block_q, 128] tiles
+
+
+class Config(NamedTuple):
+    """Static kernel configuration (hashable: the custom_vjp's nondiff argument)."""
+    scale: float
+    causal: bool
+    block_q: int
+    block_k: int
+    q_len: int    # T, unpadded
+    k_len: int    # S, unpadded: keys >= k_len are masked
+    mask_b: int   # Bm: 1 (broadcast) or B
+    mask_h: int   # Hm: 1 (broadcast) or H
+    interpret: bool
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _dot(a, b, contract):
+    """f32-accumulating matmul. HIGHEST keeps f32 operands exact (multi-pass on the MXU); for
+    bf16 operands Mosaic rejects an fp32 contract precision ("Bad lhs type"), so default there."""
+    precision = _HI if a.dtype == _F32 and b.dtype == _F32 else None
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision,
+                           preferred_element_type=_F32)
+
+
+def _mm(a, b):  # a @ b
+    return _dot(a, b, ((1,), (0,)))
+
+
+def _mm_nt(a, b):  # a @ b.T
+    return _dot(a, b, ((1,), (1,)))
+
+
+def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
+    if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
+        raise NotImplementedError(
+            "block_sparse_pallas: only the TPU (Mosaic) lowering is implemented; the kernels use "
+            "TPU scalar prefetch (PrefetchScalarGridSpec) for the block indices. On GPU use "
+            "block_sparse_attention(..., impl='xla') (impl='auto' does so off TPU).")
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _flat(cfg: Config, b, h, row, n_rows: int, width: int):
+    """Flat index of element (b, h, row, 0) of a [Bm, Hm, n_rows, width] array stored 1-D."""
+    mb = b if cfg.mask_b > 1 else 0
+    mh = h if cfg.mask_h > 1 else 0
+    return ((mb * cfg.mask_h + mh) * n_rows + row) * width
+
+
+def _allowed(cfg: Config, q_block, k_block, shape, transposed: bool):
+    """bool [block_q, block_k] (or its transpose): key < k_len, and key <= query if causal."""
+    bq, bk = cfg.block_q, cfg.block_k
+    q_axis, k_axis = (1, 0) if transposed else (0, 1)
+    q_pos = q_block * bq + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    k_pos = k_block * bk + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+    ok = k_pos < cfg.k_len
+    if cfg.causal:
+        ok = ok & (k_pos <= q_pos)
+    return ok
+
+
+def _block_live(cfg: Config, q_block, k_block):
+    """False when causality masks the whole (q_block, k_block) tile: skip its compute."""
+    if not cfg.causal:
+        return True
+    return k_block * cfg.block_k <= q_block * cfg.block_q + cfg.block_q - 1
+
+
+# ----------------------------------------------------------------------------- forward
+def _fwd_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
+                cfg: Config, n_q: int, width: int):
+    """One (b, h, i, j) step. Refs: q [bq, D], k / v [bk, D], o [bq, D], lse [1, bq];
+    scratch m, l [bq, 128] (lane-broadcast), acc [bq, D], all f32."""
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+    row = _flat(cfg, b, h, i, n_q, 1)
+    count = cnt_ref[row]
+    k_block = idx_ref[row * width + j]
+
+    @pl.when(j == 0)
+    def _():
+        m_scr[...] = jnp.full_like(m_scr, -jnp.inf)
+        l_scr[...] = jnp.zeros_like(l_scr)
+        acc_scr[...] = jnp.zeros_like(acc_scr)
+
+    @pl.when(jnp.logical_and(j < count, _block_live(cfg, i, k_block)))
+    def _():
+        q = q_ref[...]
+        k = k_ref[...]
+        s = _mm_nt(q, k) * cfg.scale                                   # [bq, bk] f32
+        s = jnp.where(_allowed(cfg, i, k_block, s.shape, False), s, -jnp.inf)
+        m_prev = m_scr[...]                                            # [bq, 128]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        # A row with nothing allowed yet keeps m = -inf; shift it by 0 instead so that
+        # exp(-inf - (-inf)) never makes a NaN (its p and alpha are then exactly 0).
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        alpha = jnp.exp(m_prev - m_safe)                               # [bq, 128]
+        p = jnp.exp(s - m_safe[:, :1])                                 # masked -> 0
+        l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
+        m_scr[...] = m_next
+        v = v_ref[...]
+        acc_scr[...] = alpha[:, :1] * acc_scr[...] + _mm(p.astype(v.dtype), v)
+
+    @pl.when(j == width - 1)
+    def _():
+        l = l_scr[...]
+        seen = l > 0.0
+        l_safe = jnp.where(seen, l, 1.0)
+        o_ref[...] = jnp.where(seen[:, :1], acc_scr[...] / l_safe[:, :1], 0.0).astype(o_ref.dtype)
+        lse = jnp.where(seen, m_scr[...] + jnp.log(l_safe), -jnp.inf)  # [bq, 128], lanes equal
+        # [bq, 128] -> [128, bq] is an aligned 32-bit transpose; row 0 is the lane-dense lse row
+        lse_ref[...] = lse.T[:1, :]
+
+
+def _seq_block(bs: int, d: int, index_map):
+    return pl.BlockSpec((None, None, bs, d), index_map)
+
+
+def _row_block(bs: int, index_map):
+    return pl.BlockSpec((None, None, 1, bs), index_map)
+
+
+def forward(q, k, v, counts, indices, cfg: Config):
+    """q [B, H, Tp, D]; k, v [B, H_kv, Sp, D]; counts int32 [Bm*Hm*NQ], indices int32
+    [Bm*Hm*NQ*MK] (flattened BlockMask forward layout).
+    Returns o [B, H, Tp, D] (q's dtype) and lse [B, H, 1, Tp] f32."""
+    bs, hs, tp, d = q.shape
+    rep = hs // k.shape[1]
+    bq, bk = cfg.block_q, cfg.block_k
+    n_q = tp // bq
+    width = indices.shape[0] // (cfg.mask_b * cfg.mask_h * n_q)
+
+    def q_map(b, h, i, j, cnt_ref, idx_ref):
+        return b, h, i, 0
+
+    def kv_map(b, h, i, j, cnt_ref, idx_ref):
+        return b, h // rep, idx_ref[_flat(cfg, b, h, i, n_q, width) + j], 0
+
+    def lse_map(b, h, i, j, cnt_ref, idx_ref):
+        return b, h, 0, i
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(bs, hs, n_q, width),
+        in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map)],
+        out_specs=[_seq_block(bq, d, q_map), _row_block(bq, lse_map)],
+        scratch_shapes=[pltpu.VMEM((bq, _LANES), _F32), pltpu.VMEM((bq, _LANES), _F32),
+                        pltpu.VMEM((bq, d), _F32)],
+    )
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg=cfg, n_q=n_q, width=width),
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((bs, hs, 1, tp), _F32)],
+        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
+        interpret=cfg.interpret,
+        name="block_sparse_fwd",
+    )(counts, indices, q, k, v)
+
+
+# ----------------------------------------------------------------------------- backward: dq
+def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_scr, *,
+               cfg: Config, n_q: int, width: int):
+    """One (b, h, i, j) step. Refs: q, do [bq, D]; k, v [bk, D]; lse, di [1, bq] rows (lse = +inf
+    for rows that see nothing); dq [bq, D]; scratch dq [bq, D] f32."""
+    b, h, i, j = (pl.program_id(a) for a in range(4))
+    row = _flat(cfg, b, h, i, n_q, 1)
+    count = cnt_ref[row]
+    k_block = idx_ref[row * width + j]
+
+    @pl.when(j == 0)
+    def _():
+        dq_scr[...] = jnp.zeros_like(dq_scr)
+
+    @pl.when(jnp.logical_and(j < count, _block_live(cfg, i, k_block)))
+    def _():
+        q = q_ref[...]
+        k = k_ref[...]
+        v = v_ref[...]
+        do = do_ref[...]
+        lse = jnp.expand_dims(lse_ref[0], -1)                          # [bq, 1]
+        di = jnp.expand_dims(di_ref[0], -1)
+        s = _mm_nt(q, k) * cfg.scale
+        allowed = _allowed(cfg, i, k_block, s.shape, False)
+        p = jnp.where(allowed, jnp.exp(s - lse), 0.0)                  # [bq, bk]
+        dp = _mm_nt(do.astype(v.dtype), v)
+        ds = p * (dp - di)
+        dq_scr[...] += _mm(ds.astype(k.dtype), k)
+
+    @pl.when(j == width - 1)
+    def _():
+        dq_ref[...] = (dq_scr[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def backward_dq(q, k, v, do, lse, di, counts, indices, cfg: Config):
+    """dq [B, H, Tp, D] in q's dtype. lse, di: [B, H, 1, Tp] f32 (see module docstring)."""
+    bs, hs, tp, d = q.shape
+    rep = hs // k.shape[1]
+    bq, bk = cfg.block_q, cfg.block_k
+    n_q = tp // bq
+    width = indices.shape[0] // (cfg.mask_b * cfg.mask_h * n_q)
+
+    def q_map(b, h, i, j, cnt_ref, idx_ref):
+        return b, h, i, 0
+
+    def kv_map(b, h, i, j, cnt_ref, idx_ref):
+        return b, h // rep, idx_ref[_flat(cfg, b, h, i, n_q, width) + j], 0
+
+    def row_map(b, h, i, j, cnt_ref, idx_ref):
+        return b, h, 0, i
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(bs, hs, n_q, width),
+        in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map),
+                  _seq_block(bq, d, q_map), _row_block(bq, row_map), _row_block(bq, row_map)],
+        out_specs=_seq_block(bq, d, q_map),
+        scratch_shapes=[pltpu.VMEM((bq, d), _F32)],
+    )
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=cfg, n_q=n_q, width=width),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
+        interpret=cfg.interpret,
+        name="block_sparse_bwd_dq",
+    )(counts, indices, q, k, v, do, lse, di)
+
+
+# ----------------------------------------------------------------------------- backward: dk, dv
+def _dkv_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref,
+                dk_scr, dv_scr, *, cfg: Config, n_k: int, width: int):
+    """One (b, h, j, t) step for key block j and its t-th query block. Refs: q, do [bq, D];
+    k, v [bk, D]; lse, di [1, bq] rows; dk, dv [bk, D]; scratch dk, dv [bk, D] f32."""
+    b, h, j, t = (pl.program_id(a) for a in range(4))
+    row = _flat(cfg, b, h, j, n_k, 1)
+    count = cnt_ref[row]
+    q_block = idx_ref[row * width + t]
+
+    @pl.when(t == 0)
+    def _():
+        dk_scr[...] = jnp.zeros_like(dk_scr)
+        dv_scr[...] = jnp.zeros_like(dv_scr)
+
+    @pl.when(jnp.logical_and(t < count, _block_live(cfg, q_block, j)))
+    def _():
+        q = q_ref[...]
+        k = k_ref[...]
+        v = v_ref[...]
+        do = do_ref[...]
+        s_t = _mm_nt(k, q) * cfg.scale                                 # S^T [bk, bq]
+        allowed = _allowed(cfg, q_block, j, s_t.shape, True)
+        # lse / di are rows [1, bq]: they broadcast along sublanes of the transposed tile
+        p_t = jnp.where(allowed, jnp.exp(s_t - lse_ref[...]), 0.0)     # P^T
+        dv_scr[...] += _mm(p_t.astype(do.dtype), do)
+        dp_t = _mm_nt(v, do.astype(v.dtype))                           # dP^T [bk, bq]
+        ds_t = p_t * (dp_t - di_ref[...])
+        dk_scr[...] += _mm(ds_t.astype(q.dtype), q)
+
+    @pl.when(t == width - 1)
+    def _():
+        dk_ref[...] = (dk_scr[...] * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def backward_dkv(q, k, v, do, lse, di, t_counts, t_indices, cfg: Config, dk_dtype, dv_dtype):
+    """dk, dv per *query* head: [B, H, Sp, D] in dk_dtype / dv_dtype (the caller sums GQA groups).
+    t_counts int32 [Bm*Hm*NK], t_indices int32 [Bm*Hm*NK*MQ] (flattened transposed layout)."""
+    bs, hs, tp, d = q.shape
+    sp = k.shape[2]
+    rep = hs // k.shape[1]
+    bq, bk = cfg.block_q, cfg.block_k
+    n_k = sp // bk
+    width = t_indices.shape[0] // (cfg.mask_b * cfg.mask_h * n_k)
+
+    def q_map(b, h, j, t, cnt_ref, idx_ref):
+        return b, h, idx_ref[_flat(cfg, b, h, j, n_k, width) + t], 0
+
+    def row_map(b, h, j, t, cnt_ref, idx_ref):
+        return b, h, 0, idx_ref[_flat(cfg, b, h, j, n_k, width) + t]
+
+    def kv_map(b, h, j, t, cnt_ref, idx_ref):
+        return b, h // rep, j, 0
+
+    def out_map(b, h, j, t, cnt_ref, idx_ref):
+        return b, h, j, 0
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(bs, hs, n_k, width),
+        in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map),
+                  _seq_block(bq, d, q_map), _row_block(bq, row_map), _row_block(bq, row_map)],
+        out_specs=[_seq_block(bk, d, out_map), _seq_block(bk, d, out_map)],
+        scratch_shapes=[pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)],
+    )
+    shape = (bs, hs, sp, d)
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=cfg, n_k=n_k, width=width),
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct(shape, dk_dtype), jax.ShapeDtypeStruct(shape, dv_dtype)],
+        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
+        interpret=cfg.interpret,
+        name="block_sparse_bwd_dkv",
+    )(t_counts, t_indices, q, k, v, do, lse, di)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def block_sparse_core(q, k, v, counts, indices, t_counts, t_indices, cfg: Config):
+    """Kernel-layout block-sparse attention. q [B, H, Tp, D]; k, v [B, H_kv, Sp, D] (padded to
+    whole blocks); the four mask arrays flattened to 1-D int32. Returns o [B, H, Tp, D] in q's
+    dtype and lse [B, H, 1, Tp] f32; differentiable w.r.t. q, k, v (and takes an lse
+    cotangent)."""
+    return forward(q, k, v, counts, indices, cfg)
+
+
+def _core_fwd(q, k, v, counts, indices, t_counts, t_indices, cfg):
+    o, lse = forward(q, k, v, counts, indices, cfg)
+    return (o, lse), (q, k, v, o, lse, counts, indices, t_counts, t_indices)
+
+
+def _core_bwd(cfg, res, cotangents):
+    q, k, v, o, lse, counts, indices, t_counts, t_indices = res
+    do, dlse = cotangents
+    bs, hs, tp, d = q.shape
+    hkv = k.shape[1]
+    rep = hs // hkv
+    # D_r = rowsum(dO * O) - dlse_r (the lse cotangent folded in, see the module docstring)
+    di = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)[:, :, None, :] - dlse
+    # rows that saw no key: lse = +inf makes p = exp(s - lse) exactly 0 in both kernels
+    lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    dq = backward_dq(q, k, v, do, lse_b, di, counts, indices, cfg)
+    # GQA: per-query-head partials in f32, summed over each group's `rep` heads here
+    dk_dtype, dv_dtype = (k.dtype, v.dtype) if rep == 1 else (_F32, _F32)
+    dk, dv = backward_dkv(q, k, v, do, lse_b, di, t_counts, t_indices, cfg, dk_dtype, dv_dtype)
+    if rep > 1:
+        sp = k.shape[2]
+        dk = dk.reshape(bs, hkv, rep, sp, d).sum(2).astype(k.dtype)
+        dv = dv.reshape(bs, hkv, rep, sp, d).sum(2).astype(v.dtype)
+    return dq, dk, dv, None, None, None, None
+
+
+block_sparse_core.defvjp(_core_fwd, _core_bwd)
