@@ -31,6 +31,10 @@ def _field(cfg, name, default):
 class GatedLinearAttention(nnx.Module):
     """x [B, T, D] -> [B, T, D] with num_heads heads of key dim D*expand_k/H, value D*expand_v/H."""
 
+    # fla GatedLinearAttention defaults, added to config.model when model.attention = "gla"
+    CONFIG_DEFAULTS = dict(gla_expand_k=0.5, gla_expand_v=1.0, gla_gate_rank=16,
+                           gla_gate_norm=16.0, gla_chunk=64, gla_impl="auto")
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         d, H = cfg.d_model, cfg.num_heads
         key_dim = int(d * _field(cfg, "gla_expand_k", 0.5))

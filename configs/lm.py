@@ -7,9 +7,7 @@ hedgehog_finetune: converting the default softmax LM (runs/lm, from `make train`
 """
 import ml_collections
 
-import attention
-
-from trainer.config import ConfigError, base_config
+from trainer.config import ConfigError, add_mechanism_defaults, base_config
 
 VARIANTS = {
     # name: (layers, d_model, heads, kv_heads, seq_len, global batch, steps, lr, warmup)
@@ -74,17 +72,7 @@ def get_config(variant=None):
     if v.get("distill"):
         c.init_from_new = "feature_map"  # the softmax source has no feature maps
     c.train.trainable = v.get("trainable", "")
-    # a mechanism's own options (class attribute CONFIG_DEFAULTS), overridable from the CLI
-    for key, value in getattr(attention.get(m.attention), "CONFIG_DEFAULTS", {}).items():
-        m[key] = value
-    if m.attention == "gla":  # fla GatedLinearAttention defaults (attention/gla.py)
-        m.gla_expand_k = 0.5
-        m.gla_expand_v = 1.0
-        m.gla_gate_rank = 16
-        m.gla_gate_norm = 16.0
-        m.gla_chunk = 64
-        m.gla_impl = "auto"
-
+    add_mechanism_defaults(m)
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = "def "
     c.sample.max_new_tokens = 32 if variant.endswith("tiny") else 200

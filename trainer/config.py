@@ -99,8 +99,27 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form field.path=value")
-        set_field(config, key.removeprefix("--config.").removeprefix("config."), value)
+        key = key.removeprefix("--config.").removeprefix("config.")
+        set_field(config, key, value)
+        if key == "model.attention":  # the new mechanism's own options become fields too
+            with config.unlocked():
+                add_mechanism_defaults(config.model)
     return config
+
+
+def add_mechanism_defaults(model_config: ConfigDict) -> None:
+    """Adds the fields an attention mechanism declares (its class's CONFIG_DEFAULTS, e.g.
+    gla_chunk, hip_mask_k) to config.model, keeping values already set; an unknown mechanism is
+    left for the task's validation to report."""
+    import attention  # the registry; imported here so loading a config stays light otherwise
+
+    try:
+        cls = attention.get(model_config.attention)
+    except KeyError:
+        return
+    for name, value in getattr(cls, "CONFIG_DEFAULTS", {}).items():
+        if name not in model_config:
+            model_config[name] = value
 
 
 def _leaf_keys(config: ConfigDict, prefix: str = "") -> list[str]:
