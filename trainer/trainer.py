@@ -317,42 +317,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _loss_and_grads(self, model, batch):
-        """Mean loss, metrics and grads over the grad_accum_steps micro-batches of `batch`."""
+        """Mean loss, metrics and grads over the grad_accum_steps micro-batches of `batch`, and
+        the model's non-trainable state after them (what layers updated while running: RNG
+        counts, EMA statistics such as Routing's centroids), threaded through the micro-batches."""
         gdef, params, rest = nnx.split(model, self.trainable, ...)
 
-        def f(p, mb):
-            m = nnx.merge(gdef, p, rest)
+        def f(p, r, mb):
+            m = nnx.merge(gdef, p, r, copy=True)  # fresh Variables: layers may update them here
             loss, metrics = self.task.loss(m, mb)
-            return loss, metrics
+            return loss, (metrics, nnx.split(m, self.trainable, ...)[2])
 
         grad_fn = jax.value_and_grad(f, has_aux=True)
         if self.accum == 1:
-            (loss, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
-            return loss, metrics, grads
+            (loss, (metrics, rest)), grads = grad_fn(params, rest, jax.tree.map(lambda x: x[0], batch))
+            return loss, metrics, grads, rest
 
         def body(carry, mb):
-            (loss, metrics), g = grad_fn(params, mb)
-            acc = jax.tree.map(jnp.add, carry, (loss, metrics, g))
-            return acc, None
+            acc, r = carry
+            (loss, (metrics, r)), g = grad_fn(params, r, mb)
+            return (jax.tree.map(jnp.add, acc, (loss, metrics, g)), r), None
 
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                             jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch)))
-        (loss, metrics), g = zeros
-        (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, g), batch)
-        return jax.tree.map(lambda x: x / self.accum, (loss, metrics, grads))
+        (loss, (metrics, _)), g = jax.eval_shape(grad_fn, params, rest,
+                                                 jax.tree.map(lambda x: x[0], batch))
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (loss, metrics, g))
+        (acc, rest), _ = jax.lax.scan(body, (zeros, rest), batch)
+        loss, metrics, grads = jax.tree.map(lambda x: x / self.accum, acc)
+        return loss, metrics, grads, rest
 
     def _train_step_fn(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state["nnx"])
-        loss, metrics, grads = self._loss_and_grads(model, batch)
+        loss, metrics, grads, rest = self._loss_and_grads(model, batch)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(nnx_state):
             m, opt = nnx.merge(self.graphdef, nnx_state)
+            nnx.update(m, rest)
             opt.update(m, grads)
             return nnx.state((m, opt))
 
-        # a non-finite loss or gradient never reaches the parameters: the update is skipped
+        # a non-finite loss or gradient never reaches the model: the whole update is skipped
         new_nnx = jax.lax.cond(ok, apply, lambda s: s, nnx.state((model, optimizer)))
         step = state["step"]
         new_state = {
@@ -367,6 +371,7 @@ class Trainer:
 
     def _eval_step_fn(self, state, batch):
         model, _ = nnx.merge(self.graphdef, state["nnx"])
+        model.eval()  # deterministic layers (dropout off, SSA dense, no EMA updates)
         loss, metrics = self.task.loss(model, batch)
         return dict(metrics, loss=loss)
 
