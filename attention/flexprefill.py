@@ -189,18 +189,26 @@ def flexprefill_mask(q, k, *, block: int = 128, gamma: float = 0.9, tau: float =
     return sel, info
 
 
-def flexprefill_attention(q, k, v, *, block: int = 128, gamma: float = 0.9, tau: float = 0.1,
-                          min_budget: int = 512, impl: str = "auto"):
-    """Causal self-attention of q [B, T, H, d] over k, v [B, T, H_kv, d] restricted to the
-    FlexPrefill block mask -> [B, T, H, d]. When every causal block would be kept anyway (at
-    most 2 blocks: first + diagonal; or the minimum budget covers the sequence) it runs dense
-    causal attention, as the reference does."""
+def flexprefill_block_mask(q, k, *, block: int = 128, gamma: float = 0.9, tau: float = 0.1,
+                           min_budget: int = 512):
+    """The FlexPrefill BlockMask of q [B, T, H, d], k [B, T, H_kv, d], or None when every causal
+    block would be kept anyway (at most 2 blocks: first + diagonal; or the minimum budget covers
+    the sequence), where dense causal attention is the same and cheaper, as in the reference."""
     T = q.shape[1]
     nb = -(-T // block)
     if nb <= max(2, -(-int(min_budget) // block)):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return None
     mask, _ = flexprefill_mask(q, k, block=block, gamma=gamma, tau=tau, min_budget=min_budget)
-    bm = BlockMask.from_dense(mask, block, block, q_len=T, k_len=T, max_blocks=nb)
+    return BlockMask.from_dense(mask, block, block, q_len=T, k_len=T, max_blocks=nb)
+
+
+def flexprefill_attention(q, k, v, *, block: int = 128, gamma: float = 0.9, tau: float = 0.1,
+                          min_budget: int = 512, impl: str = "auto"):
+    """Causal self-attention of q [B, T, H, d] over k, v [B, T, H_kv, d] restricted to the
+    FlexPrefill block mask -> [B, T, H, d] (dense causal where the mask would keep everything)."""
+    bm = flexprefill_block_mask(q, k, block=block, gamma=gamma, tau=tau, min_budget=min_budget)
+    if bm is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return block_sparse_attention(q, k, v, bm, causal=True, impl=impl)
 
 
@@ -241,7 +249,12 @@ class FlexPrefillAttention(SoftmaxAttention):
 
     def attend(self, q, k, v, *, mode: str):
         if mode == "prefill" or (mode == "train" and self.in_train):
-            return flexprefill_attention(q, k, v, block=self.block, gamma=self.gamma,
-                                         tau=self.tau, min_budget=self.min_budget,
-                                         impl=self.impl)
+            bm = flexprefill_block_mask(q, k, block=self.block, gamma=self.gamma, tau=self.tau,
+                                        min_budget=self.min_budget)
+            T, H = q.shape[1], q.shape[2]
+            if bm is None:
+                self.report_cost(H * T * (T + 1) / 2)
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            self.report_cost(bm.sequence_pairs(H, causal=True))
+            return block_sparse_attention(q, k, v, bm, causal=True, impl=self.impl)
         return super().attend(q, k, v, mode=mode)

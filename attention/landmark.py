@@ -216,12 +216,13 @@ def _resolve_impl(impl: str, mask: BlockMask) -> str:
 
 
 def landmark_retrieval_attention(q, k, v, s_land, *, block: int, top_k: int,
-                                 formula: str = "grouped", impl: str = "auto"):
+                                 formula: str = "grouped", impl: str = "auto", report=None):
     """Prefill: top-k block retrieval plus the local block through block_sparse_attention.
     q [B, T, H, d] (RoPE), k, v [B, T, H_kv, d], s_land [B, H, T, NB] -> y [B, T, H, d] f32.
     formula "grouped": the grouped softmax restricted to the retrieved blocks (k+1 single-block
     slots stacked on the head axis, combined by their lse and the landmark logits);
-    "standard": a standard causal softmax over the retrieved blocks' tokens and the local block."""
+    "standard": a standard causal softmax over the retrieved blocks' tokens and the local block.
+    report: optional callable given the (query, key) pairs computed per sequence (all heads)."""
     B, T, H, d = q.shape
     nq = -(-T // block)
     idx, valid = select_blocks(s_land, block, T, top_k)                  # [B, H, NQ, k]
@@ -230,6 +231,8 @@ def landmark_retrieval_attention(q, k, v, s_land, *, block: int, top_k: int,
     if formula == "standard":
         ind = jnp.concatenate([jnp.where(valid, idx, -1), own], -1)
         mask = BlockMask.from_indices(ind, nq, block, block, q_len=T, k_len=T)
+        if report is not None:
+            report(mask.sequence_pairs(H, causal=True))
         return block_sparse_attention(q, k, v, mask, causal=True,
                                       impl=_resolve_impl(impl, mask)).astype(jnp.float32)
     if formula != "grouped":
@@ -240,6 +243,8 @@ def landmark_retrieval_attention(q, k, v, s_land, *, block: int, top_k: int,
     # (h * n + s) // (rep * n) = h // rep
     ind = slots.transpose(0, 1, 3, 2).reshape(B, H * n, nq, 1)
     mask = BlockMask.from_indices(ind, nq, block, block, q_len=T, k_len=T)
+    if report is not None:
+        report(mask.sequence_pairs(H * n, causal=True))
     q_rep = jnp.repeat(q, n, axis=2)                                     # [B, T, H * n, d]
     o, lse = block_sparse_attention(q_rep, k, v, mask, causal=True, impl=_resolve_impl(impl, mask),
                                     return_lse=True)
@@ -370,7 +375,7 @@ class LandmarkAttention(SoftmaxAttention):
                      "kl": put(cache["kl"], kl.astype(cache["kl"].dtype), start // l, 1)}
             y = landmark_retrieval_attention(q, k, v, landmark_scores(q_raw, kl), block=l,
                                              top_k=self.top_k, formula=self.inference,
-                                             impl=self.impl)
+                                             impl=self.impl, report=self.report_cost)
         else:
             if T != 1:
                 raise ValueError(f"mode='decode' takes one token per call, got T={T}")

@@ -52,6 +52,13 @@ class SoftmaxAttention(nnx.Module):
         this; decoding over the cache stays dense."""
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
 
+    def report_cost(self, pairs) -> None:
+        """Sows the attention cost of a segment: (query, key) pairs computed for one sequence,
+        summed over heads (nnx.Intermediate "attention_pairs"; bench/sparse.py reads it through
+        nnx.capture, and outside a capture it is a no-op). Dense causal costs H T (T + 1) / 2."""
+        self.sow(nnx.Intermediate, "attention_pairs", jnp.asarray(pairs, jnp.float32),
+                 capture_noop=True)
+
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)

@@ -66,8 +66,7 @@ def _eval(model, batches, T: int):
         (logits, _), inter = nnx.capture(model, nnx.Intermediate)(
             tokens[:, :-1], positions=positions, cache=cache, mode="prefill")
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1)[..., 0]
-        pairs = [jnp.sum(v) * (B if v.shape[0] == 1 else 1) / B  # per sequence, all heads
-                 for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
+        pairs = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]  # per layer
                  if any(getattr(k, "key", None) == "attention_pairs" for k in path)]
         return jnp.mean(nll), (sum(pairs) if pairs else jnp.float32(-1))
 

@@ -153,6 +153,12 @@ class BlockMask:
         return jnp.sum(jnp.where(self.to_dense(), jnp.asarray(per_block, jnp.float32), 0.0),
                        axis=(-1, -2))
 
+    def sequence_pairs(self, num_heads: int, causal: bool) -> jax.Array:
+        """Scalar: the pairs computed for one sequence, summed over the op's num_heads query heads
+        (a mask broadcast over heads counts once per head), averaged over the batch."""
+        p = self.pairs(causal)
+        return jnp.mean(jnp.sum(p, -1)) * (num_heads // p.shape[-1])
+
     def density(self) -> jax.Array:
         """Fraction of (query block, key block) pairs that are active, per [Bm, Hm]."""
         return jnp.sum(self.counts, -1) / (self.num_q_blocks * self.num_k_blocks)
