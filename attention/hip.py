@@ -40,7 +40,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from attention.ops.block_sparse import (IMPLS, BlockMask, block_sparse_attention,
                                         causal_blocks, local_blocks, sink_blocks)
@@ -190,7 +189,7 @@ class BlockSparsePrefillAttention(SoftmaxAttention):
     """SoftmaxAttention whose prefill (and, if `<prefix>_in_train`, training) attention is
     block-sparse over a mask built from q and k by `block_mask`; subclasses set PREFIX and
     CONFIG_DEFAULTS (read into attributes of the same names). On the sparse path it sows
-    nnx.Intermediate "attention_pairs": the (query, key) pairs computed, per [Bm, Hm]."""
+    "attention_pairs" (SoftmaxAttention.report_cost): the (query, key) pairs per sequence."""
 
     PREFIX = ""
 

@@ -33,6 +33,15 @@ import jax.numpy as jnp  # noqa: E402
 from attention.ops.block_sparse import BlockMask, block_sparse_attention, causal_blocks  # noqa: E402
 
 B, H, D, BLOCK = 1, 4, 64, 64
+# the prefill methods at their paper defaults, at budgets near 3x below dense at 2k, and a control:
+# HiP with no selected blocks (sinks + window only) shows how much the eval task needs retrieval
+DEFAULT_METHODS = ";".join([
+    "hip", "hip:hip_mask_k=128,hip_window=128",
+    "flexprefill:flex_block=64", "flexprefill:flex_block=64,flex_gamma=0.5,flex_min_budget=128",
+    "dhsa", "dhsa:dhsa_topk=128,dhsa_window=128",
+    "landmark:landmark_every=64,landmark_inference=standard,landmark_top_k=4",
+    "hip:hip_mask_k=0,hip_window=128",
+])
 
 
 def time_one(f, args, reps: int) -> float:
@@ -100,7 +109,8 @@ def main():
     ap.add_argument("--pallas", action="store_true", help="also time impl='pallas'")
     ap.add_argument("--workdir", default="runs/lm_long", help="a trained softmax LM (quality part)")
     ap.add_argument("--batches", type=int, default=4, help="eval batches (quality part)")
-    ap.add_argument("--methods", default="hip,flexprefill,dhsa")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help="';'-separated `name[:field=value,...]` (quality part)")
     a = ap.parse_args()
     if a.part in ("kernel", "all"):
         kernel_part(a)

@@ -39,20 +39,30 @@ def _load(workdir: str):
     return step, params, config
 
 
-def _build(config, method: str, params: dict):
+def _build(config, spec: str, params: dict):
+    """spec: `name` or `name:field=value,field=value` (config.model fields of the mechanism)."""
+    method, _, opts = spec.partition(":")
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.model.attention = method
     for key, value in getattr(attention.get(method), "CONFIG_DEFAULTS", {}).items():
         if key not in cfg.model:
             cfg.model[key] = value
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        if key not in cfg.model:
+            raise SystemExit(f"{spec}: {method} has no field {key!r}")
+        cfg.model[key] = type(cfg.model[key])(value)
     model = LM(cfg.model, rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     flat = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
-    missing = sorted(set(flat) - set(params))
-    if missing:
-        raise SystemExit(f"{method}: parameters not in the softmax checkpoint: {missing[:4]}")
+    new = sorted(set(flat) - set(params))  # e.g. Landmark's landmark keys: they keep their init
+    if new:
+        print(f"({spec}: {len(new)} parameters not in the checkpoint keep their initial values: "
+              f"{', '.join(n.split('/')[-1] for n in new[:2])}, ...)")
     for path, var in nnx.to_flat_state(state):
-        var.value = jnp.asarray(params["/".join(str(k) for k in path)])
+        name = "/".join(str(k) for k in path)
+        if name in params:
+            var.value = jnp.asarray(params[name])
     nnx.update(model, state)
     return model
 
@@ -96,7 +106,7 @@ def quality_part(a):
     print("\n| method | eval loss | vs dense | attention pairs | dense / method | s / batch |")
     print("|---|---|---|---|---|---|")
     dense_loss = None
-    for method in ["softmax"] + [x for x in a.methods.split(",") if x]:
+    for method in ["softmax"] + [x for x in a.methods.split(";") if x]:
         model = _build(config, method, params)
         loss, pairs, secs = _eval(model, batches, T)
         pairs = dense_pairs if method == "softmax" else pairs
