@@ -112,3 +112,52 @@ def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], **to
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], err_msg=k, **tol)
+
+
+def jit_apply(module, fn, *args):
+    """fn(module, *args) under one jax.jit (the module's state passed as an argument)."""
+    graphdef, state = nnx.split(module)
+    return jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
+
+
+def check_sparse_prefill_lm(make_model_cfg, small: dict, budget_field: str) -> None:
+    """A training-free sparse prefill mechanism in the tiny LM: it loads the softmax LM's
+    parameters unchanged; with a full budget its prefill (and train) logits equal the softmax
+    LM's; with a small budget prefill is sparse (first generated logits differ) and generation
+    runs; the attention cost it sows at prefill (what bench/sparse.py reads) is every causal pair
+    with the full budget and fewer with the small one.
+
+    make_model_cfg(**fields) -> config.model with the mechanism selected; small: its options
+    for short blocks; budget_field: the option setting the selection budget in tokens."""
+    import jax.numpy as jnp
+
+    from models.lm import LM, generate
+    from trainer import load_config
+
+    soft = LM(load_config(TINY, []).model, rngs=nnx.Rngs(0))
+    B, P = 2, 96
+    prompt = jax.random.randint(jax.random.key(4), (B, P), 0, 256, jnp.int32)
+    lms = {}
+    for budget in (4096, 16):
+        lms[budget] = LM(make_model_cfg(**small, **{budget_field: budget}), rngs=nnx.Rngs(1))
+        nnx.update(lms[budget], nnx.state(soft, nnx.Param))
+
+    def logits(lm, tokens):
+        return lm(tokens)[0], lm(tokens, cache=lm.init_cache(B, P), mode="prefill")[0]
+
+    dense, _ = jit_apply(soft, logits, prompt)
+    full_train, full_pre = jit_apply(lms[4096], logits, prompt)
+    np.testing.assert_allclose(full_pre, dense, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(full_train, dense, atol=1e-5, rtol=1e-5)
+    tok, gen_logits = generate(lms[16], prompt, 3, return_logits=True)
+    assert tok.shape == (B, 3) and np.all(np.isfinite(np.asarray(gen_logits)))
+    assert float(jnp.max(jnp.abs(gen_logits[:, 0] - dense[:, -1]))) > 1e-4  # sparse prefill
+    heads, layers = soft.blocks[0].attn.num_heads, len(soft.blocks)
+    for budget, lm in lms.items():
+        _, inter = jit_apply(lm, lambda lm, t: nnx.capture(lm, nnx.Intermediate)(
+            t, cache=lm.init_cache(B, P), mode="prefill"), prompt)
+        pairs = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
+                 if any(getattr(k, "key", None) == "attention_pairs" for k in path)]
+        assert len(pairs) == layers and all(p.shape == () for p in pairs)  # per sequence
+        total, dense_pairs = float(sum(pairs)), layers * heads * P * (P + 1) / 2
+        assert total == dense_pairs if budget == 4096 else total < dense_pairs

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import TINY
+from conftest import TINY, check_sparse_prefill_lm, jit_apply
 from attention import registry
 from attention.hip import (HiPAttention, fixed_blocks, hip_block_mask, hip_search_range,
                            hip_select, selection_block_mask, topk_block_mask)
 from attention.ops.block_sparse import block_sparse_attention
 from attention.softmax import SoftmaxAttention
-from models.lm import LM, generate
 from trainer import load_config
 
 
@@ -45,16 +44,6 @@ def layer_pair(cfg):
 def make(cfg):
     with nnx.use_eager_sharding(False):  # parameters carry logical axes; no mesh here
         return HiPAttention(cfg, rngs=nnx.Rngs(0))
-
-
-def apply(module, fn, *args):
-    """fn(module, *args) under one jax.jit (the module's state passed as an argument)."""
-    graphdef, state = nnx.split(module)
-    return jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
-
-
-def soft_heads_layers(lm):
-    return lm.blocks[0].attn.num_heads, len(lm.blocks)
 
 
 def rel_err(a, b) -> float:
@@ -182,7 +171,7 @@ def test_full_budget_equals_dense_softmax():
         pre = layer(x, positions=pos, cache=layer.init_cache(B, T), mode="prefill")[0]
         return pre, layer(x, positions=pos, mode="train")[0]
 
-    (pre, train), (dense, _) = apply(hip, run, x), apply(soft, run, x)
+    (pre, train), (dense, _) = jit_apply(hip, run, x), jit_apply(soft, run, x)
     assert rel_err(pre, dense) < 1e-5
     assert rel_err(train, dense) < 1e-5                                       # hip_in_train
     q, k, _ = qkv(B=1, T=T)
@@ -215,7 +204,7 @@ def test_small_budget_uses_only_the_selected_blocks():
     assert unused.sum() > 0
     tok = np.repeat(unused, 16, axis=-1)[:, :T]                               # [B, T]
     v2 = v + jnp.asarray(tok, jnp.float32)[:, :, None, None] * 100.0
-    out, mask, ref, train, out2 = apply(hip, run, q, k, v, v2)
+    out, mask, ref, train, out2 = jit_apply(hip, run, q, k, v, v2)
     dense = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     assert float(mask.density().max()) < 0.5 * 0.6                           # well below causal
     assert rel_err(out, ref) < 1e-5                                           # the op on the mask
@@ -229,36 +218,5 @@ def test_tiny_lm_prefill_and_generation():
     """The tiny LM with HiP loads the softmax LM's parameters unchanged; with a full budget its
     prefill logits equal the softmax LM's; with a small one prefill is sparse (logits differ)
     and generation runs."""
-    soft = LM(load_config(TINY, []).model, rngs=nnx.Rngs(0))
-    B, P = 2, 96
-    prompt = jax.random.randint(jax.random.key(4), (B, P), 0, 256, jnp.int32)
-    small = dict(hip_block_q=16, hip_block_k=16, hip_window=16, hip_sink=4)
-    lms = {}
-    for budget in (4096, 16):
-        lms[budget] = LM(hip_cfg(**small, hip_mask_k=budget), rngs=nnx.Rngs(1))
-        nnx.update(lms[budget], nnx.state(soft, nnx.Param))
-
-    def logits(lm, tokens):
-        full = lm(tokens)[0]                                                  # mode="train"
-        pre = lm(tokens, cache=lm.init_cache(B, P), mode="prefill")[0]
-        return full, pre
-
-    dense, _ = apply(soft, logits, prompt)
-    full_train, full_pre = apply(lms[4096], logits, prompt)
-    np.testing.assert_allclose(full_pre, dense, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(full_train, dense, atol=1e-5, rtol=1e-5)
-    tok, gen_logits = generate(lms[16], prompt, 3, return_logits=True)
-    assert tok.shape == (B, 3) and np.all(np.isfinite(np.asarray(gen_logits)))
-    assert float(jnp.max(jnp.abs(gen_logits[:, 0] - dense[:, -1]))) > 1e-4    # sparse prefill
-    # the attention cost each layer sows at prefill (what bench/sparse.py reads): all causal
-    # pairs with the full budget, fewer with the small one
-    heads, layers = soft_heads_layers(soft)
-    for budget, lm in lms.items():
-        _, inter = apply(lm, lambda lm, t: nnx.capture(lm, nnx.Intermediate)(
-            t, cache=lm.init_cache(B, P), mode="prefill"), prompt)
-        pairs = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
-                 if any(getattr(k, "key", None) == "attention_pairs" for k in path)]
-        assert len(pairs) == layers and all(p.shape == () for p in pairs)  # per sequence
-        total = float(sum(pairs))
-        dense_pairs = layers * heads * P * (P + 1) / 2
-        assert total == dense_pairs if budget == 4096 else total < dense_pairs
+    check_sparse_prefill_lm(hip_cfg, dict(hip_block_q=16, hip_block_k=16, hip_window=16, hip_sink=4),
+                            "hip_mask_k")
