@@ -173,14 +173,13 @@ def _row_block(bs: int, index_map):
     return pl.BlockSpec((None, None, 1, bs), index_map)
 
 
-def forward(q, k, v, counts, indices, cfg: Config):
-    """q [B, H, Tp, D]; k, v [B, H_kv, Sp, D]; counts int32 [Bm*Hm*NQ], indices int32
-    [Bm*Hm*NQ*MK] (flattened BlockMask forward layout).
-    Returns o [B, H, Tp, D] (q's dtype) and lse [B, H, 1, Tp] f32."""
-    bs, hs, tp, d = q.shape
+def _forward_layout(q, k, indices, cfg: Config):
+    """Grid (B, H, NQ, MK) and the index maps of the kernels that walk the forward layout (the
+    forward and dq): query-side blocks by (b, h, i), key/value blocks by the scalar-prefetched
+    index of slot j (kv head h // rep), per-row [1, block_q] vectors (lse, D) by (b, h, i)."""
+    bs, hs, tp, _ = q.shape
     rep = hs // k.shape[1]
-    bq, bk = cfg.block_q, cfg.block_k
-    n_q = tp // bq
+    n_q = tp // cfg.block_q
     width = indices.shape[0] // (cfg.mask_b * cfg.mask_h * n_q)
 
     def q_map(b, h, i, j, cnt_ref, idx_ref):
@@ -189,22 +188,33 @@ def forward(q, k, v, counts, indices, cfg: Config):
     def kv_map(b, h, i, j, cnt_ref, idx_ref):
         return b, h // rep, idx_ref[_flat(cfg, b, h, i, n_q, width) + j], 0
 
-    def lse_map(b, h, i, j, cnt_ref, idx_ref):
+    def row_map(b, h, i, j, cnt_ref, idx_ref):
         return b, h, 0, i
+
+    return (bs, hs, n_q, width), q_map, kv_map, row_map
+
+
+def forward(q, k, v, counts, indices, cfg: Config):
+    """q [B, H, Tp, D]; k, v [B, H_kv, Sp, D]; counts int32 [Bm*Hm*NQ], indices int32
+    [Bm*Hm*NQ*MK] (flattened BlockMask forward layout).
+    Returns o [B, H, Tp, D] (q's dtype) and lse [B, H, 1, Tp] f32."""
+    d = q.shape[-1]
+    bq, bk = cfg.block_q, cfg.block_k
+    grid, q_map, kv_map, lse_map = _forward_layout(q, k, indices, cfg)
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(bs, hs, n_q, width),
+        grid=grid,
         in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map)],
         out_specs=[_seq_block(bq, d, q_map), _row_block(bq, lse_map)],
         scratch_shapes=[pltpu.VMEM((bq, _LANES), _F32), pltpu.VMEM((bq, _LANES), _F32),
                         pltpu.VMEM((bq, d), _F32)],
     )
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, n_q=n_q, width=width),
+        functools.partial(_fwd_kernel, cfg=cfg, n_q=grid[2], width=grid[3]),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((bs, hs, 1, tp), _F32)],
+                   jax.ShapeDtypeStruct((*q.shape[:2], 1, q.shape[2]), _F32)],
         compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
         interpret=cfg.interpret,
         name="block_sparse_fwd",
@@ -247,31 +257,20 @@ def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
 
 def backward_dq(q, k, v, do, lse, di, counts, indices, cfg: Config):
     """dq [B, H, Tp, D] in q's dtype. lse, di: [B, H, 1, Tp] f32 (see module docstring)."""
-    bs, hs, tp, d = q.shape
-    rep = hs // k.shape[1]
+    d = q.shape[-1]
     bq, bk = cfg.block_q, cfg.block_k
-    n_q = tp // bq
-    width = indices.shape[0] // (cfg.mask_b * cfg.mask_h * n_q)
-
-    def q_map(b, h, i, j, cnt_ref, idx_ref):
-        return b, h, i, 0
-
-    def kv_map(b, h, i, j, cnt_ref, idx_ref):
-        return b, h // rep, idx_ref[_flat(cfg, b, h, i, n_q, width) + j], 0
-
-    def row_map(b, h, i, j, cnt_ref, idx_ref):
-        return b, h, 0, i
+    grid, q_map, kv_map, row_map = _forward_layout(q, k, indices, cfg)
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(bs, hs, n_q, width),
+        grid=grid,
         in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map),
                   _seq_block(bq, d, q_map), _row_block(bq, row_map), _row_block(bq, row_map)],
         out_specs=_seq_block(bq, d, q_map),
         scratch_shapes=[pltpu.VMEM((bq, d), _F32)],
     )
     return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, n_q=n_q, width=width),
+        functools.partial(_dq_kernel, cfg=cfg, n_q=grid[2], width=grid[3]),
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
