@@ -1,11 +1,12 @@
 """A long-range recall corpus for judging sparse prefill: text where part of every window can only
-be predicted by retrieving a span seen ~1-1.5k bytes earlier.
+be predicted by retrieving a span seen 450-830 bytes earlier.
 
-Each record is  S + F + S  with S a 128-byte span of the embedded corpus (the Python standard
-library's source) and F 768-1536 bytes of other text from it. A model trained on these records
-learns to copy the second S from the first (an induction head across the filler); at prefill, a
-sparse method that drops the block holding the first S loses those bytes, while a local window
-(say 128-256 tokens) cannot reach it at all. Deterministic (seeded), written as 40 files so the
+Each record is  S + F + S  with S 64 random printable ASCII bytes (unpredictable except by
+copying: ln 94 = 4.5 nats a byte) and F 384-768 bytes of the embedded corpus (the Python
+standard library's source). A model trained on these records learns to copy the second S from
+the first (an induction head across the filler); at prefill, a sparse method that drops the
+block holding the first S loses those bytes, and a local window of 128-256 tokens cannot reach
+it at all. Deterministic (seeded), written as 40 files so the
 trainer's by-file train/eval split holds out two of them.
 
     python bench/recall_corpus.py runs/recall_corpus
@@ -22,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SPAN, FILLER = 128, (768, 1536)
+SPAN, FILLER = 64, (384, 768)
 
 
 def write(out_dir: str, *, files: int = 40, records_per_file: int = 60, seed: int = 0) -> None:
@@ -34,10 +35,9 @@ def write(out_dir: str, *, files: int = 40, records_per_file: int = 60, seed: in
     for f in range(files):
         parts = []
         for _ in range(records_per_file):
-            s0 = rng.integers(0, len(text) - SPAN)
+            span = rng.integers(33, 127, SPAN, dtype=np.uint8).tobytes()
             n = int(rng.integers(*FILLER))
             f0 = rng.integers(0, len(text) - n)
-            span = text[s0:s0 + SPAN].tobytes()
             parts += [span, text[f0:f0 + n].tobytes(), span]
         with open(os.path.join(out_dir, f"recall_{f:03d}.txt"), "wb") as fh:
             fh.write(b"".join(parts))
