@@ -38,7 +38,7 @@ B, H, D, BLOCK = 1, 4, 64, 64
 # HiP with no selected blocks (sinks + window only) shows how much the eval task needs retrieval
 DEFAULT_METHODS = ";".join([
     "hip", "hip:hip_mask_k=128,hip_window=128",
-    "flexprefill:flex_block=64", "flexprefill:flex_block=64,flex_gamma=0.5,flex_min_budget=128",
+    "flexprefill:flex_block=64", "flexprefill:flex_block=64,flex_gamma=0.3,flex_min_budget=128",
     "dhsa", "dhsa:dhsa_topk=128,dhsa_window=128",
     "landmark:landmark_every=64,landmark_inference=standard,landmark_top_k=4",
     "hip:hip_mask_k=0,hip_window=128",
