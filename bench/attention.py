@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from bench.timing import time_one  # noqa: E402
 
 from attention.ops.gla import gla  # noqa: E402
 
@@ -40,16 +40,6 @@ MECHANISMS = {
         q, k, v, is_causal=True),
     "gla recurrence (reference)": lambda q, k, v, g: gla(q, k, v, g, impl="reference")[0],
 }
-
-
-def time_one(f, args, reps: int) -> float:
-    jax.block_until_ready(f(*args))  # compile + warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main():

@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import attention  # noqa: E402,F401  (XLA:CPU flags before jax starts)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from bench.timing import time_one  # noqa: E402
 
 from attention.ops.block_sparse import BlockMask, block_sparse_attention, causal_blocks  # noqa: E402
 
@@ -43,16 +43,6 @@ DEFAULT_METHODS = ";".join([
     "landmark:landmark_every=64,landmark_inference=standard,landmark_top_k=4",
     "hip:hip_mask_k=0,hip_window=128",
 ])
-
-
-def time_one(f, args, reps: int) -> float:
-    jax.block_until_ready(f(*args))  # compile + warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def density_mask(T: int, density: float, seed: int = 0) -> BlockMask:
