@@ -27,7 +27,7 @@ from flax import nnx
 from attention.ops.gla import gla, gla_step
 from attention.ops.rope import apply_rope
 from attention.registry import register
-from attention.softmax import dense
+from attention.softmax import check_mode, dense
 from trainer.sharding import constrain
 
 # added to the normaliser phi(q_i) z_i (> 0 in exact arithmetic; guards f32 underflow)
@@ -182,10 +182,7 @@ class HedgehogAttention(nnx.Module):
                 "z": jnp.zeros((batch, self.num_heads, F), jnp.float32)}
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
-        if mode not in ("train", "prefill", "decode"):
-            raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
-        if mode != "train" and cache is None:
-            raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
+        check_mode(mode, cache)
         B, T, _ = x.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q_proj(x).reshape(B, T, H, hd)

@@ -214,7 +214,8 @@ class BlockSparsePrefillAttention(SoftmaxAttention):
         self.in_train = getattr(self, f"{self.PREFIX}_in_train")
 
     def block_mask(self, q, k) -> BlockMask:
-        raise NotImplementedError
+        """The prefill mask of q [B, T, H, d] and k [B, T, H_kv, d]: each mechanism's own."""
+        raise NotImplementedError(f"{type(self).__name__} must define block_mask(q, k)")
 
     def attend(self, q, k, v, *, mode: str):
         if mode == "prefill" or (mode == "train" and self.in_train):

@@ -84,7 +84,7 @@ from flax import nnx
 from attention.ops.block_sparse import BlockMask, block_sparse_attention
 from attention.ops.rope import apply_rope
 from attention.registry import register
-from attention.softmax import SoftmaxAttention
+from attention.softmax import SoftmaxAttention, check_mode
 from trainer.sharding import constrain
 
 _NEG = -jnp.inf
@@ -349,10 +349,7 @@ class LandmarkAttention(SoftmaxAttention):
                              self.block, valid)
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
-        if mode not in ("train", "prefill", "decode"):
-            raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
-        if mode != "train" and cache is None:
-            raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
+        check_mode(mode, cache)
         B, T, _ = x.shape
         H, G, hd, l = self.num_heads, self.num_kv_heads, self.head_dim, self.block
         q_raw = self.q_proj(x).reshape(B, T, H, hd)

@@ -14,6 +14,18 @@ from attention.registry import register
 from trainer.sharding import constrain
 
 
+MODES = ("train", "prefill", "decode")
+
+
+def check_mode(mode: str, cache) -> None:
+    """The self-attention call contract (attention.registry): a known mode, and a cache for
+    prefill / decode."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
+    if mode != "train" and cache is None:
+        raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
+
+
 def dense(din, dout, logical, *, dtype, rngs, std=0.02):
     """A bias-free Linear whose kernel carries logical axis names for the sharding rules."""
     return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
