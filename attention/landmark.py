@@ -85,6 +85,7 @@ from attention.ops.block_sparse import BlockMask, block_sparse_attention
 from attention.ops.rope import apply_rope
 from attention.registry import register
 from attention.softmax import SoftmaxAttention, check_mode
+from pallas_kernels import platform
 from trainer.sharding import constrain
 
 _NEG = -jnp.inf
@@ -206,7 +207,7 @@ def select_blocks(s_land, block: int, q_len: int, top_k: int):
 def _resolve_impl(impl: str, mask: BlockMask) -> str:
     """"auto" stays "auto" (the op picks its kernel) only where the Pallas kernel supports the
     block size (l = 50 is not a multiple of 8); otherwise the gathered xla form."""
-    if impl != "auto" or jax.default_backend() == "cpu":
+    if impl != "auto" or platform.backend() == "cpu":
         return "xla" if impl == "auto" else impl
     try:
         from pallas_kernels.block_sparse import pallas_supported

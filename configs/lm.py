@@ -3,7 +3,9 @@
     python -m trainer.main --config=configs/lm.py:tiny --workdir=runs/tiny
 Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core CPU), small;
 gla_tiny and gla: the tiny and default LMs with gated linear attention; hedgehog_distill then
-hedgehog_finetune: converting the default softmax LM (runs/lm, from `make train`) to Hedgehog.
+hedgehog_finetune: converting the default softmax LM (runs/lm, from `make train`) to Hedgehog;
+long: 2k-byte context for the sparse prefill methods; 1b, 8b, gla_1b, gla_8b: pod-scale shapes
+for planning (`--dry_run --topology=v5p:4x4x4`, README "Planning a pod run").
 """
 import ml_collections
 
@@ -32,6 +34,26 @@ VARIANTS = {
                  steps=200, lr=2e-3, warmup=20),
     "small": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=4, seq_len=512, batch=16,
                   steps=5000, lr=1e-3, warmup=200),
+    # pod scale (README "Planning a pod run"; plan with --dry_run --topology=v5p:4x4x4): bf16
+    # compute, rematerialised blocks, FSDP over every chip, 1M-token batches of 4k sequences.
+    # 1b: Llama-3.2-1B shapes with an untied 32k vocabulary (1.14B parameters); 8b: Llama-3-8B
+    # (8.03B). gla_*: the same with GLA layers at fla's head counts (4 and 8 heads: 256-dim keys,
+    # 512-dim values; fla's gla-1.3B uses 4).
+    "1b": dict(num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, mlp_dim=8192,
+               vocab=32768, seq_len=4096, batch=256, steps=100_000, lr=3e-4, warmup=2000,
+               pod=True),
+    "8b": dict(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, mlp_dim=14336,
+               vocab=128256, seq_len=4096, batch=256, steps=100_000, lr=3e-4, warmup=2000,
+               pod=True),
+    # the GPT of ../shared/peers (torch_gpt.py / jax_gpt.py; bench/peer.py times them side by
+    # side): LayerNorm, tanh-GELU 4x MLP, learned positions, tied head, MHA, AdamW 3e-4 without
+    # clipping or schedule
+    "peer_a": dict(num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, seq_len=512, batch=8,
+                   steps=100, lr=3e-4, warmup=0, gpt2=True),
+    "peer_b": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=8, seq_len=256, batch=8,
+                   steps=100, lr=3e-4, warmup=0, gpt2=True),
+    "gla_1b": dict(base="1b", attention="gla", num_heads=4, num_kv_heads=4),
+    "gla_8b": dict(base="8b", attention="gla", num_heads=8, num_kv_heads=8),
 }
 
 
@@ -56,15 +78,27 @@ def get_config(variant=None):
 
     m = c.model
     m.attention = v.get("attention", "softmax")
-    m.vocab_size = 256  # bytes
+    m.vocab_size = v.get("vocab", 256)  # bytes (a pod config's larger vocabulary: shapes only)
     m.num_layers = v["num_layers"]
     m.d_model = v["d_model"]
     m.num_heads = v["num_heads"]
     m.num_kv_heads = v["num_kv_heads"]
     m.head_dim = 0  # 0: d_model // num_heads
     # SwiGLU at ~ the 4x MLP's parameters, rounded to a multiple of 128 (TPU lanes / MXU tiles)
-    m.mlp_dim = max(int(8 / 3 * v["d_model"] / 128 + 0.5), 1) * 128
+    m.mlp_dim = v.get("mlp_dim", max(int(8 / 3 * v["d_model"] / 128 + 0.5), 1) * 128)
     m.rope_theta = 10000.0
+    # architecture switches (models/lm.py): Llama style by default, GPT-2 style for the peers
+    m.norm = "rmsnorm"
+    m.mlp = "swiglu"
+    m.position = "rope"
+    m.max_len = 0  # learned positions only: how many
+    m.tie_embeddings = False
+    if v.get("gpt2"):
+        m.norm, m.mlp, m.position, m.rope_theta = "layernorm", "gelu", "learned", 0.0
+        m.max_len, m.tie_embeddings, m.mlp_dim = v["seq_len"], True, 4 * v["d_model"]
+        c.train.grad_clip_norm = 0.0
+        c.train.min_lr_ratio = 1.0  # constant learning rate
+        c.train.b1, c.train.b2, c.train.eps, c.train.weight_decay = 0.9, 0.95, 1e-8, 0.1
     # Hedgehog (attention/hedgehog.py): distillation mode and feature dim (0 = head_dim)
     m.hedgehog_distill = bool(v.get("distill", False))
     m.hedgehog_feature_dim = 0
@@ -72,6 +106,12 @@ def get_config(variant=None):
     if v.get("distill"):
         c.init_from_new = "feature_map"  # the softmax source has no feature maps
     c.train.trainable = v.get("trainable", "")
+    if v.get("pod"):
+        c.train.compute_dtype = "bfloat16"
+        c.train.remat = True
+        c.mesh.data, c.mesh.fsdp = 1, -1
+        c.checkpoint.every = 1000
+        c.eval.every = 1000
     add_mechanism_defaults(m)
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = "def "

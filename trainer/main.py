@@ -1,5 +1,8 @@
 """Command line: python -m trainer.main --config=configs/lm.py:tiny --workdir=DIR [--config.a.b=v ...]
 
+Planning without training: --dry_run (this machine's devices) or --dry_run --topology=v5p:4x4x4
+(a TPU slice, compiled here with libtpu).
+
 Every config field can be overridden with --config.<field>=<value>; configs are locked, so a
 misspelt field fails with the list of valid ones. A rerun with the same workdir resumes.
 """
@@ -23,6 +26,10 @@ def parse_args(argv):
     p.add_argument("--dry_run", action="store_true",
                    help="print parameter shapes, shardings, per-device memory and the compiled "
                         "step's memory and FLOPs, then exit without training")
+    p.add_argument("--topology", default=None,
+                   help="with --dry_run: plan for a TPU slice instead of this machine's devices, "
+                        "e.g. v5p:4x4x4 or v5e:16x16 (compiled here with libtpu: per-chip memory, "
+                        "FLOPs, estimated step time and MFU)")
     g = p.add_argument_group(
         "multiple processes (jax.distributed); see README 'Running on a pod / cluster'")
     g.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -35,6 +42,8 @@ def parse_args(argv):
                    help="call jax.distributed.initialize() with auto-detection (TPU pods, "
                         "SLURM, Open MPI, Kubernetes) when no coordinator is given")
     args, rest = p.parse_known_args(argv)
+    if args.topology and not args.dry_run:
+        p.error("--topology plans a run on other hardware and needs --dry_run")
     overrides = []
     for a in rest:
         if not a.startswith("--config."):
@@ -77,7 +86,11 @@ def main(argv=None) -> int:
         workdir = args.workdir or os.path.join(
             "runs", os.path.splitext(os.path.basename(path))[0] + (f"_{variant}" if variant else ""))
         from trainer.trainer import Trainer
-        with Trainer(config, workdir, dry_run=args.dry_run) as trainer:
+        devices = None
+        if args.topology:
+            from trainer.sharding import topology_devices
+            devices = topology_devices(args.topology)
+        with Trainer(config, workdir, dry_run=args.dry_run, devices=devices) as trainer:
             if args.dry_run:
                 print(trainer.dry_run())
                 return 1 if trainer.problems else 0

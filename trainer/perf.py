@@ -16,6 +16,44 @@ _DATASHEET = {
     "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12,
 }
 
+# memory per chip, bytes (vendor datasheets), for devices that cannot report their own (the
+# TPU descriptions libtpu gives a CPU-only machine for ahead-of-time compilation)
+_GIB = 1024**3
+_HBM = {
+    "h100": 80 * _GIB, "h200": 141 * _GIB, "a100": 80 * _GIB, "l4": 24 * _GIB, "a10": 24 * _GIB,
+    "tpu v4": 32 * _GIB, "tpu v5 lite": 16 * _GIB, "tpu v5e": 16 * _GIB, "tpu v5p": 95 * _GIB,
+    "tpu v5": 95 * _GIB, "tpu v6 lite": 32 * _GIB, "tpu v6e": 32 * _GIB,
+}
+
+
+# memory bandwidth per chip, bytes/s (datasheets), for the roofline step-time estimate
+_HBM_BANDWIDTH = {
+    "h100": 3.35e12, "h200": 4.8e12, "a100": 2.0e12, "l4": 0.3e12, "a10": 0.6e12,
+    "tpu v4": 1.2e12, "tpu v5 lite": 0.819e12, "tpu v5e": 0.819e12, "tpu v5p": 2.765e12,
+    "tpu v5": 2.765e12, "tpu v6 lite": 1.64e12, "tpu v6e": 1.64e12,
+}
+
+
+def _lookup(table: dict, device) -> float:
+    kind = device.device_kind.lower()
+    return next((v for name, v in table.items() if name in kind), float("nan"))
+
+
+def device_memory(device) -> tuple[float, str]:
+    """(bytes of memory of one device, where the figure comes from): the runtime's own limit
+    where the device reports one, else the datasheet HBM of its kind (nan if unknown)."""
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # an abstract (topology) device has no runtime behind it
+        limit = None
+    if limit:
+        return float(limit), "runtime limit"
+    kind = device.device_kind.lower()
+    for name, size in _HBM.items():
+        if name in kind:
+            return float(size), f"datasheet HBM ({device.device_kind})"
+    return float("nan"), f"unknown device kind {device.device_kind!r}"
+
 
 def _cpu_name() -> str:
     try:
@@ -90,9 +128,33 @@ def peak_flops(devices=None) -> tuple[float, str]:
     return float("nan"), f"unknown device kind {devices[0].device_kind!r}"
 
 
-def compiled_flops(compiled, num_devices: int) -> float:
-    """Total FLOPs of one call from XLA's cost analysis (which reports one SPMD partition)."""
+def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", float("nan"))) * num_devices
+    return cost or {}
+
+
+def compiled_flops(compiled, num_devices: int) -> float:
+    """Total FLOPs of one call from XLA's cost analysis (which reports one SPMD partition)."""
+    return float(_cost(compiled).get("flops", float("nan"))) * num_devices
+
+
+def estimated_seconds(compiled, device) -> tuple[float, str]:
+    """(seconds of one call on `device`'s chip, how it was estimated), a lower bound either way:
+    the TPU compiler's own figure ("optimal_seconds": compute and memory traffic, without
+    communication overlap or host stalls) where it gives a sane one, else the roofline of XLA's
+    FLOP and byte counts against the chip's datasheet peak and bandwidth (libtpu's figure
+    overflows to negative values for the largest programs). (nan, ...) on CPU or an unknown chip."""
+    cost = _cost(compiled)
+    xla = float(cost.get("optimal_seconds", float("nan")))
+    if xla > 0:
+        return xla, "XLA's TPU cost model"
+    if device.platform == "cpu":
+        return float("nan"), "no estimate on CPU"
+    peak, bandwidth = _lookup(_DATASHEET, device), _lookup(_HBM_BANDWIDTH, device)
+    flops, traffic = float(cost.get("flops", "nan")), float(cost.get("bytes accessed", "nan"))
+    how = ("roofline of XLA's FLOP and byte counts" if "optimal_seconds" not in cost else
+           f"libtpu's estimate was {xla:.3g} s (overflow), so the roofline of XLA's FLOP and "
+           "byte counts")
+    return max(flops / peak, traffic / bandwidth), how

@@ -59,6 +59,25 @@ def mesh_shape(config, num_devices: int | None = None) -> dict[str, int]:
     return sizes
 
 
+def topology_devices(name: str) -> list:
+    """The devices of a TPU slice described by libtpu, e.g. "v5p:4x4x4" (64 chips) or
+    "v5e:16x16", usable on a machine without TPUs for ahead-of-time compilation (the `tpu-aot`
+    extra installs libtpu). Raises ConfigError naming the problem."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--topology={name}: describing TPU devices needs libtpu, which is not "
+                          "installed; pip install -e '.[tpu-aot]' (make test installs it)")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as e:  # libtpu's own message says what is wrong with the name
+        raise ConfigError(f"--topology={name!r} is not a TPU topology libtpu knows "
+                          f"(e.g. v5p:2x2x1, v5p:4x4x4, v5e:16x16, v6e:2x2, v4:2x2x2): "
+                          f"{str(e).splitlines()[0]}") from None
+
+
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices) if devices is not None else jax.devices()
     sizes = mesh_shape(config, len(devices))

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pallas_kernels import platform as kernel_platform
 from trainer import perf
 from trainer.checkpoint import Checkpoints, UnreadableCheckpoint
 from trainer.config import ConfigError, to_json, validate
@@ -70,8 +71,14 @@ class Trainer:
                 f"config.train.global_batch_size={t.global_batch_size} "
                 f"(/ grad_accum_steps={self.accum} = {self.micro_batch} per micro-batch) is not "
                 f"divisible by the data-parallel size mesh.data x mesh.fsdp = {dp}"))
+        self.warnings: list[str] = []  # the dry run's non-blocking findings
         if not self.problems:
-            self._check_eval_size()
+            try:
+                self._check_eval_size()
+            except ConfigError as e:
+                if not dry_run:
+                    raise
+                self.warnings.append(str(e))  # evaluation only: the train step still compiles
         self.mesh = make_mesh(config, devices)
 
         self.tx = make_optimizer(config)
@@ -104,6 +111,7 @@ class Trainer:
         self._train_step = None  # AOT-compiled on the first batch
         self._eval_step = None
         self.step_flops = float("nan")
+        self.plan: dict = {}  # dry_run()'s figures
         self.last_eval: dict[str, float] = {}
         self._sharding_cache: dict = {}
 
@@ -146,6 +154,7 @@ class Trainer:
         o_bytes = total(opt_state, shardings[1])
         lines.append(f"per device: parameters {_mib(p_bytes)} + optimizer state {_mib(o_bytes)} "
                      f"= {_mib(p_bytes + o_bytes)} ({self.num_params():,} parameters)")
+        lines += [f"warning: {w}" for w in self.warnings]
         if self.problems:
             lines.append("problems for this mesh:")
             lines += ["  " + line for p in self.problems for line in p.splitlines()]
@@ -160,17 +169,47 @@ class Trainer:
             (self.accum, v.shape[1] * jax.process_count()) + v.shape[2:], v.dtype,
             sharding=shard[k]) for k, v in local.items()}
         compiled = self._compile_train_step(batch)
+        lines += self._plan_report(compiled)
+        return "\n".join(lines)
+
+    def _plan_report(self, compiled) -> list[str]:
+        """The compiled step's per-chip memory against the chip's, its FLOPs, and (where the
+        compiler estimates it: TPU) its step time with the implied throughput and MFU. Kept in
+        self.plan (a dict) for tools such as bench/pod_plan.py."""
+        device = self.mesh.devices.flat[0]
+        cfg = self.config.train
+        plan = {"chips": self.mesh.size, "device_kind": device.device_kind,
+                "params": self.num_params(), "step_flops": self.step_flops}
+        lines = []
         mem = compiled.memory_analysis()
         if mem is not None:
+            # live at once: inputs, outputs not written in place of a donated input, temporaries
+            need = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+            have, source = perf.device_memory(device)
+            plan.update(bytes_per_chip=need, chip_bytes=have, fits=bool(need <= have))
             lines.append(
                 "compiled train step, per device: arguments "
                 f"{_mib(mem.argument_size_in_bytes)}, outputs {_mib(mem.output_size_in_bytes)}, "
                 f"temporaries {_mib(mem.temp_size_in_bytes)}, aliased (donated) "
                 f"{_mib(mem.alias_size_in_bytes)}, code {_mib(mem.generated_code_size_in_bytes)}")
+            verdict = ("fits" if need <= have else "DOES NOT FIT") if have == have else "unknown"
+            lines.append(f"memory per device: {_gib(need)} of {_gib(have)} ({source}): {verdict}")
         lines.append(f"compiled train step: {self.step_flops / 1e9:,.2f} GFLOP per step "
-                     f"(all devices), batch {self.config.train.global_batch_size} "
+                     f"(all devices), batch {cfg.global_batch_size} "
                      f"x {self.accum} accumulation micro-step(s); no problems for this mesh")
-        return "\n".join(lines)
+        seconds, how = perf.estimated_seconds(compiled, device)
+        if seconds > 0:  # not nan
+            units = cfg.global_batch_size * self.task.units_per_example()
+            peak, source = perf.peak_flops(list(self.mesh.devices.flat))
+            plan.update(step_seconds=seconds, units_per_second=units / seconds,
+                        mfu=self.step_flops / seconds / peak, estimate=how)
+            lines.append(
+                f"estimated step time ({how}; no communication overlap: a lower bound): "
+                f"{_seconds(seconds)} -> {units / seconds:,.0f} {self.task.throughput_unit}/s, "
+                f"MFU {self.step_flops / seconds / peak:.1%} of the {source} x {self.mesh.size}")
+        self.plan = plan
+        return lines
 
     def _check_eval_size(self) -> None:
         """Fails now, not after training, when the eval split cannot fill one micro-batch."""
@@ -398,7 +437,9 @@ class Trainer:
                          out_shardings=(self.state_shardings, replicated(self.mesh)),
                          donate_argnums=0)
         state = self.state if self.state is not None else self._abstract_sharded_state()
-        with jax.set_mesh(self.mesh):
+        # kernels are chosen and built for the mesh's chips (TPU devices of a topology when
+        # planning a pod run from a CPU machine), not for the host's backend
+        with jax.set_mesh(self.mesh), kernel_platform.target_backend(self.mesh.devices.flat[0].platform):
             compiled = jitted.lower(state, batch).compile()
         self.step_flops = perf.compiled_flops(compiled, self.mesh.size)
         return compiled
@@ -589,3 +630,11 @@ class _StopSignals:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
+
+
+def _seconds(t: float) -> str:
+    return f"{t:,.2f} s" if t >= 1 else f"{t * 1e3:,.2f} ms" if t >= 1e-3 else f"{t * 1e6:,.1f} us"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"

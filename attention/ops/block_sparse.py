@@ -28,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import platform
+
 IMPLS = ("auto", "pallas", "xla", "reference")
+_MASK_ARRAYS = ("counts", "indices", "t_counts", "t_indices")
 
 
 @jax.tree_util.register_dataclass
@@ -230,7 +233,7 @@ def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, sc
     _check(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "auto":  # the kernels are Mosaic (TPU) kernels; GPU and CPU take the xla path
-        impl = "pallas" if jax.default_backend() == "tpu" and _pallas_supported(mask) else "xla"
+        impl = "pallas" if platform.backend() == "tpu" and _pallas_supported(mask) else "xla"
     if impl == "reference":
         o, lse = block_sparse_reference(q, k, v, mask, causal=causal, scale=scale)
     elif impl == "xla":
@@ -240,7 +243,17 @@ def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, sc
         if kernel is None:
             raise RuntimeError("impl='pallas': pallas_kernels.block_sparse is not available in "
                                "this build; use impl='xla'")
-        o, lse = kernel(q, k, v, mask, causal=causal, scale=scale)
+        arrays = (mask.counts, mask.indices, mask.t_counts, mask.t_indices)
+
+        def run(q, k, v, *arrays):
+            local = dataclasses.replace(mask, **dict(zip(_MASK_ARRAYS, arrays)))
+            return kernel(q, k, v, local, causal=causal, scale=scale)
+
+        # a sharded model runs the kernel per device on its batch / head slice (mask arrays
+        # [Bm, Hm, ...] are split with q where they are not broadcasts)
+        o, lse = platform.per_shard(run, (q, k, v) + arrays, batch_dims=(0,) * 7,
+                                    head_dims=(2, 2, 2, 1, 1, 1, 1), out_batch_dims=(0, 0),
+                                    out_head_dims=(2, 1))
     return (o, lse) if return_lse else o
 
 

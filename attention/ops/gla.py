@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import platform
+
 IMPLS = ("auto", "pallas", "xla", "reference")
 
 
@@ -45,7 +47,7 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=Fa
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
         # the kernels carry the chunk state over a sequential grid axis: TPU (Mosaic) only so far
-        impl = "pallas" if jax.default_backend() == "tpu" and _pallas() else "xla"
+        impl = "pallas" if platform.backend() == "tpu" and _pallas() else "xla"
     if impl == "reference":
         o, s = gla_reference(q, k, v, log_g, scale=scale, initial_state=initial_state)
     elif impl == "xla":
@@ -56,8 +58,18 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=Fa
         if kernel is None:
             raise RuntimeError("impl='pallas': pallas_kernels.gla is not available in "
                                       "this build; use impl='xla'")
-        return kernel(q, k, v, log_g, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, chunk_size=chunk_size)
+        B, _, H, K = q.shape
+        h0 = (jnp.zeros((B, H, K, v.shape[-1]), jnp.float32) if initial_state is None
+              else initial_state)
+
+        def run(q, k, v, log_g, h0):
+            return kernel(q, k, v, log_g, scale=scale, initial_state=h0, output_final_state=True,
+                          chunk_size=chunk_size)
+
+        # a sharded model runs the kernel per device on its batch / head slice
+        o, s = platform.per_shard(run, (q, k, v, log_g, h0), batch_dims=(0, 0, 0, 0, 0),
+                                  head_dims=(2, 2, 2, 2, 1), out_batch_dims=(0, 0),
+                                  out_head_dims=(2, 1))
     return o, (s if output_final_state else None)
 
 

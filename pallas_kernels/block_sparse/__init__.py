@@ -11,9 +11,10 @@ only picks pallas on TPU).
 """
 from __future__ import annotations
 
-import jax
+
 import jax.numpy as jnp
 
+from pallas_kernels import platform
 from pallas_kernels.block_sparse.kernels import Config, block_sparse_core
 
 __all__ = ["block_sparse_pallas", "pallas_supported"]
@@ -24,12 +25,12 @@ def pallas_supported(mask, *, interpret: bool | None = None) -> bool:
     interpret mode (CPU); on TPU block_q a multiple of 128 and block_k of 8 (128 is what to use
     for speed); never on GPU (no Triton variant yet)."""
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = platform.interpret_default()
     if mask.block_q % 8 or mask.block_k % 8:
         return False
     if interpret:
         return True
-    return jax.default_backend() == "tpu" and mask.block_q % 128 == 0
+    return platform.backend() == "tpu" and mask.block_q % 128 == 0
 
 
 def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
@@ -58,7 +59,7 @@ def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
         raise ValueError(f"block_sparse_pallas: mask batch/head dims ({mb}, {mh}) must be 1 or "
                          f"({bs}, {hs})")
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = platform.interpret_default()
     if not interpret and bq % 128:
         # Mosaic would reject the [1, block_q] lse row blocks with a less direct message
         raise ValueError(f"block_sparse_pallas: block_q={bq} must be a multiple of 128 to "

@@ -42,13 +42,17 @@ Interpret mode (the CPU tests) accepts any multiple of 8.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import platform
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -86,7 +90,7 @@ def _mm_nt(a, b):  # a @ b.T
 
 
 def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
-    if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
+    if not interpret and platform.is_gpu():
         raise NotImplementedError(
             "block_sparse_pallas: only the TPU (Mosaic) lowering is implemented; the kernels use "
             "TPU scalar prefetch (PrefetchScalarGridSpec) for the block indices. On GPU use "
@@ -165,6 +169,17 @@ def _fwd_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_
         lse_ref[...] = lse.T[:1, :]
 
 
+def _cost(grid, cfg: Config, d: int, matmuls: int, arrays) -> pl.CostEstimate:
+    """XLA's view of a kernel (it cannot see inside a Mosaic call; the dry run's FLOPs and step
+    time use this): `matmuls` [block_q x block_k x D] products and one exp per score for every
+    slot of the grid (an upper bound: slots past a row's count repeat a block and skip it)."""
+    pairs = math.prod(grid)
+    return pl.CostEstimate(
+        flops=2 * matmuls * pairs * cfg.block_q * cfg.block_k * d,
+        transcendentals=pairs * cfg.block_q * cfg.block_k,
+        bytes_accessed=sum(a.size * a.dtype.itemsize for a in arrays))
+
+
 def _seq_block(bs: int, d: int, index_map):
     return pl.BlockSpec((None, None, bs, d), index_map)
 
@@ -218,6 +233,7 @@ def forward(q, k, v, counts, indices, cfg: Config):
         compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
         interpret=cfg.interpret,
         name="block_sparse_fwd",
+        cost_estimate=_cost(grid, cfg, d, 2, (q, k, v, q)),
     )(counts, indices, q, k, v)
 
 
@@ -276,6 +292,7 @@ def backward_dq(q, k, v, do, lse, di, counts, indices, cfg: Config):
         compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
         interpret=cfg.interpret,
         name="block_sparse_bwd_dq",
+        cost_estimate=_cost(grid, cfg, d, 3, (q, k, v, do, q)),
     )(counts, indices, q, k, v, do, lse, di)
 
 
@@ -353,6 +370,7 @@ def backward_dkv(q, k, v, do, lse, di, t_counts, t_indices, cfg: Config, dk_dtyp
         compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
         interpret=cfg.interpret,
         name="block_sparse_bwd_dkv",
+        cost_estimate=_cost((bs, hs, n_k, width), cfg, d, 4, (q, k, v, do, k, v)),
     )(t_counts, t_indices, q, k, v, do, lse, di)
 
 

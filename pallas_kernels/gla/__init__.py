@@ -6,9 +6,10 @@ backward is made of explicit kernels). The math of each kernel is in kernels.py'
 """
 from __future__ import annotations
 
-import jax
+
 import jax.numpy as jnp
 
+from pallas_kernels import platform
 from pallas_kernels.gla.kernels import Config, gla_core
 
 __all__ = ["gla_pallas"]
@@ -30,7 +31,7 @@ def gla_pallas(q, k, v, log_g, *, scale: float, initial_state=None,
         raise ValueError(f"gla_pallas: chunk_size must be a positive multiple of 8, "
                          f"got {chunk_size}")
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = platform.interpret_default()
     sub = 16 if chunk_size % 16 == 0 else 8
     cfg = Config(scale=float(scale), chunk=int(chunk_size), sub=sub, interpret=bool(interpret))
 

@@ -31,10 +31,13 @@ import functools
 from typing import NamedTuple
 
 import jax
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import platform
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -65,7 +68,7 @@ def _mm_tn(a, b):  # a.T @ b
 
 
 def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
-    if not interpret and jax.default_backend() in ("gpu", "cuda", "rocm"):
+    if not interpret and platform.is_gpu():
         raise NotImplementedError(
             "gla_pallas: the kernels carry the chunk state across a sequential grid axis, which "
             "the Mosaic TPU lowering (and interpret mode) supports but the GPU lowering does not")
@@ -253,6 +256,14 @@ def _input_grads_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, s_ref, ds_ref,
 
 
 # ----------------------------------------------------------------------------- pallas_calls
+def _cost(arrays, outs, per_token_flops: int, per_token_exps: int, tokens: int):
+    """XLA's view of a kernel (it cannot see inside a Mosaic call; the dry run's FLOPs and step
+    time use this): FLOPs and exps per token (summed over batch and heads), bytes in and out."""
+    size = lambda a: a.size * jnp.dtype(a.dtype).itemsize
+    return pl.CostEstimate(flops=per_token_flops * tokens, transcendentals=per_token_exps * tokens,
+                           bytes_accessed=sum(map(size, jax.tree.leaves((arrays, outs)))))
+
+
 def _seq_spec(c, d, reverse_n=None):
     if reverse_n is None:
         return pl.BlockSpec((1, 1, c, d), lambda b, h, i: (b, h, i, 0))
@@ -276,17 +287,19 @@ def chunk_states(k, v, b, h0, cfg: Config):
     vd = v.shape[-1]
     c = cfg.chunk
     n = t // c
+    out_shapes = [jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
+                  jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)]
     return pl.pallas_call(
         _chunk_states_kernel,
         grid=(bs, hs, n),
         in_specs=[_seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd), _bh_spec(kd, vd)],
         out_specs=[_state_spec(kd, vd), _bh_spec(kd, vd)],
-        out_shape=[jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
-                   jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)],
+        out_shape=out_shapes,
         scratch_shapes=[pltpu.VMEM((vd, kd), _F32)],
         compiler_params=_compiler_params(cfg.interpret, ("parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="gla_chunk_states",
+        cost_estimate=_cost((k, v, b, h0), out_shapes, 2 * kd * vd, kd, bs * hs * t),
     )(k, v, b, h0)
 
 
@@ -294,16 +307,19 @@ def chunk_output(q, k, v, b, states, cfg: Config):
     bs, hs, t, kd = q.shape
     vd = v.shape[-1]
     c = cfg.chunk
+    out_shapes = jax.ShapeDtypeStruct((bs, hs, t, vd), v.dtype)
     return pl.pallas_call(
         functools.partial(_output_kernel, scale=cfg.scale, sub=cfg.sub),
         grid=(bs, hs, t // c),
         in_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd),
                   _state_spec(kd, vd)],
         out_specs=_seq_spec(c, vd),
-        out_shape=jax.ShapeDtypeStruct((bs, hs, t, vd), v.dtype),
+        out_shape=out_shapes,
         compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3),
         interpret=cfg.interpret,
         name="gla_chunk_output",
+        cost_estimate=_cost((q, k, v, b, states), out_shapes, 2 * kd * vd + c * (kd + vd),
+                            2 * kd, bs * hs * t),
     )(q, k, v, b, states)
 
 
@@ -313,18 +329,20 @@ def chunk_state_grads(q, b, do, dfinal, cfg: Config):
     vd = do.shape[-1]
     c = cfg.chunk
     n = t // c
+    out_shapes = [jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
+                  jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)]
     return pl.pallas_call(
         functools.partial(_state_grads_kernel, scale=cfg.scale),
         grid=(bs, hs, n),
         in_specs=[_seq_spec(c, kd, n), _seq_spec(c, kd, n), _seq_spec(c, vd, n),
                   _bh_spec(kd, vd)],
         out_specs=[_state_spec(kd, vd, n), _bh_spec(kd, vd)],
-        out_shape=[jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
-                   jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)],
+        out_shape=out_shapes,
         scratch_shapes=[pltpu.VMEM((vd, kd), _F32)],
         compiler_params=_compiler_params(cfg.interpret, ("parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="gla_chunk_state_grads",
+        cost_estimate=_cost((q, b, do, dfinal), out_shapes, 2 * kd * vd, kd, bs * hs * t),
     )(q, b, do, dfinal)
 
 
@@ -333,17 +351,20 @@ def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
     bs, hs, t, kd = q.shape
     vd = v.shape[-1]
     c = cfg.chunk
+    out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                  jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape, _F32)]
     return pl.pallas_call(
         functools.partial(_input_grads_kernel, scale=cfg.scale, sub=cfg.sub),
         grid=(bs, hs, t // c),
         in_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd),
                   _seq_spec(c, vd), _state_spec(kd, vd), _state_spec(kd, vd)],
         out_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd)],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape, _F32)],
+        out_shape=out_shapes,
         compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3),
         interpret=cfg.interpret,
         name="gla_chunk_input_grads",
+        cost_estimate=_cost((q, k, v, b, do, states, dstates), out_shapes,
+                            6 * kd * vd + 2 * c * (kd + vd), 2 * kd, bs * hs * t),
     )(q, k, v, b, do, states, dstates)
 
 

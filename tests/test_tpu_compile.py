@@ -1,0 +1,249 @@
+"""Every Pallas kernel compiled for a real TPU (Mosaic), and pod-scale dry runs, on this CPU.
+
+Interpret mode checks a kernel's numbers but accepts block shapes and ops the Mosaic TPU lowering
+rejects (STACK.md: cumsum inside a kernel, a 100-wide block). With libtpu (the `tpu-aot` extra,
+installed by `make test`) `jax.experimental.topologies` describes TPU devices on a CPU-only
+machine and `jit(...).lower(...).compile()` runs the real TPU compiler. Skipped only where libtpu
+cannot be imported.
+"""
+from __future__ import annotations
+
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import LM_CONFIG, REPO_ROOT, TINY
+
+pytest.importorskip("libtpu", reason="libtpu is not installed (pip install -e '.[tpu-aot]'; "
+                                     "make test installs it): no TPU compiler on this machine")
+
+import pallas_kernels  # noqa: E402
+from attention.ops.block_sparse import BlockMask, block_sparse_attention  # noqa: E402
+from attention.ops.gla import gla  # noqa: E402
+from pallas_kernels import platform  # noqa: E402
+from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.sharding import topology_devices  # noqa: E402
+from trainer.trainer import Trainer  # noqa: E402
+
+TOPOLOGY = "v5p:2x2x1"
+
+
+def _kernel_names(package: str) -> set[str]:
+    """The `name=` of every pallas_call in a kernel package's sources."""
+    folder = os.path.join(os.path.dirname(pallas_kernels.__file__), package)
+    names = set()
+    for file in os.listdir(folder):
+        if file.endswith(".py"):
+            with open(os.path.join(folder, file)) as f:
+                names |= set(re.findall(r'\bname="([a-z0-9_]+)"', f.read()))
+    return names
+
+
+def _kernel_packages() -> set[str]:
+    return {m.name for m in pkgutil.iter_modules(pallas_kernels.__path__) if m.ispkg}
+
+
+def _compile_for_tpu(f, *args) -> str:
+    """Compiles f(*args) (ShapeDtypeStructs) for one v5p chip; returns the compiled HLO text."""
+    mesh = jax.sharding.Mesh(np.array(topology_devices(TOPOLOGY)[:1]), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), platform.target_backend("tpu"):
+        return jax.jit(f).lower(*args).compile().as_text()
+
+
+# Shapes the layers use: (K, V) head dims of the GLA layer in configs/lm.py gla_tiny (d 64, 4
+# heads), gla (d 512, 4 heads) and gla_1b / gla_8b (fla's 256 / 512); chunk 64 (the layer's
+# default) and 128; T not a multiple of the chunk.
+GLA_CASES = [(8, 16, 64, 100), (64, 128, 64, 300), (256, 512, 64, 200), (64, 128, 128, 256)]
+# Block-sparse: the sparse prefill layers with 128-row query blocks (on TPU impl="auto" takes the
+# kernel only then; HiP / FlexPrefill / DHSA configs set *_block_q=128), head dim 64 (the default
+# LM) and 128 (the pod configs), GQA 2:1, T and S not multiples of the blocks.
+SPARSE_CASES = [(64, 128, True), (128, 128, True), (64, 64, False)]
+
+# the pallas_calls each compile test below must find in its TPU program
+KERNELS = {
+    "gla": ("gla_chunk_states", "gla_chunk_output", "gla_chunk_state_grads",
+            "gla_chunk_input_grads"),
+    "block_sparse": ("block_sparse_fwd", "block_sparse_bwd_dq", "block_sparse_bwd_dkv"),
+}
+
+
+def _assert_compiled(package: str, text: str) -> None:
+    for name in KERNELS[package]:
+        assert name in text, f"{name} was not compiled (impl='auto' on TPU must take the kernel)"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kd,vd,chunk,t", GLA_CASES)
+def test_gla_kernels_compile_for_tpu(kd, vd, chunk, t, dtype):
+    """Forward (chunk states, output) and backward (state grads, input grads, with a carried
+    initial state and a final-state cotangent) through the op the GLA layer calls."""
+    B, H = 1, 2
+
+    def f(q, k, v, log_g, h0, do, ds):
+        def run(q, k, v, log_g, h0):
+            return gla(q, k, v, log_g, initial_state=h0, output_final_state=True,
+                       chunk_size=chunk, impl="auto")
+        out, vjp = jax.vjp(run, q, k, v, log_g, h0)
+        return out, vjp((do, ds))
+
+    qk = jax.ShapeDtypeStruct((B, t, H, kd), dtype)
+    args = (qk, qk, jax.ShapeDtypeStruct((B, t, H, vd), dtype),
+            jax.ShapeDtypeStruct((B, t, H, kd), jnp.float32),
+            jax.ShapeDtypeStruct((B, H, kd, vd), jnp.float32),
+            jax.ShapeDtypeStruct((B, t, H, vd), dtype),
+            jax.ShapeDtypeStruct((B, H, kd, vd), jnp.float32))
+    _assert_compiled("gla", _compile_for_tpu(f, *args))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("d,block_k,causal", SPARSE_CASES)
+def test_block_sparse_kernels_compile_for_tpu(d, block_k, causal, dtype):
+    B, T, S, H, Hkv, bq = 1, 300, 250 if not causal else 300, 4, 2, 128
+    nq, nk = -(-T // bq), -(-S // block_k)
+    dense = np.random.default_rng(0).random((1, H, nq, nk)) < 0.5
+    dense[..., 0] = True  # no empty row
+    mask = BlockMask.from_dense(jnp.asarray(dense), bq, block_k, q_len=T, k_len=S)
+
+    def f(q, k, v, mask, do, dlse):
+        out, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(
+            q, k, v, mask, causal=causal, impl="auto", return_lse=True), q, k, v)
+        return out, vjp((do, dlse))
+
+    args = (jax.ShapeDtypeStruct((B, T, H, d), dtype), jax.ShapeDtypeStruct((B, S, Hkv, d), dtype),
+            jax.ShapeDtypeStruct((B, S, Hkv, d), dtype),
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mask),
+            jax.ShapeDtypeStruct((B, T, H, d), dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32))
+    _assert_compiled("block_sparse", _compile_for_tpu(f, *args))
+
+
+@pytest.mark.parametrize("attention,fields", [
+    ("hip", ("hip_block_q=128", "hip_block_k=128")),
+    ("flexprefill", ("flex_block=128",)),
+    ("dhsa", ("dhsa_block_q=128", "dhsa_block_k=128")),
+])
+def test_sparse_prefill_layers_compile_for_tpu(attention, fields):
+    """The whole LM prefill with each block-sparse prefill layer (its block selection lowered by
+    XLA for TPU, the attention by the kernel) at 128-token blocks, T = 1000 (partial blocks)."""
+    from flax import nnx
+
+    from models.lm import LM
+
+    config = load_config(TINY, [f"model.attention={attention}", "model.head_dim=64",
+                                *(f"model.{f}" for f in fields)])
+    B, T = 1, 1000
+    model = nnx.eval_shape(lambda: LM(config.model, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def prefill(state, tokens):
+        m = nnx.merge(graphdef, state)
+        logits, _ = m(tokens, cache=m.init_cache(B, T), mode="prefill")
+        return logits
+
+    text = _compile_for_tpu(prefill, state, jax.ShapeDtypeStruct((B, T), jnp.int32))
+    assert "block_sparse_fwd" in text, "the prefill did not take the TPU kernel"
+
+
+def test_mosaic_rejects_what_interpret_mode_accepts():
+    """The check has teeth: a 100-wide block runs in interpret mode but the TPU compiler refuses
+    it (Mosaic's divisibility rule); and the block-sparse op names its own TPU constraint before
+    Mosaic would (a 64-row query block: the [1, block_q] lse rows need 128 lanes)."""
+    from jax.experimental import pallas as pl
+
+    from pallas_kernels.block_sparse import block_sparse_pallas
+
+    def copy(interpret):
+        def kernel(x_ref, o_ref):
+            o_ref[...] = x_ref[...] * 2
+        return lambda x: pl.pallas_call(
+            kernel, grid=(2,), in_specs=[pl.BlockSpec((8, 100), lambda i: (0, i))],
+            out_specs=pl.BlockSpec((8, 100), lambda i: (0, i)),
+            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=interpret)(x)
+
+    x = jnp.ones((8, 200), jnp.float32)
+    np.testing.assert_array_equal(copy(True)(x), 2 * x)
+    with pytest.raises(Exception, match="divisible by 8 and 128"):
+        _compile_for_tpu(copy(False), jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+    T, bq = 128, 64
+    mask = BlockMask.from_dense(jnp.ones((1, 1, 2, 2), bool), bq, bq, q_len=T, k_len=T)
+    q = jax.ShapeDtypeStruct((1, T, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 128 to compile for TPU"):
+        _compile_for_tpu(lambda q, k, v: block_sparse_pallas(q, k, v, mask, causal=True,
+                                                             scale=0.125), q, q, q)
+
+
+def test_every_kernel_package_has_a_tpu_compile_check():
+    """A new kernel folder, or a new pallas_call in one, must be added to KERNELS (and so to a
+    compile test above): the kernel names in the sources are exactly the ones checked."""
+    assert _kernel_packages() == set(KERNELS), (
+        f"kernel packages {sorted(_kernel_packages())}: add a TPU compile test for each new one")
+    for package, names in KERNELS.items():
+        assert _kernel_names(package) == set(names), (
+            f"pallas_kernels/{package}: kernels {sorted(_kernel_names(package))}, compile-checked "
+            f"{sorted(names)}")
+
+
+# ----------------------------------------------------------------------------- pod dry runs
+def _dry_run(config_name, *overrides):
+    config = load_config(config_name, list(overrides))
+    with Trainer(config, "/nonexistent/never_created", dry_run=True,
+                 devices=topology_devices(TOPOLOGY)) as t:
+        report = t.dry_run()
+    return t, report
+
+
+@pytest.mark.parametrize("variant,mesh", [("tiny", ("mesh.data=4",)),
+                                          ("gla_tiny", ("mesh.data=2", "mesh.tensor=2"))])
+def test_dry_run_on_a_tpu_topology(variant, mesh):
+    """The tiny LMs' real train step (sharded params, optimizer state and batch; GLA's kernels
+    per device under shard_map) compiles for a v5p:2x2x1 slice and fits the chip's HBM."""
+    t, report = _dry_run(f"{LM_CONFIG}:{variant}", *mesh)
+    plan = t.plan
+    assert plan["chips"] == 4 and plan["device_kind"].startswith("TPU v5")
+    assert plan["fits"] and 0 < plan["bytes_per_chip"] <= plan["chip_bytes"] == 95 * 2**30
+    assert plan["step_flops"] > 0 and plan["step_seconds"] > 0
+    assert 0 < plan["mfu"] < 1 and plan["units_per_second"] > 0
+    for text in ("of 95.00 GiB", "fits", "GFLOP per step", "tokens/s", "MFU"):
+        assert text in report
+
+
+def test_dry_run_counts_the_kernels_flops():
+    """XLA cannot look inside a Mosaic call: the kernels' cost estimates must reach the step's
+    FLOPs (the GLA LM would otherwise be reported with its attention missing)."""
+    with_kernel, _ = _dry_run(f"{LM_CONFIG}:gla_tiny", "mesh.data=4")
+    without, _ = _dry_run(f"{LM_CONFIG}:gla_tiny", "mesh.data=4", "model.gla_impl=xla")
+    ratio = with_kernel.plan["step_flops"] / without.plan["step_flops"]
+    assert 0.7 < ratio < 1.5, ratio
+
+
+def test_dry_run_mesh_that_does_not_divide_the_topology():
+    config = load_config(TINY, ["mesh.data=1", "mesh.tensor=3"])
+    with pytest.raises(ConfigError, match=r"config\.mesh: .*tensor=3.*4 are available"):
+        Trainer(config, "/nonexistent", dry_run=True, devices=topology_devices(TOPOLOGY))
+
+
+def test_dry_run_command_line_with_topology(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    env.pop("XLA_FLAGS", None)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "trainer.main", f"--config={TINY}", "--dry_run",
+         f"--workdir={tmp_path / 'w'}", *a], env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT)
+    p = run("--topology=v5p:2x2x1", "--config.mesh.data=2", "--config.mesh.fsdp=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "4 tpu devices" in p.stdout and "fits" in p.stdout and "MFU" in p.stdout
+    # a parameter the mesh cannot split: listed, nothing compiled, exit status 1
+    p = run("--topology=v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.tensor=4",
+            "--config.model.d_model=36", "--config.model.head_dim=16")
+    assert p.returncode == 1 and "not compiled" in p.stdout
+    p = run("--topology=v5p:banana")
+    assert p.returncode == 2 and "not a TPU topology" in p.stderr
+    assert not (tmp_path / "w").exists(), "a dry run writes nothing"
