@@ -1,8 +1,11 @@
 """Decoder-only language model (byte level by default) and its Task.
 
-Pre-norm Transformer: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); RoPE and GQA live in
-the attention module, which comes from the registry by `config.model.attention`, so every
-mechanism of attention/ plugs in without touching this file.
+Pre-norm Transformer: x + Attn(Norm(x)), then x + MLP(Norm(x)); RoPE and GQA live in the
+attention module, which comes from the registry by `config.model.attention`, so every mechanism
+of attention/ plugs in without touching this file. Defaults (Llama style): RMSNorm, SwiGLU,
+RoPE, untied head. GPT-2 style, as the peers in ../shared/peers: `model.norm="layernorm"`,
+`model.mlp="gelu"` (tanh GELU), `model.position="learned"` (with `rope_theta=0`),
+`model.tie_embeddings=True` (configs/lm.py peer_a / peer_b).
 
 Shapes: tokens [B, T] int32 -> logits [B, T, vocab] float32.
 """
@@ -26,9 +29,24 @@ from trainer.task import Task, register_task
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+POSITIONS = ("rope", "learned")
+
+
 def rms_norm(d: int, *, dtype, rngs):
     return nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)), rngs=rngs)
+
+
+def norm_layer(cfg, *, dtype, rngs):
+    """config.model.norm: "rmsnorm" (default) or "layernorm" (scale and bias, eps 1e-5)."""
+    if cfg.get("norm", "rmsnorm") == "rmsnorm":
+        return rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+    return nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                         scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
+                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
+                         rngs=rngs)
 
 
 class SwiGLU(nnx.Module):
@@ -45,12 +63,27 @@ class SwiGLU(nnx.Module):
         return self.w2(constrain(h, ("batch", "length", "act_mlp")))
 
 
+class GeluMLP(nnx.Module):
+    """FFN(x) = GELU(x W_fc) W_proj with the tanh GELU (Hendrycks & Gimpel 2016, eq. in sec. 2;
+    GPT-2's MLP)."""
+
+    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs):
+        self.fc = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.proj = dense(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs,
+                          std=0.02 / (2 * num_layers) ** 0.5)
+
+    def __call__(self, x):
+        h = jax.nn.gelu(self.fc(x), approximate=True)
+        return self.proj(constrain(h, ("batch", "length", "act_mlp")))
+
+
 class Block(nnx.Module):
     def __init__(self, cfg, *, dtype, rngs):
-        self.attn_norm = rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.attn_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
         self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs)
-        self.mlp_norm = rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs)
+        self.mlp_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
+        mlp = SwiGLU if cfg.get("mlp", "swiglu") == "swiglu" else GeluMLP
+        self.mlp = mlp(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, cache, mode):
         h, cache = self.attn(self.attn_norm(x), positions=positions, cache=cache, mode=mode)
@@ -61,19 +94,31 @@ class Block(nnx.Module):
 
 class LM(nnx.Module):
     """cfg: config.model (vocab_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
-    mlp_dim, rope_theta, attention)."""
+    mlp_dim, rope_theta, attention; optional norm, mlp, position + max_len, tie_embeddings)."""
 
     def __init__(self, cfg, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         self.remat = remat
+        self.tied = bool(cfg.get("tie_embeddings", False))
         # parameters carry logical axis names; the trainer's rules place them on a mesh
         with nnx.use_eager_sharding(False):
+            # a tied head reads logits off the embedding: GPT-2's N(0, 0.02) keeps them small
             self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
                                    embedding_init=nnx.with_partitioning(
-                                       nnx.initializers.normal(1.0), ("vocab", "embed")), rngs=rngs)
+                                       nnx.initializers.normal(0.02 if self.tied else 1.0),
+                                       ("vocab", "embed")), rngs=rngs)
+            if cfg.get("position", "rope") == "learned":
+                self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, dtype=dtype,
+                                           param_dtype=jnp.float32,
+                                           embedding_init=nnx.with_partitioning(
+                                               nnx.initializers.normal(0.02), (None, "embed")),
+                                           rngs=rngs)
+            else:
+                self.pos_embed = None
             self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-            self.final_norm = rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
-            self.lm_head = dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
-                                 rngs=rngs, std=1.0 / math.sqrt(cfg.d_model))
+            self.final_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
+            self.lm_head = None if self.tied else dense(
+                cfg.d_model, cfg.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs,
+                std=1.0 / math.sqrt(cfg.d_model))
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> list:
         return [b.attn.init_cache(batch, max_len, dtype) for b in self.blocks]
@@ -83,7 +128,10 @@ class LM(nnx.Module):
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = constrain(x, ("batch", "length", "act_embed"))
         caches = cache if cache is not None else [None] * len(self.blocks)
         new_caches = []
         for block, c in zip(self.blocks, caches):
@@ -92,7 +140,8 @@ class LM(nnx.Module):
             else:
                 x, c = block(x, positions, c, mode)
             new_caches.append(c)
-        logits = self.lm_head(self.final_norm(x)).astype(jnp.float32)
+        x = self.final_norm(x)
+        logits = (self.embed.attend(x) if self.tied else self.lm_head(x)).astype(jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")), \
             (new_caches if cache is not None else None)
 
@@ -140,6 +189,10 @@ def generate(model: LM, prompt, max_new_tokens: int, *, temperature: float = 0.0
     (and the logits [B, N, V] each was sampled from, if return_logits)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = len(prompt[0]) + max_new_tokens
+    if model.pos_embed is not None and total > model.pos_embed.num_embeddings:
+        raise ValueError(f"prompt + max_new_tokens = {total} positions, but the model learned "
+                         f"{model.pos_embed.num_embeddings} (model.max_len)")
     graphdef, state = nnx.split(model)
     rng = jax.random.key(0) if rng is None else rng
     tokens, logits = _generate(graphdef, state, jnp.asarray(prompt, jnp.int32), rng,
@@ -173,7 +226,18 @@ class LMTask(Task):
         if not m.head_dim and m.d_model % m.num_heads:
             raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
                               f"num_heads={m.num_heads}; set model.head_dim explicitly")
-        if hd % 2:
+        for field, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS)):
+            if m.get(field, allowed[0]) not in allowed:
+                raise ConfigError(f"config.model.{field}={m[field]!r}; allowed: "
+                                  f"{', '.join(allowed)}")
+        if m.get("position", "rope") == "learned":
+            if m.rope_theta:
+                raise ConfigError("config.model.position='learned' adds absolute position "
+                                  "embeddings: set model.rope_theta=0 (no RoPE as well)")
+            if m.get("max_len", 0) < self.config.data.seq_len:
+                raise ConfigError(f"config.model.max_len={m.get('max_len', 0)} (learned "
+                                  f"positions) must be >= data.seq_len={self.config.data.seq_len}")
+        elif hd % 2:
             raise ConfigError(f"config.model.head_dim={hd} must be even (RoPE rotates pairs)")
         try:
             attention.get(m.attention)

@@ -16,10 +16,17 @@ from trainer import load_config
 from trainer.data import ByteCorpus, process_batches, stdlib_files
 
 
-@pytest.fixture(scope="module", params=["softmax", "gla", "hedgehog"])
+GPT2 = ["model.norm=layernorm", "model.mlp=gelu", "model.position=learned", "model.rope_theta=0",
+        "model.max_len=64", "model.tie_embeddings=true", "model.mlp_dim=256"]
+
+
+@pytest.fixture(scope="module", params=["softmax", "gla", "hedgehog", "gpt2"])
 def model_config(request):
     """The tiny LM (2 layers; softmax: GQA with 4 query / 2 key-value heads) with each
-    attention mechanism: generation and causality must hold for every one."""
+    attention mechanism, and in GPT-2 form (LayerNorm, GELU, learned positions, tied head):
+    generation and causality must hold for every one."""
+    if request.param == "gpt2":
+        return load_config(TINY, GPT2).model
     return load_config(TINY, [f"model.attention={request.param}"]).model
 
 
@@ -61,6 +68,34 @@ def test_kv_cache_generation_equals_full_recompute(model, forward, prompt):
         seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
     np.testing.assert_array_equal(tokens, jnp.stack(ref_tokens, axis=1))
     np.testing.assert_allclose(logits, jnp.stack(ref_logits, axis=1), atol=1e-4, rtol=1e-4)
+
+
+def test_peer_configs_are_the_peers_gpt():
+    """configs/lm.py peer_a / peer_b build ../shared/peers' GPT: its exact parameter counts
+    (LayerNorm with bias, 4x GELU MLP, learned positions, tied head, fused-QKV-sized MHA)."""
+    for variant, params in (("peer_a", 3_346_944), ("peer_b", 19_149_824)):
+        config = load_config(TINY.replace(":tiny", f":{variant}"), [])
+        model = nnx.eval_shape(lambda: LM(config.model, rngs=nnx.Rngs(0)))
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        assert n == params, (variant, n)
+        assert model.lm_head is None and model.pos_embed.num_embeddings == config.data.seq_len
+
+
+def test_architecture_switches_are_validated():
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.norm='batchnorm'; allowed: rmsnorm, layernorm"):
+        LMTask(load_config(TINY, ["model.norm=batchnorm"])).validate(
+            {"data": 1, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ConfigError, match="rope_theta=0"):
+        LMTask(load_config(TINY, ["model.position=learned", "model.max_len=64"])).validate(
+            {"data": 1, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ConfigError, match="max_len=32 .* >= data.seq_len=64"):
+        LMTask(load_config(TINY, [*GPT2, "model.max_len=32"])).validate(
+            {"data": 1, "fsdp": 1, "tensor": 1})
+    model = LM(load_config(TINY, GPT2).model, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="65 positions, but the model learned 64"):
+        generate(model, jnp.zeros((1, 60), jnp.int32), 5)
 
 
 def test_top_k_1_sampling_equals_greedy(model, prompt):

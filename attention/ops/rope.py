@@ -6,7 +6,10 @@ def apply_rope(x, positions, *, theta: float = 10000.0):
     """Rotates pairs (x[..., :D/2], x[..., D/2:]) by angle pos * theta^(-2i/D).
 
     x: [B, T, H, D] (D even); positions: [B, T] int. Computed in f32, returned in x.dtype.
+    theta = 0 turns RoPE off (x unchanged): models with learned absolute positions.
     """
+    if not theta:
+        return x
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {d}")
