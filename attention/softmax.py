@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention.ops.causal import causal_attention
+from attention.ops.fusion import materialize
 from attention.ops.rope import apply_rope
 from attention.registry import register
 from trainer.sharding import constrain
@@ -26,22 +28,39 @@ def check_mode(mode: str, cache) -> None:
         raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
 
 
+class Dense(nnx.Linear):
+    """nnx.Linear whose output (and its cotangent) XLA:CPU materialises rather than fusing into
+    the next matmuls' operands (attention/ops/fusion.py: ~1.5x on the CPU train step)."""
+
+    def __call__(self, x):
+        return materialize(super().__call__(x))
+
+
 def dense(din, dout, logical, *, dtype, rngs, std=0.02):
     """A bias-free Linear whose kernel carries logical axis names for the sharding rules."""
-    return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), logical),
-                      rngs=rngs)
+    return Dense(din, dout, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), logical),
+                 rngs=rngs)
 
 
 @register("softmax")
 class SoftmaxAttention(nnx.Module):
     """x [B, T, D] -> [B, T, D]. Heads: num_heads query, num_kv_heads key/value (GQA)."""
 
+    # config.model fields (attention/ops/causal.py), also of the mechanisms built on this layer
+    # (add_mechanism_defaults merges CONFIG_DEFAULTS along the class hierarchy)
+    CONFIG_DEFAULTS = dict(softmax_impl="auto", softmax_block=64)
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.rope_theta = cfg.rope_theta
+        # attention/ops/causal.py: "auto" = query blocks skipping the masked half on CPU, the
+        # dense (cuDNN / XLA) form elsewhere
+        defaults = SoftmaxAttention.CONFIG_DEFAULTS
+        self.softmax_impl = cfg.get("softmax_impl", defaults["softmax_impl"])
+        self.softmax_block = int(cfg.get("softmax_block", defaults["softmax_block"]))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -62,7 +81,7 @@ class SoftmaxAttention(nnx.Module):
         q [B, T, H, hd], k, v [B, T, H_kv, hd] (RoPE applied) -> [B, T, H, hd]. Sparse mechanisms
         sharing these projections (so a trained softmax checkpoint loads into them) override
         this; decoding over the cache stays dense."""
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return causal_attention(q, k, v, block=self.softmax_block, impl=self.softmax_impl)
 
     def report_cost(self, pairs) -> None:
         """Sows the attention cost of a segment: (query, key) pairs computed for one sequence,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attention
+from attention.ops.fusion import materialize
 from attention.softmax import dense
 from trainer.config import ConfigError
 from trainer.data import ByteCorpus, ByteWindows, text_files
@@ -141,7 +142,8 @@ class LM(nnx.Module):
                 x, c = block(x, positions, c, mode)
             new_caches.append(c)
         x = self.final_norm(x)
-        logits = (self.embed.attend(x) if self.tied else self.lm_head(x)).astype(jnp.float32)
+        logits = materialize(self.embed.attend(x)) if self.tied else self.lm_head(x)
+        logits = logits.astype(jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")), \
             (new_caches if cache is not None else None)
 

@@ -108,8 +108,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
 
 
 def add_mechanism_defaults(model_config: ConfigDict) -> None:
-    """Adds the fields an attention mechanism declares (its class's CONFIG_DEFAULTS, e.g.
-    gla_chunk, hip_mask_k) to config.model, keeping values already set; an unknown mechanism is
+    """Adds the fields an attention mechanism declares (the CONFIG_DEFAULTS of its class and its
+    base classes, e.g. gla_chunk, hip_mask_k, softmax_block) to config.model, keeping values already set; an unknown mechanism is
     left for the task's validation to report."""
     import attention  # the registry; imported here so loading a config stays light otherwise
 
@@ -117,7 +117,10 @@ def add_mechanism_defaults(model_config: ConfigDict) -> None:
         cls = attention.get(model_config.attention)
     except KeyError:
         return
-    for name, value in getattr(cls, "CONFIG_DEFAULTS", {}).items():
+    defaults = {}
+    for klass in reversed(cls.__mro__):  # a subclass's own fields, then its bases'
+        defaults.update(klass.__dict__.get("CONFIG_DEFAULTS", {}))
+    for name, value in defaults.items():
         if name not in model_config:
             model_config[name] = value
 

@@ -1,0 +1,168 @@
+"""polyformer's trainer beside the peer GPTs of ../shared/peers (PyTorch eager, torch.compile, plain
+JAX + NNX), on the same model, side by side in one run. Prints, never asserts.
+
+    TORCH_PY=<torch venv>/bin/python python bench/peer.py [--reps 3] [--configs a,b]
+    python bench/peer.py --impl polyformer --layers 4 --d_model 256 --heads 4 --seq 512 --batch 8
+
+The second form is one run of polyformer, printing one JSON line in the peers' format
+(tokens_per_s = batch*seq / median step time, step_ms_*, params, flops_per_step_est, first_step_s,
+loss_first/last). It trains configs/lm.py:peer_a's architecture (LayerNorm, tanh GELU, learned
+positions, tied head, MHA; the peers' exact parameter count) with the shapes given, through
+`Trainer.fit` (its whole loop: Grain input, global batch assembly, metrics every step, like the
+peers' loss.item()), on the embedded corpus rather than random bytes. A step's time is the
+trainer's own perf/step_s with log_every=1; the first `--warmup` steps are not counted.
+
+The first form alternates the implementations (order reversed every repetition) using the peers'
+runner (../shared/peers/bench.py: quiet-machine wait, foreign-CPU accounting) and prints the
+median table; without TORCH_PY the torch rows are skipped (set-up: ../shared/peers/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(os.path.dirname(ROOT), "shared", "peers")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impl", choices=("polyformer",), default=None,
+                   help="one run of polyformer (else: the side-by-side comparison)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (incl. compile)")
+    p.add_argument("--threads", type=int, default=2, help="cores (CPU affinity), as the peers")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--configs", default="a,b")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--wait-quiet", type=float, default=0.2,
+                   help="before each run wait until other processes use <= this many cores")
+    p.add_argument("--max-wait", type=float, default=600)
+    p.add_argument("overrides", nargs="*", help="config overrides for polyformer, e.g. "
+                                                "train.compute_dtype=bfloat16")
+    return p.parse_args(argv)
+
+
+def run_polyformer(a) -> dict:
+    try:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: a.threads])
+    except (AttributeError, OSError):
+        pass
+    sys.path.insert(0, ROOT)
+    import attention  # noqa: F401  (XLA:CPU flags before jax starts)
+    import flax
+    import jax
+    import optax
+
+    from trainer.config import load_config
+    from trainer.trainer import Trainer
+
+    overrides = [f"model.num_layers={a.layers}", f"model.d_model={a.d_model}",
+                 f"model.num_heads={a.heads}", f"model.num_kv_heads={a.heads}",
+                 f"model.mlp_dim={4 * a.d_model}", f"model.max_len={a.seq}",
+                 f"data.seq_len={a.seq}", f"train.global_batch_size={a.batch}",
+                 f"train.steps={a.warmup + a.steps}", "train.log_every=1", "eval.every=0",
+                 "eval.batches=1", "checkpoint.every=0", "checkpoint.async_save=false",
+                 "sample.max_new_tokens=0", *a.overrides]
+    config = load_config(os.path.join(ROOT, "configs", "lm.py:peer_a"), overrides)
+    with tempfile.TemporaryDirectory() as workdir:
+        # the trainer's log lines go to stderr: stdout carries only the JSON line
+        with contextlib.redirect_stdout(sys.stderr), Trainer(config, workdir) as trainer:
+            trainer.fit()
+            n_params = trainer.num_params()
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+    train = [r for r in rows if "train/perf/step_s" in r or "train/loss" in r]
+    times = [r["train/perf/step_s"] for r in train if r.get("step", 0) > a.warmup
+             and "train/perf/step_s" in r]
+    losses = [r["train/loss"] for r in train if "train/loss" in r]
+    med, tokens = statistics.median(times), a.batch * a.seq
+    # the peers' analytic FLOPs: 6 N tokens + 12 L d T tokens, N without the position embedding
+    flops = 6 * (n_params - a.seq * a.d_model) * tokens + 12 * a.layers * a.d_model * a.seq * tokens
+    return {
+        "impl": "polyformer", "tokens_per_s": round(tokens / med, 1),
+        "step_ms_median": round(med * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
+        "step_ms_max": round(max(times) * 1e3, 2), "params": n_params,
+        "flops_per_step_est": flops, "gflops_per_s_est": round(flops / med / 1e9, 2),
+        "first_step_s": None, "loss_first": round(losses[0], 4),
+        "loss_last": round(losses[-1], 4), "overrides": a.overrides,
+        "config": {k: getattr(a, k) for k in
+                   ("layers", "d_model", "heads", "seq", "batch", "steps", "warmup", "threads")},
+        "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+    }
+
+
+def compare(a) -> None:
+    sys.path.insert(0, PEERS)
+    from bench import CONFIGS, run, wait_quiet  # ../shared/peers/bench.py
+
+    tpy = os.environ.get("TORCH_PY")
+    variants = []
+    if tpy:
+        variants.append(("torch", [tpy, "torch_gpt.py"]))
+        if not a.no_compile:
+            variants.append(("torch+compile", [tpy, "torch_gpt.py", "--compile"]))
+    else:
+        print("TORCH_PY is not set: torch rows skipped (../shared/peers/README.md sets it up)",
+              file=sys.stderr)
+    variants.append(("jax peer", [sys.executable, "jax_gpt.py"]))
+    variants.append(("polyformer", [sys.executable, os.path.abspath(__file__),
+                                    "--impl=polyformer", *a.overrides]))
+    results = []
+    for rep in range(a.reps):
+        for cname in a.configs.split(","):
+            flags = [f"--{k}={v}" for k, v in CONFIGS[cname].items()]
+            flags += [f"--steps={a.steps}", f"--warmup={a.warmup}", f"--threads={a.threads}"]
+            for vname, cmd in (variants if rep % 2 == 0 else variants[::-1]):
+                quiet = wait_quiet(a.wait_quiet, a.max_wait)
+                d = run(cmd + flags)  # runs in ../shared/peers; records foreign_cpu
+                d.update(variant=vname, cfg=cname, rep=rep, quiet_before=quiet)
+                print(json.dumps(d), flush=True)
+                results.append(d)
+    print("\n| config | impl | params | tokens/s, median of reps (min-max) | step ms "
+          "| est. GFLOP/s | / torch eager | max foreign cpu |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cname in a.configs.split(","):
+        med = {}
+        for vname, _ in variants:
+            rs = [r for r in results if r["cfg"] == cname and r["variant"] == vname
+                  and "tokens_per_s" in r]
+            if rs:
+                med[vname] = statistics.median(r["tokens_per_s"] for r in rs)
+        for vname, _ in variants:
+            rs = [r for r in results if r["cfg"] == cname and r["variant"] == vname
+                  and "tokens_per_s" in r]
+            if not rs:
+                err = [r.get("error", "") for r in results if r["cfg"] == cname
+                       and r["variant"] == vname]
+                print(f"| {cname} | {vname} | FAILED: {(err or [''])[0][-120:]!r} ||||||")
+                continue
+            tps = [r["tokens_per_s"] for r in rs]
+            ms = statistics.median(r["step_ms_median"] for r in rs)
+            vs = f"{med[vname] / med['torch']:.2f}x" if "torch" in med else "-"
+            print(f"| {cname} | {vname} | {rs[0]['params']:,} | **{med[vname]:,.0f}** "
+                  f"({min(tps):,.0f}-{max(tps):,.0f}) | {ms:,.0f} "
+                  f"| {rs[0]['flops_per_step_est'] / ms / 1e6:.1f} | {vs} "
+                  f"| {max(r.get('foreign_cpu', 0) for r in rs):.2f} |")
+
+
+def main() -> None:
+    a = parse_args()
+    if a.impl == "polyformer":
+        print(json.dumps(run_polyformer(a)), flush=True)
+    else:
+        compare(a)
+
+
+if __name__ == "__main__":
+    main()
