@@ -59,8 +59,9 @@ class SoftmaxAttention(nnx.Module):
         # attention/ops/causal.py: "auto" = query blocks skipping the masked half on CPU, the
         # dense (cuDNN / XLA) form elsewhere
         defaults = SoftmaxAttention.CONFIG_DEFAULTS
-        self.softmax_impl = cfg.get("softmax_impl", defaults["softmax_impl"])
-        self.softmax_block = int(cfg.get("softmax_block", defaults["softmax_block"]))
+        # getattr: cfg is a ConfigDict or any namespace with the fields (tests, notebooks)
+        self.softmax_impl = getattr(cfg, "softmax_impl", defaults["softmax_impl"])
+        self.softmax_block = int(getattr(cfg, "softmax_block", defaults["softmax_block"]))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")

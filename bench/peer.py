@@ -1,7 +1,7 @@
 """polyformer's trainer beside the peer GPTs of ../shared/peers (PyTorch eager, torch.compile, plain
 JAX + NNX), on the same model, side by side in one run. Prints, never asserts.
 
-    TORCH_PY=<torch venv>/bin/python python bench/peer.py [--reps 3] [--configs a,b]
+    TORCH_PY=<torch venv>/bin/python python bench/peer.py [--reps 3] [--configs a,b,default]
     python bench/peer.py --impl polyformer --layers 4 --d_model 256 --heads 4 --seq 512 --batch 8
 
 The second form is one run of polyformer, printing one JSON line in the peers' format
@@ -15,6 +15,8 @@ trainer's own perf/step_s with log_every=1; the first `--warmup` steps are not c
 The first form alternates the implementations (order reversed every repetition) using the peers'
 runner (../shared/peers/bench.py: quiet-machine wait, foreign-CPU accounting) and prints the
 median table; without TORCH_PY the torch rows are skipped (set-up: ../shared/peers/README.md).
+Config "default" is polyformer's default LM (configs/lm.py:default) against its PyTorch twin,
+bench/torch_lm.py (same architecture and parameter count; no plain-JAX peer exists for it).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", choices=("polyformer",), default=None,
                    help="one run of polyformer (else: the side-by-side comparison)")
+    p.add_argument("--variant", default="peer_a",
+                   help="with --impl: configs/lm.py variant; peer_a takes the shapes below, "
+                        "default (the default LM) runs as configured")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d_model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -67,14 +72,15 @@ def run_polyformer(a) -> dict:
     from trainer.config import load_config
     from trainer.trainer import Trainer
 
-    overrides = [f"model.num_layers={a.layers}", f"model.d_model={a.d_model}",
-                 f"model.num_heads={a.heads}", f"model.num_kv_heads={a.heads}",
-                 f"model.mlp_dim={4 * a.d_model}", f"model.max_len={a.seq}",
-                 f"data.seq_len={a.seq}", f"train.global_batch_size={a.batch}",
+    shapes = [f"model.num_layers={a.layers}", f"model.d_model={a.d_model}",
+              f"model.num_heads={a.heads}", f"model.num_kv_heads={a.heads}",
+              f"model.mlp_dim={4 * a.d_model}", f"model.max_len={a.seq}",
+              f"data.seq_len={a.seq}", f"train.global_batch_size={a.batch}"]
+    overrides = [*(shapes if a.variant.startswith("peer") else []),
                  f"train.steps={a.warmup + a.steps}", "train.log_every=1", "eval.every=0",
                  "eval.batches=1", "checkpoint.every=0", "checkpoint.async_save=false",
                  "sample.max_new_tokens=0", *a.overrides]
-    config = load_config(os.path.join(ROOT, "configs", "lm.py:peer_a"), overrides)
+    config = load_config(os.path.join(ROOT, "configs", f"lm.py:{a.variant}"), overrides)
     with tempfile.TemporaryDirectory() as workdir:
         # the trainer's log lines go to stderr: stdout carries only the JSON line
         with contextlib.redirect_stdout(sys.stderr), Trainer(config, workdir) as trainer:
@@ -86,9 +92,11 @@ def run_polyformer(a) -> dict:
     times = [r["train/perf/step_s"] for r in train if r.get("step", 0) > a.warmup
              and "train/perf/step_s" in r]
     losses = [r["train/loss"] for r in train if "train/loss" in r]
-    med, tokens = statistics.median(times), a.batch * a.seq
+    m, seq = config.model, config.data.seq_len
+    med, tokens = statistics.median(times), config.train.global_batch_size * seq
     # the peers' analytic FLOPs: 6 N tokens + 12 L d T tokens, N without the position embedding
-    flops = 6 * (n_params - a.seq * a.d_model) * tokens + 12 * a.layers * a.d_model * a.seq * tokens
+    n_pos = m.max_len * m.d_model if m.position == "learned" else 0
+    flops = 6 * (n_params - n_pos) * tokens + 12 * m.num_layers * m.d_model * seq * tokens
     return {
         "impl": "polyformer", "tokens_per_s": round(tokens / med, 1),
         "step_ms_median": round(med * 1e3, 2), "step_ms_min": round(min(times) * 1e3, 2),
@@ -96,9 +104,7 @@ def run_polyformer(a) -> dict:
         "flops_per_step_est": flops, "gflops_per_s_est": round(flops / med / 1e9, 2),
         "first_step_s": None, "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4), "overrides": a.overrides,
-        "config": {k: getattr(a, k) for k in
-                   ("layers", "d_model", "heads", "seq", "batch", "steps", "warmup", "threads")},
-        "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+        "variant": a.variant, "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
     }
 
 
@@ -118,12 +124,22 @@ def compare(a) -> None:
     variants.append(("jax peer", [sys.executable, "jax_gpt.py"]))
     variants.append(("polyformer", [sys.executable, os.path.abspath(__file__),
                                     "--impl=polyformer", *a.overrides]))
+    # "default": polyformer's default LM against its PyTorch twin (bench/torch_lm.py)
+    twin = os.path.join(ROOT, "bench", "torch_lm.py")
+    default_variants = [(v, [tpy, twin] + c[2:]) for v, c in variants if v.startswith("torch")]
+    default_variants.append(("polyformer", [sys.executable, os.path.abspath(__file__),
+                                            "--impl=polyformer", "--variant=default",
+                                            *a.overrides]))
     results = []
     for rep in range(a.reps):
         for cname in a.configs.split(","):
-            flags = [f"--{k}={v}" for k, v in CONFIGS[cname].items()]
-            flags += [f"--steps={a.steps}", f"--warmup={a.warmup}", f"--threads={a.threads}"]
-            for vname, cmd in (variants if rep % 2 == 0 else variants[::-1]):
+            flags = [f"--steps={a.steps}", f"--warmup={a.warmup}", f"--threads={a.threads}"]
+            if cname == "default":
+                chosen = default_variants
+            else:
+                chosen = variants
+                flags += [f"--{k}={v}" for k, v in CONFIGS[cname].items()]
+            for vname, cmd in (chosen if rep % 2 == 0 else chosen[::-1]):
                 quiet = wait_quiet(a.wait_quiet, a.max_wait)
                 d = run(cmd + flags)  # runs in ../shared/peers; records foreign_cpu
                 d.update(variant=vname, cfg=cname, rep=rep, quiet_before=quiet)
@@ -134,12 +150,13 @@ def compare(a) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for cname in a.configs.split(","):
         med = {}
-        for vname, _ in variants:
+        chosen = default_variants if cname == "default" else variants
+        for vname, _ in chosen:
             rs = [r for r in results if r["cfg"] == cname and r["variant"] == vname
                   and "tokens_per_s" in r]
             if rs:
                 med[vname] = statistics.median(r["tokens_per_s"] for r in rs)
-        for vname, _ in variants:
+        for vname, _ in chosen:
             rs = [r for r in results if r["cfg"] == cname and r["variant"] == vname
                   and "tokens_per_s" in r]
             if not rs:

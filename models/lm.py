@@ -42,7 +42,7 @@ def rms_norm(d: int, *, dtype, rngs):
 
 def norm_layer(cfg, *, dtype, rngs):
     """config.model.norm: "rmsnorm" (default) or "layernorm" (scale and bias, eps 1e-5)."""
-    if cfg.get("norm", "rmsnorm") == "rmsnorm":
+    if getattr(cfg, "norm", "rmsnorm") == "rmsnorm":
         return rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
     return nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
                          scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
@@ -83,7 +83,7 @@ class Block(nnx.Module):
         self.attn_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
         self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs)
         self.mlp_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
-        mlp = SwiGLU if cfg.get("mlp", "swiglu") == "swiglu" else GeluMLP
+        mlp = SwiGLU if getattr(cfg, "mlp", "swiglu") == "swiglu" else GeluMLP
         self.mlp = mlp(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, positions, cache, mode):
@@ -99,7 +99,7 @@ class LM(nnx.Module):
 
     def __init__(self, cfg, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         self.remat = remat
-        self.tied = bool(cfg.get("tie_embeddings", False))
+        self.tied = bool(getattr(cfg, "tie_embeddings", False))
         # parameters carry logical axis names; the trainer's rules place them on a mesh
         with nnx.use_eager_sharding(False):
             # a tied head reads logits off the embedding: GPT-2's N(0, 0.02) keeps them small
@@ -107,7 +107,7 @@ class LM(nnx.Module):
                                    embedding_init=nnx.with_partitioning(
                                        nnx.initializers.normal(0.02 if self.tied else 1.0),
                                        ("vocab", "embed")), rngs=rngs)
-            if cfg.get("position", "rope") == "learned":
+            if getattr(cfg, "position", "rope") == "learned":
                 self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, dtype=dtype,
                                            param_dtype=jnp.float32,
                                            embedding_init=nnx.with_partitioning(
