@@ -29,6 +29,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "kv": None,
     "vocab": "tensor",
     "norm": None,
+    "param_tokens": "tensor",  # TokenFormer's parameter-token axis (attention/pattention.py)
     # activations
     "batch": BATCH_AXES,
     "length": None,

@@ -1,0 +1,193 @@
+"""TokenFormer language model (Wang et al., ICLR 2025) and its Task.
+
+Every projection is a Pattention (attention/pattention.py) over parameter tokens: q, k, v and
+the attention output with `model.param_tokens` tokens each, and the FFN, which the paper
+replaces by a single Pattention d_model -> d_model (sec. 3.3), with `model.ffn_param_tokens`.
+Token-token mixing stays causal softmax attention (RoPE optional, `model.rope_theta`, 0 = off);
+norms are non-parametric LayerNorm, so all trainable parameters of the blocks are parameter
+tokens, and growing them (grow_tokenformer) preserves the function (attention/pattention.py).
+
+Block: x + Attn(LN(x)), then x + Pattention_ffn(LN(x)).
+Shapes: tokens [B, T] int32 -> logits [B, T, vocab] float32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention.ops.rope import apply_rope
+from attention.pattention import NORMS, PARAM_NAMES, Pattention, grow_param_tokens
+from attention.softmax import dense
+from models.lm import LMTask, sample_logits
+from trainer.config import ConfigError
+from trainer.sharding import constrain
+from trainer.task import register_task
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def layer_norm(x, eps: float = 1e-5):
+    """Non-parametric LayerNorm (no scale, no bias): (x - mean) / sqrt(var + eps), in f32.
+    x [..., D] -> [..., D] in x.dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def pattention(cfg, n: int, zoom: float, *, value_std: float = 0.02, dtype, rngs):
+    return Pattention(cfg.d_model, cfg.d_model, n, norm=cfg.pattention_norm, zoom=zoom,
+                      value_std=value_std, dtype=dtype, rngs=rngs)
+
+
+class TokenFormerAttention(nnx.Module):
+    """x [B, T, D] -> [B, T, D]: Q, K, V = Pattention_q/k/v(x) (TokenFormer eq. 6), causal
+    softmax(Q K^T / sqrt(d_h)) V over heads, then Pattention_o."""
+
+    def __init__(self, cfg, *, dtype, rngs):
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.d_model // cfg.num_heads
+        self.rope_theta = cfg.rope_theta
+        n, zoom = cfg.param_tokens, cfg.pattention_zoom
+        self.q = pattention(cfg, n, zoom, dtype=dtype, rngs=rngs)
+        self.k = pattention(cfg, n, zoom, dtype=dtype, rngs=rngs)
+        self.v = pattention(cfg, n, zoom, dtype=dtype, rngs=rngs)
+        # residual-branch outputs start small (GPT-2's 0.02 / sqrt(2 L)), as in models/lm.py
+        self.o = pattention(cfg, n, zoom, value_std=0.02 / math.sqrt(2 * cfg.num_layers),
+                            dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions):
+        B, T, _ = x.shape
+        heads = lambda y: y.reshape(B, T, self.num_heads, self.head_dim)  # noqa: E731
+        q = apply_rope(heads(self.q(x)), positions, theta=self.rope_theta)
+        k = apply_rope(heads(self.k(x)), positions, theta=self.rope_theta)
+        o = jax.nn.dot_product_attention(q, k, heads(self.v(x)), is_causal=True)
+        return self.o(o.reshape(B, T, -1))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, *, dtype, rngs):
+        self.attn = TokenFormerAttention(cfg, dtype=dtype, rngs=rngs)
+        self.ffn = pattention(cfg, cfg.ffn_param_tokens, cfg.ffn_pattention_zoom,
+                              value_std=0.02 / math.sqrt(2 * cfg.num_layers), dtype=dtype,
+                              rngs=rngs)
+
+    def __call__(self, x, positions):
+        x = constrain(x + self.attn(layer_norm(x), positions), ("batch", "length", "act_embed"))
+        # O_ffn = Pattention(LN(X), K_P^ffn, V_P^ffn)  (the FFN as one Pattention, sec. 3.3)
+        return constrain(x + self.ffn(layer_norm(x)), ("batch", "length", "act_embed"))
+
+
+class TokenFormer(nnx.Module):
+    """cfg: config.model (vocab_size, d_model, num_layers, num_heads, rope_theta, param_tokens,
+    ffn_param_tokens, pattention_norm, pattention_zoom, ffn_pattention_zoom; zooms 0 = the
+    default at this model's own token counts, which does not preserve the function on growth)."""
+
+    def __init__(self, cfg, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        self.remat = remat
+        # parameters carry logical axis names; the trainer's rules place them on a mesh
+        with nnx.use_eager_sharding(False):
+            self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                                   param_dtype=jnp.float32,
+                                   embedding_init=nnx.with_partitioning(
+                                       nnx.initializers.normal(1.0), ("vocab", "embed")),
+                                   rngs=rngs)
+            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs)
+                                    for _ in range(cfg.num_layers)])
+            self.lm_head = dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
+                                 rngs=rngs, std=1.0 / math.sqrt(cfg.d_model))
+
+    def __call__(self, tokens, *, positions=None):
+        """tokens [B, T] -> (logits [B, T, V] f32, None); positions default to 0..T-1. The None
+        stands for the cache of models/lm.py's call shape (TokenFormer decodes without one)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"))
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda b, x: b(x, positions))(block, x)
+            else:
+                x = block(x, positions)
+        logits = self.lm_head(layer_norm(x)).astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab")), None
+
+
+def grow_tokenformer(state, *, param_tokens: int, ffn_param_tokens: int):
+    """The nnx.State (or state dict) of a TokenFormer with every attention Pattention grown to
+    param_tokens and every FFN Pattention to ffn_param_tokens parameter tokens: old tokens in
+    the first rows, zeros after. Load it into a TokenFormer built with the larger counts and
+    the same zooms. Raises ValueError on shrinking."""
+    if "blocks" not in state:
+        raise ValueError("grow_tokenformer: the state has no 'blocks' (not a TokenFormer)")
+
+    def one(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+        if keys[-1] not in PARAM_NAMES:
+            return leaf
+        new_n = ffn_param_tokens if "ffn" in keys else param_tokens
+        where = jax.tree_util.keystr(path)
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(grow_param_tokens(leaf[...], new_n, name=where))
+        return grow_param_tokens(leaf, new_n, name=where)
+
+    return jax.tree_util.tree_map_with_path(
+        one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@register_task("tokenformer")
+class TokenFormerTask(LMTask):
+    """Next-byte prediction with a TokenFormer: models/lm.py's data, loss and metrics."""
+
+    def validate(self, mesh_sizes):
+        m, tp = self.config.model, mesh_sizes["tensor"]
+        if m.num_heads % tp:
+            raise ConfigError(f"config.model.num_heads={m.num_heads} is not divisible by the "
+                              f"tensor axis mesh.tensor={tp}")
+        if m.d_model % m.num_heads:
+            raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
+                              f"num_heads={m.num_heads}")
+        if m.rope_theta and (m.d_model // m.num_heads) % 2:
+            raise ConfigError(f"config.model: head_dim={m.d_model // m.num_heads} must be even "
+                              f"(RoPE rotates pairs); or set model.rope_theta=0")
+        if m.pattention_norm not in NORMS:
+            raise ConfigError(f"config.model.pattention_norm={m.pattention_norm!r}; allowed: "
+                              f"{', '.join(NORMS)}")
+        for field in ("param_tokens", "ffn_param_tokens"):
+            if m[field] < 1:
+                raise ConfigError(f"config.model.{field} must be >= 1, got {m[field]}")
+        for field in ("pattention_zoom", "ffn_pattention_zoom"):
+            if m[field] < 0:
+                raise ConfigError(f"config.model.{field} must be >= 0 (0: the default at the "
+                                  f"current token count), got {m[field]}")
+        if self.config.data.seq_len < 1:
+            raise ConfigError(f"config.data.seq_len must be >= 1, got {self.config.data.seq_len}")
+        if self.config.data.paths:
+            from trainer.data import text_files
+            text_files(self.config.data.paths)  # raises on missing paths and empty directories
+
+    def build_model(self, rngs):
+        t = self.config.train
+        return TokenFormer(self.config.model, dtype=_DTYPES[t.compute_dtype], remat=t.remat,
+                           rngs=rngs)
+
+    def on_fit_end(self, model, log):
+        s = self.config.sample
+        if not s.max_new_tokens:
+            return
+        prompt = list(s.prompt.encode("utf-8"))
+        total = len(prompt) + s.max_new_tokens
+        graphdef, state = nnx.split(model)
+        # no KV cache: each step reruns the causal model on a fixed-length buffer (one compile)
+        forward = jax.jit(lambda state, t: nnx.merge(graphdef, state)(t)[0])
+        tokens = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt))
+        rng = jax.random.key(self.config.seed)
+        for i in range(len(prompt), total):
+            rng, r = jax.random.split(rng)
+            nxt = sample_logits(forward(state, tokens)[:, i - 1], r, temperature=s.temperature,
+                                top_k=s.top_k)
+            tokens = tokens.at[0, i].set(nxt[0])
+        text = bytes(int(t) for t in tokens[0, len(prompt):]).decode("utf-8", errors="replace")
+        log(f"sample (temperature={s.temperature}, top_k={s.top_k}):\n{s.prompt}{text}")
