@@ -109,19 +109,20 @@ def grow_param_tokens(tokens, new_n: int, *, name: str = "param tokens"):
     return jnp.concatenate([jnp.asarray(tokens), pad], axis=0)
 
 
-def grow_pattention(state, new_n: int):
+def grow_pattention(state, new_n):
     """A pytree (nnx.State of a Pattention or of a model, or a dict) with every
     key_param_tokens / value_param_tokens leaf [n, d] grown to [new_n, d] by zero rows; other
-    leaves unchanged. Pure: returns a new tree. Raises ValueError on shrinking."""
+    leaves unchanged. new_n: an int, or a function of the leaf's path keys giving its count.
+    Pure: returns a new tree. Raises ValueError on shrinking."""
     def one(path, leaf):
-        last = path[-1] if path else None
-        key = getattr(last, "key", getattr(last, "name", last))
-        if key not in PARAM_NAMES:
+        keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+        if not keys or keys[-1] not in PARAM_NAMES:
             return leaf
+        n = new_n(keys) if callable(new_n) else new_n
         where = jax.tree_util.keystr(path)
         if isinstance(leaf, nnx.Variable):
-            return leaf.replace(grow_param_tokens(leaf[...], new_n, name=where))
-        return grow_param_tokens(leaf, new_n, name=where)
+            return leaf.replace(grow_param_tokens(leaf[...], n, name=where))
+        return grow_param_tokens(leaf, n, name=where)
 
     return jax.tree_util.tree_map_with_path(
         one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -57,15 +57,11 @@ VARIANTS = {
 }
 
 
-def get_config(variant=None):
-    variant = variant or "default"
-    if variant not in VARIANTS:
-        raise ConfigError(f"configs/lm.py: unknown variant {variant!r}; known variants: {', '.join(VARIANTS)}")
-    v = dict(VARIANTS[variant])
-    if "base" in v:  # a mechanism variant: the base variant's shapes and schedule
-        v = {**VARIANTS[v.pop("base")], **v}
+def byte_lm_base(task: str, v: dict):
+    """base_config() with the schedule of a byte-level LM variant (steps, batch, lr, warmup,
+    seq_len; eval and checkpoints every quarter); configs/tokenformer.py shares it."""
     c = base_config()
-    c.task = "lm"
+    c.task = task
     c.train.steps = v["steps"]
     c.train.global_batch_size = v["batch"]
     c.train.lr = v["lr"]
@@ -73,8 +69,18 @@ def get_config(variant=None):
     c.eval.every = max(v["steps"] // 4, 1)
     c.eval.batches = 8
     c.checkpoint.every = max(v["steps"] // 4, 1)
-
     c.data.seq_len = v["seq_len"]
+    return c
+
+
+def get_config(variant=None):
+    variant = variant or "default"
+    if variant not in VARIANTS:
+        raise ConfigError(f"configs/lm.py: unknown variant {variant!r}; known variants: {', '.join(VARIANTS)}")
+    v = dict(VARIANTS[variant])
+    if "base" in v:  # a mechanism variant: the base variant's shapes and schedule
+        v = {**VARIANTS[v.pop("base")], **v}
+    c = byte_lm_base("lm", v)
 
     m = c.model
     m.attention = v.get("attention", "softmax")

@@ -8,7 +8,8 @@ stored, not derived from the current counts at build time: a run grown from this
 param_tokens / ffn_param_tokens) keeps them, which is what makes growth with zero-initialised
 tokens preserve the function (attention/pattention.py).
 """
-from trainer.config import ConfigError, base_config
+from configs.lm import byte_lm_base
+from trainer.config import ConfigError
 
 VARIANTS = {
     # name: layers, d_model, heads, parameter tokens (q/k/v/o, FFN), seq_len, global batch,
@@ -31,16 +32,7 @@ def get_config(variant=None):
         raise ConfigError(f"configs/tokenformer.py: unknown variant {variant!r}; known variants: "
                           f"{', '.join(VARIANTS)}")
     v = VARIANTS[variant]
-    c = base_config()
-    c.task = "tokenformer"
-    c.train.steps = v["steps"]
-    c.train.global_batch_size = v["batch"]
-    c.train.lr = v["lr"]
-    c.train.warmup_steps = v["warmup"]
-    c.eval.every = max(v["steps"] // 4, 1)
-    c.eval.batches = 8
-    c.checkpoint.every = max(v["steps"] // 4, 1)
-    c.data.seq_len = v["seq_len"]
+    c = byte_lm_base("tokenformer", v)
 
     m = c.model
     m.attention = "softmax"  # token-token mixing: causal softmax attention

@@ -245,6 +245,10 @@ class LMTask(Task):
             attention.get(m.attention)
         except KeyError as e:
             raise ConfigError(f"config.model.attention: {e.args[0]}") from None
+        self.validate_data()
+
+    def validate_data(self):
+        """The byte data's fields (shared by the byte-level families)."""
         if self.config.data.seq_len < 1:
             raise ConfigError(f"config.data.seq_len must be >= 1, got {self.config.data.seq_len}")
         if self.config.data.paths:

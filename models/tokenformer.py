@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.ops.rope import apply_rope
-from attention.pattention import NORMS, PARAM_NAMES, Pattention, grow_param_tokens
+from attention.pattention import NORMS, Pattention, grow_pattention
 from attention.softmax import dense
 from models.lm import LMTask, sample_logits
 from trainer.config import ConfigError
@@ -123,18 +123,8 @@ def grow_tokenformer(state, *, param_tokens: int, ffn_param_tokens: int):
     if "blocks" not in state:
         raise ValueError("grow_tokenformer: the state has no 'blocks' (not a TokenFormer)")
 
-    def one(path, leaf):
-        keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
-        if keys[-1] not in PARAM_NAMES:
-            return leaf
-        new_n = ffn_param_tokens if "ffn" in keys else param_tokens
-        where = jax.tree_util.keystr(path)
-        if isinstance(leaf, nnx.Variable):
-            return leaf.replace(grow_param_tokens(leaf[...], new_n, name=where))
-        return grow_param_tokens(leaf, new_n, name=where)
-
-    return jax.tree_util.tree_map_with_path(
-        one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return grow_pattention(
+        state, lambda keys: ffn_param_tokens if "ffn" in keys else param_tokens)
 
 
 @register_task("tokenformer")
@@ -162,11 +152,7 @@ class TokenFormerTask(LMTask):
             if m[field] < 0:
                 raise ConfigError(f"config.model.{field} must be >= 0 (0: the default at the "
                                   f"current token count), got {m[field]}")
-        if self.config.data.seq_len < 1:
-            raise ConfigError(f"config.data.seq_len must be >= 1, got {self.config.data.seq_len}")
-        if self.config.data.paths:
-            from trainer.data import text_files
-            text_files(self.config.data.paths)  # raises on missing paths and empty directories
+        self.validate_data()
 
     def build_model(self, rngs):
         t = self.config.train
