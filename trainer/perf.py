@@ -48,11 +48,10 @@ def device_memory(device) -> tuple[float, str]:
         limit = None
     if limit:
         return float(limit), "runtime limit"
-    kind = device.device_kind.lower()
-    for name, size in _HBM.items():
-        if name in kind:
-            return float(size), f"datasheet HBM ({device.device_kind})"
-    return float("nan"), f"unknown device kind {device.device_kind!r}"
+    size = _lookup(_HBM, device)
+    if size == size:  # not nan
+        return float(size), f"datasheet HBM ({device.device_kind})"
+    return size, f"unknown device kind {device.device_kind!r}"
 
 
 def _cpu_name() -> str:
@@ -119,13 +118,12 @@ def peak_flops(devices=None) -> tuple[float, str]:
     number of processes. GPU/TPU: the datasheet bf16 peak of the chip times the chip count.
     """
     devices = devices or jax.devices()
-    kind = devices[0].device_kind.lower()
     if devices[0].platform == "cpu":
         return cpu_matmul_peak() * jax.process_count(), "measured f32 matmul peak"
-    for name, flops in _DATASHEET.items():
-        if name in kind:
-            return flops * len(devices), f"datasheet bf16 peak ({devices[0].device_kind})"
-    return float("nan"), f"unknown device kind {devices[0].device_kind!r}"
+    flops = _lookup(_DATASHEET, devices[0])
+    if flops == flops:  # not nan
+        return flops * len(devices), f"datasheet bf16 peak ({devices[0].device_kind})"
+    return flops, f"unknown device kind {devices[0].device_kind!r}"
 
 
 def _cost(compiled) -> dict:

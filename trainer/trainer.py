@@ -439,7 +439,8 @@ class Trainer:
         state = self.state if self.state is not None else self._abstract_sharded_state()
         # kernels are chosen and built for the mesh's chips (TPU devices of a topology when
         # planning a pod run from a CPU machine), not for the host's backend
-        with jax.set_mesh(self.mesh), kernel_platform.target_backend(self.mesh.devices.flat[0].platform):
+        chips = self.mesh.devices.flat[0].platform
+        with jax.set_mesh(self.mesh), kernel_platform.target_backend(chips):
             compiled = jitted.lower(state, batch).compile()
         self.step_flops = perf.compiled_flops(compiled, self.mesh.size)
         return compiled
