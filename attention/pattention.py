@@ -2,16 +2,19 @@
 
 A linear projection X W becomes attention of the input tokens (queries) over n learnable
 parameter tokens: keys K_P [n, d_in] and values V_P [n, d_out]. Growing the layer appends
-parameter tokens; with zero-initialised new keys and values and a zoom fixed at the old size,
-the `l2_norm_gelu` and `gelu_l2_norm` normalisations leave the layer's function unchanged
-exactly (sec. 3.4), because a zero key row adds a zero column to A = X K_P^T:
+parameter tokens; with zero-initialised new keys (sec. 3.5, "similar to LoRA") and a zoom fixed
+at the old size, the `l2_norm_gelu` and `gelu_l2_norm` normalisations leave the layer's
+function unchanged exactly, because a zero key row adds a zero column to A = X K_P^T:
   l2_norm_gelu   GeLU(A / ||A||_2,row * zoom): the row norm is unchanged, GeLU(0) = 0;
   gelu_l2_norm   GeLU(A) / ||GeLU(A)||_2,row * zoom: GeLU(0) = 0 adds nothing to the norm;
-and a zero value row contributes nothing to the output either way.
+so the new tokens' weights Theta_new are 0 and their values (freshly initialised, not zero:
+zero keys and values together would be a saddle that never trains) do not reach the output.
   softmax        exp(A) / ||exp(A)||_1,row * zoom = zoom * softmax(A) (with zoom = n:
                  n softmax(X K_P^T) V_P) is NOT preserved: each zero key has exp(0) = 1 in the
-                 denominator, so the grown output is the old one scaled by S / (S + m) per row
-                 (S = sum_j exp(A_j) over the old tokens, m = new tokens).
+                 denominator and weight zoom / (S + m) on its value, so the grown output is
+                 (S O_old / zoom + sum_new V_new) zoom / (S + m) per row (S = sum_j exp(A_j) over
+                 the old tokens, m = new tokens): the old output scaled by S / (S + m) when the
+                 new values are zero.
 
 The zoom must be a number fixed in the config (default: sqrt(n) or, for softmax, n at the
 initial size): the reference's sqrt(n_current) changes the function whenever n grows.
@@ -98,31 +101,44 @@ class Pattention(nnx.Module):
         return jnp.einsum("...n,nd->...d", w, v)  # O = Theta(A) V_P: [..., d_out]
 
 
-def grow_param_tokens(tokens, new_n: int, *, name: str = "param tokens"):
-    """[n, d] -> [new_n, d]: the old rows first, then zero rows (new tokens start at zero so
-    the function is preserved). Raises ValueError when new_n < n."""
+def grow_param_tokens(tokens, new_n: int, *, new_rows=None, name: str = "param tokens"):
+    """[n, d] -> [new_n, d]: the old rows first, then `new_rows` [new_n - n, d] (default zeros).
+    Raises ValueError when new_n < n."""
     n = tokens.shape[0]
     if new_n < n:
         raise ValueError(f"cannot shrink {name} from {n} to {new_n} parameter tokens: "
                          f"TokenFormer growth only appends tokens (new_n must be >= {n})")
-    pad = jnp.zeros((new_n - n, *tokens.shape[1:]), tokens.dtype)
-    return jnp.concatenate([jnp.asarray(tokens), pad], axis=0)
+    if new_rows is None:
+        new_rows = jnp.zeros((new_n - n, *tokens.shape[1:]), tokens.dtype)
+    return jnp.concatenate([jnp.asarray(tokens), jnp.asarray(new_rows, tokens.dtype)], axis=0)
 
 
-def grow_pattention(state, new_n):
+def grow_pattention(state, new_n, *, fresh=None):
     """A pytree (nnx.State of a Pattention or of a model, or a dict) with every
-    key_param_tokens / value_param_tokens leaf [n, d] grown to [new_n, d] by zero rows; other
+    key_param_tokens leaf [n, d] grown to [new_n, d] by zero rows, and every
+    value_param_tokens leaf by the rows past n of the same leaf of `fresh` (the same tree of
+    the grown layer or model, freshly initialised), or by zero rows when fresh is None. Other
     leaves unchanged. new_n: an int, or a function of the leaf's path keys giving its count.
+
+    Zero new keys alone preserve the function (Theta's new columns are 0 whatever V_new is).
+    Zero new values as well would never train: the new tokens' gradients are
+    dL/dV_new = Theta_new^T dO = 0 and dL/dK_new ∝ dO V_new^T = 0, a saddle (the LoRA argument:
+    one factor zero, the other random). So pass `fresh` when the grown model is to be trained.
     Pure: returns a new tree. Raises ValueError on shrinking."""
-    def one(path, leaf):
+    def one(path, leaf, new=None):
         keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
         if not keys or keys[-1] not in PARAM_NAMES:
             return leaf
         n = new_n(keys) if callable(new_n) else new_n
         where = jax.tree_util.keystr(path)
-        if isinstance(leaf, nnx.Variable):
-            return leaf.replace(grow_param_tokens(leaf[...], n, name=where))
-        return grow_param_tokens(leaf, n, name=where)
+        value = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+        rows = None
+        if new is not None and keys[-1] == "value_param_tokens":
+            rows = (new[...] if isinstance(new, nnx.Variable) else new)[value.shape[0]:n]
+        grown = grow_param_tokens(value, n, new_rows=rows, name=where)
+        return leaf.replace(grown) if isinstance(leaf, nnx.Variable) else grown
 
-    return jax.tree_util.tree_map_with_path(
-        one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    if fresh is None:
+        return jax.tree_util.tree_map_with_path(one, state, is_leaf=is_var)
+    return jax.tree_util.tree_map_with_path(one, state, fresh, is_leaf=is_var)

@@ -5,7 +5,8 @@ the attention output with `model.param_tokens` tokens each, and the FFN, which t
 replaces by a single Pattention d_model -> d_model (sec. 3.3), with `model.ffn_param_tokens`.
 Token-token mixing stays causal softmax attention (RoPE optional, `model.rope_theta`, 0 = off);
 norms are non-parametric LayerNorm, so all trainable parameters of the blocks are parameter
-tokens, and growing them (grow_tokenformer) preserves the function (attention/pattention.py).
+tokens, and growing them (grow_tokenformer, or init_from a smaller run: TokenFormerTask's
+adapt_init_from) preserves the function (attention/pattention.py).
 
 Block: x + Attn(LN(x)), then x + Pattention_ffn(LN(x)).
 Shapes: tokens [B, T] int32 -> logits [B, T, vocab] float32.
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.ops.rope import apply_rope
-from attention.pattention import NORMS, Pattention, grow_pattention
+from attention.pattention import NORMS, PARAM_NAMES, Pattention, grow_param_tokens, grow_pattention
 from attention.softmax import dense
 from models.lm import LMTask, sample_logits
 from trainer.config import ConfigError
@@ -115,16 +116,18 @@ class TokenFormer(nnx.Module):
         return constrain(logits, ("batch", "length", "act_vocab")), None
 
 
-def grow_tokenformer(state, *, param_tokens: int, ffn_param_tokens: int):
+def grow_tokenformer(state, *, param_tokens: int, ffn_param_tokens: int, fresh=None):
     """The nnx.State (or state dict) of a TokenFormer with every attention Pattention grown to
     param_tokens and every FFN Pattention to ffn_param_tokens parameter tokens: old tokens in
-    the first rows, zeros after. Load it into a TokenFormer built with the larger counts and
-    the same zooms. Raises ValueError on shrinking."""
+    the first rows; new keys zero, new values from `fresh` (the Param state of a TokenFormer
+    built with the larger counts, so the grown model trains: grow_pattention), else zero. Load
+    it into a TokenFormer built with the larger counts and the same zooms. Raises ValueError on
+    shrinking."""
     if "blocks" not in state:
         raise ValueError("grow_tokenformer: the state has no 'blocks' (not a TokenFormer)")
 
     return grow_pattention(
-        state, lambda keys: ffn_param_tokens if "ffn" in keys else param_tokens)
+        state, lambda keys: ffn_param_tokens if "ffn" in keys else param_tokens, fresh=fresh)
 
 
 @register_task("tokenformer")
@@ -153,6 +156,47 @@ class TokenFormerTask(LMTask):
                 raise ConfigError(f"config.model.{field} must be >= 0 (0: the default at the "
                                   f"current token count), got {m[field]}")
         self.validate_data()
+
+    # ---- growth: init_from a smaller TokenFormer run (trainer.Trainer._init_from)
+    # fields that must match for the grown model to compute the source's function
+    SAME_ON_GROWTH = ("vocab_size", "d_model", "num_layers", "num_heads", "rope_theta",
+                      "pattention_norm", "pattention_zoom", "ffn_pattention_zoom")
+
+    def check_init_from(self, source_config):
+        task = source_config.get("task")
+        if task != "tokenformer":
+            raise ConfigError(
+                f"config.init_from: the source is a {task!r} run, not a TokenFormer; a TokenFormer "
+                "grows only from a smaller TokenFormer run's checkpoint (parameter tokens are "
+                "appended; other models have none to append to)")
+        src, m = source_config["model"], self.config.model
+        for field in self.SAME_ON_GROWTH:
+            if src.get(field) != m[field]:
+                raise ConfigError(
+                    f"config.model.{field}={m[field]!r}, but the source run has {src.get(field)!r}: "
+                    "TokenFormer growth appends parameter tokens and keeps everything else "
+                    f"(set --config.model.{field}={src.get(field)!r})")
+        for field in ("param_tokens", "ffn_param_tokens"):
+            if m[field] < src[field]:
+                raise ConfigError(
+                    f"config.model.{field}={m[field]} is smaller than the source run's "
+                    f"{src[field]}: cannot shrink a TokenFormer (growth only appends tokens; "
+                    f"allowed: >= {src[field]})")
+
+    def adapt_init_from(self, name, source, target):
+        """Parameter tokens [n, d] -> [n', d], and their optimizer moments alike: the old rows,
+        then new rows that are zero for the keys (the function carries over exactly) and this
+        run's fresh values otherwise (initial value tokens, so the new tokens train; zero
+        moments). See attention/pattention.py grow_pattention."""
+        last = name.rsplit("/", 1)[-1]
+        if last not in PARAM_NAMES or tuple(source.shape[1:]) != tuple(target.shape[1:]):
+            return None
+        try:
+            return grow_param_tokens(
+                source, target.shape[0], name=name,
+                new_rows=None if last == "key_param_tokens" else target[source.shape[0]:])
+        except ValueError as e:
+            raise ConfigError(f"config.init_from: {e}") from None
 
     def build_model(self, rngs):
         t = self.config.train

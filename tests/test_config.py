@@ -103,6 +103,9 @@ BAD_CONFIGS = [
     (("model.attention=no_such_attention",), ("model.attention", "no_such_attention", "softmax")),
     (("data.paths=/nonexistent/corpus",), ("data.paths", "/nonexistent/corpus")),
     (("init_from=/nonexistent/run",), ("init_from",)),
+    (("init_from_carry=everything",), ("init_from_carry", "'params+optimizer+step'")),
+    (("train.schedule_steps=-1",), ("train.schedule_steps",)),
+    (("stages=({'train.stepz': 3},)",), ("config.stages[0]", "train.stepz", "train.steps")),
     # the embedding dimension 36 is not divisible by mesh.fsdp=8 (head_dim is set explicitly,
     # so the head checks pass): the parameters cannot be sharded
     (("model.d_model=36", "model.head_dim=16", "mesh.data=1", "mesh.fsdp=8"),

@@ -1,9 +1,13 @@
 """TokenFormer: Pattention against plain numpy, growth by zero parameter tokens preserving the
-function (layer and whole LM), shrinking refused, and the tiny config through the trainer."""
+function (layer and whole LM), shrinking refused, the tiny config through the trainer, and
+progressive growth through the trainer: init_from a smaller run (outputs unchanged, optimizer
+state carried, other meshes) and the grow config's stages in one command."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,7 @@ from flax import nnx
 
 from attention.pattention import GROWTH_PRESERVING, NORMS, Pattention, grow_pattention
 from conftest import REPO_ROOT, run_trainer
+from trainer.config import to_json
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tokenformer.py")
 _erf = np.vectorize(math.erf)
@@ -69,10 +74,12 @@ def test_pattention_equals_numpy_reference(norm):
                                rtol=1e-5, atol=1e-5)
 
 
-def grown(p, new_n, seed=1):
-    """A Pattention with new_n tokens and p's zoom holding p's parameters grown by zeros."""
+def grown(p, new_n, seed=1, fresh_values=True):
+    """A Pattention with new_n tokens and p's zoom holding p's parameters grown: zero new keys,
+    and new values from its own initialisation (or zero)."""
     q = layer(new_n, p.norm, zoom=p.zoom, seed=seed)
-    nnx.update(q, grow_pattention(nnx.state(p, nnx.Param), new_n))
+    fresh = nnx.state(q, nnx.Param) if fresh_values else None
+    nnx.update(q, grow_pattention(nnx.state(p, nnx.Param), new_n, fresh=fresh))
     return q
 
 
@@ -86,14 +93,20 @@ def test_growth_with_zero_tokens_preserves_output(norm, factor):
     k, v = params(q)
     assert k.shape == (new_n, 12) and v.shape == (new_n, 10)
     np.testing.assert_array_equal(k[:n], params(p)[0])  # old tokens in the first rows
-    assert not k[n:].any() and not v[n:].any()  # new tokens start at zero
+    np.testing.assert_array_equal(v[:n], params(p)[1])
+    assert not k[n:].any() and v[n:].all()  # new keys start at zero, new values do not
     np.testing.assert_allclose(q(X), p(X), rtol=1e-6, atol=1e-6)
+    # ... and the new tokens train: their keys get gradients (zero values would be a saddle)
+    dk = nnx.grad(lambda m: jnp.sum(m(X) ** 2))(q).key_param_tokens[...]
+    assert float(jnp.min(jnp.abs(dk[n:]).sum(-1))) > 0
+    saddle = grown(p, new_n, fresh_values=False)
+    dk0 = nnx.grad(lambda m: jnp.sum(m(X) ** 2))(saddle)
+    assert not dk0.key_param_tokens[...][n:].any() and not dk0.value_param_tokens[...][n:].any()
     # the check can fail: a non-zero new token, or the zoom recomputed at the new size
     # (the reference's sqrt(n_current)), changes the function
     bumped = layer(new_n, norm, zoom=p.zoom)
     nnx.update(bumped, grow_pattention(nnx.state(p, nnx.Param), new_n))
     bumped.key_param_tokens[...] = bumped.key_param_tokens[...].at[n:].set(1.0)
-    bumped.value_param_tokens[...] = bumped.value_param_tokens[...].at[n:].set(1.0)
     assert float(jnp.max(jnp.abs(bumped(X) - p(X)))) > 1e-3
     rezoomed = layer(new_n, norm)  # zoom = default at new_n
     nnx.update(rezoomed, nnx.state(q, nnx.Param))
@@ -103,11 +116,12 @@ def test_growth_with_zero_tokens_preserves_output(norm, factor):
 @pytest.mark.parametrize("factor", (1.5, 2.0))
 def test_softmax_growth_rescales_rows(factor):
     """softmax mode is not growth-preserving: each zero key adds exp(0) = 1 to the softmax
-    denominator, so O_new = O_old * S / (S + m) with S = sum_j exp(A_j) over the old tokens."""
+    denominator, so (with zero new values) O_new = O_old * S / (S + m), S = sum_j exp(A_j) over
+    the old tokens."""
     n = 16
     m = int(n * factor) - n
     p = layer(n, "softmax")
-    q = grown(p, n + m)
+    q = grown(p, n + m, fresh_values=False)
     k, _ = params(p)
     s = np.exp(np.asarray(X, np.float64) @ k.T).sum(-1, keepdims=True)
     np.testing.assert_allclose(q(X), np.asarray(p(X)) * s / (s + m), rtol=1e-5, atol=1e-6)
@@ -154,7 +168,8 @@ def test_grown_lm_equals_original(norm):
         assert big_cfg.model.pattention_zoom == c.model.pattention_zoom
         big = TokenFormer(big_cfg.model, rngs=nnx.Rngs(1))
         nnx.update(big, grow_tokenformer(nnx.state(small, nnx.Param), param_tokens=new_n,
-                                         ffn_param_tokens=new_ffn))
+                                         ffn_param_tokens=new_ffn,
+                                         fresh=nnx.state(big, nnx.Param)))
         shapes = {jax.tree_util.keystr(p): x.shape for p, x in
                   jax.tree_util.tree_flatten_with_path(nnx.state(big, nnx.Param))[0]}
         for path, shape in shapes.items():  # every projection grew to its new count
@@ -205,3 +220,169 @@ def test_tiny_config_trains(tmp_path):
     assert losses[0] == pytest.approx(math.log(256), rel=0.25)  # near uniform over bytes at init
     assert min(losses[-2:]) < losses[0]
     assert any("param_tokens" in k for k in run.params)
+
+
+# ----------------------------------------------------------------------------- growth via init_from
+GROW_OVERRIDES = ("train.warmup_steps=0", "train.log_every=1", "eval.every=0", "eval.batches=2",
+                  "checkpoint.every=0", "sample.max_new_tokens=0", "data.seq_len=32")
+SOURCE_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """The tiny TokenFormer trained SOURCE_STEPS steps on a data-parallel mesh: its workdir,
+    its final model and its whole train state by name (parameters, Adam moments, counters)."""
+    from trainer import Trainer
+    from trainer.checkpoint import by_name
+
+    workdir = tmp_path_factory.mktemp("tokenformer_source")
+    config = tiny(*GROW_OVERRIDES, f"train.steps={SOURCE_STEPS}", "mesh.data=8")
+    with Trainer(config, str(workdir), quiet=True) as t:
+        t.fit()
+        state = {k: np.asarray(jax.device_get(v)) for k, v in by_name(t.state).items()}
+        return {"workdir": str(workdir), "model": t.model, "state": state,
+                "num_params": t.num_params(), "config": config}
+
+
+def grown_config(source, attn_factor, ffn_factor, *overrides):
+    m = source["config"].model
+    return tiny(*GROW_OVERRIDES, f"model.param_tokens={int(m.param_tokens * attn_factor)}",
+                f"model.ffn_param_tokens={int(m.ffn_param_tokens * ffn_factor)}",
+                f"init_from={source['workdir']}", *overrides)
+
+
+@pytest.mark.parametrize("attn_factor,ffn_factor,carry,mesh", [
+    (1.5, 2.0, "params+optimizer", ("mesh.data=8",)),
+    (2.0, 1.5, "params+optimizer+step", ("mesh.data=2", "mesh.tensor=4")),
+])
+def test_growth_by_init_from_preserves_outputs_and_carries_optimizer_state(
+        source_run, tmp_path, attn_factor, ffn_factor, carry, mesh):
+    """Growing the q/k/v/o and FFN parameter tokens by 1.5x and 2x (each projection type at both
+    factors over the two cases), on the same or another mesh: the grown model's logits and loss
+    equal the source's; parameters and Adam moments keep the old rows exactly, with zero new
+    rows; the step and the schedule's count continue (+step) or restart while Adam's
+    bias-correction count carries."""
+    from trainer import Trainer
+    from trainer.checkpoint import by_name
+
+    config = grown_config(source_run, attn_factor, ffn_factor, f"init_from_carry={carry}",
+                          f"train.steps={SOURCE_STEPS + 2}", *mesh)
+    with Trainer(config, str(tmp_path), quiet=True) as t:
+        state = {k: np.asarray(jax.device_get(v)) for k, v in by_name(t.initial_state()).items()}
+        growth, model, num_params = t.growth, t.model, t.num_params()
+    tokens = jax.random.randint(jax.random.key(5), (2, 33), 0, 256, jnp.int32)
+    logits, loss = lm_logits_and_loss(source_run["model"], tokens)
+    big_logits, big_loss = lm_logits_and_loss(model, tokens)
+    np.testing.assert_allclose(big_logits, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(big_loss, loss, rtol=1e-6)
+    assert growth["params_before"] == source_run["num_params"] < growth["params_after"] == num_params
+    np.testing.assert_allclose(growth["loss_after"], growth["loss_before"], rtol=1e-6)
+
+    src = source_run["state"]
+    with_step = carry.endswith("step")
+    adam_count = next(k for k in src if k.endswith("/0/count"))
+    sched_count = next(k for k in src if k.startswith("nnx/1/opt_state") and k.endswith("count")
+                       and k != adam_count)
+    assert int(state["step"]) == int(state["nnx/1/step"]) == (SOURCE_STEPS if with_step else 0)
+    assert int(state[sched_count]) == (SOURCE_STEPS if with_step else 0)
+    assert int(state[adam_count]) == SOURCE_STEPS
+    checked = set()
+    for name, old in src.items():
+        if not name.startswith(("nnx/0/", "nnx/1/opt_state")) or old.ndim < 2:
+            continue
+        new = state[name]
+        n = old.shape[0]
+        if name.endswith("param_tokens"):
+            factor = ffn_factor if "/ffn/" in name else attn_factor
+            assert new.shape == (int(n * factor), old.shape[1]), name
+            if name.startswith("nnx/0/") and name.endswith("value_param_tokens"):
+                assert new[n:].all(), f"{name}: new value tokens are initialised (they train)"
+            else:
+                assert not new[n:].any(), f"{name}: new keys and new moments start at zero"
+            checked.add(("ffn" if "/ffn/" in name else name.split("/")[-2],
+                         "moment" if "/opt_state/" in name else "param"))
+        else:
+            assert new.shape == old.shape, name
+        np.testing.assert_array_equal(new[:n], old, err_msg=name)  # carried bit-exactly
+        assert name.startswith("nnx/0/") or old.any(), f"{name}: the check needs non-zero moments"
+    assert checked == {(p, kind) for p in ("q", "k", "v", "o", "ffn") for kind in ("param", "moment")}
+
+
+def test_growth_then_resume_on_a_different_mesh(source_run, tmp_path):
+    """Grow onto a data x tensor mesh, stop at a checkpoint, resume on a data x fsdp mesh: the
+    losses equal an uninterrupted grown run's."""
+    total = SOURCE_STEPS + 4
+    cfg = lambda *mesh: grown_config(source_run, 2.0, 2.0,  # noqa: E731
+                                     "init_from_carry=params+optimizer+step",
+                                     f"train.steps={total}", *mesh)
+    straight = run_trainer(cfg("mesh.data=2", "mesh.tensor=4"), tmp_path / "straight")
+    first = run_trainer(cfg("mesh.data=2", "mesh.tensor=4"), tmp_path / "resumed",
+                        max_steps=SOURCE_STEPS + 2)
+    assert sorted(first.losses) == [SOURCE_STEPS + 1, SOURCE_STEPS + 2]
+    second = run_trainer(cfg("mesh.data=4", "mesh.fsdp=2"), tmp_path / "resumed")
+    assert sorted(second.losses) == [total - 1, total]
+    # the new parameter tokens train: their keys left zero
+    keys = {n: p for n, p in straight.params.items() if "['key_param_tokens']" in n}
+    assert len(keys) == 10  # q, k, v, o and FFN of 2 blocks
+    for name, p in keys.items():
+        assert np.abs(p[p.shape[0] // 2:]).sum(-1).min() > 0, name
+    for step in range(SOURCE_STEPS + 1, total + 1):
+        got = (first.losses | second.losses)[step]
+        assert got == pytest.approx(straight.losses[step], rel=1e-4), step
+    # the data position carried over: the grown run's first batch is the source's next one
+    from trainer.data import process_batches
+    from trainer.task import get_task
+    config = cfg("mesh.data=8")
+    it = iter(process_batches(get_task("tokenformer")(config).train_data(),
+                              config.train.global_batch_size, prefetch=0))
+    batches = [next(it)["id"].tolist() for _ in range(SOURCE_STEPS + 1)]
+    assert straight.ids[0].tolist() == batches[SOURCE_STEPS] != batches[0]
+
+
+def test_growth_refuses_shrinking_other_models_and_changed_zoom(source_run, tmp_path):
+    from trainer import Trainer
+    from trainer.config import ConfigError
+    from trainer.task import get_task
+
+    task = get_task("tokenformer")
+    src_json = json.loads(to_json(source_run["config"]))
+    with pytest.raises(ConfigError, match=r"ffn_param_tokens=64 is smaller .* 128: cannot shrink"):
+        task(tiny("model.ffn_param_tokens=64")).check_init_from(src_json)
+    with pytest.raises(ConfigError, match=r"pattention_zoom.*set --config.model.pattention_zoom=8"):
+        task(tiny("model.pattention_zoom=11.0")).check_init_from(src_json)
+    with pytest.raises(ConfigError, match="'lm' run, not a TokenFormer"):
+        task(tiny()).check_init_from(dict(src_json, task="lm"))
+    # through the trainer: the error names the field, and the new workdir holds no checkpoint
+    config = grown_config(source_run, 0.5, 1.0)
+    with pytest.raises(ConfigError, match="cannot shrink"):
+        with Trainer(config, str(tmp_path / "small"), quiet=True) as t:
+            t.initial_state()
+    assert not os.path.exists(tmp_path / "small" / "checkpoints" / "0")
+
+
+def test_grow_config_trains_its_stages_in_one_command(tmp_path, capsys):
+    """configs/tokenformer.py:grow: stage 1 trains, stage 2 grows from its checkpoint and goes
+    on at the same step; each stage is checkpointed; a rerun skips finished stages."""
+    from trainer.checkpoint import Checkpoints
+    from trainer.main import main
+
+    args = [f"--config={CONFIG}:grow", f"--workdir={tmp_path}", "--config.data.seq_len=32",
+            "--config.train.global_batch_size=8", "--config.model.d_model=64",
+            "--config.sample.max_new_tokens=0", "--config.eval.batches=1",
+            "--config.train.schedule_steps=4",
+            "--config.stages=({'train.steps': 2}, {'model.param_tokens': 64, "
+            "'model.ffn_param_tokens': 256, 'train.steps': 4})"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "stage 1/2" in out and "stage 2/2" in out
+    before, after = re.search(r"growth: .*parameters [\d,]+ -> [\d,]+; loss on a fixed eval batch "
+                              r"([\d.]+) before, ([\d.]+) after", out).groups()
+    assert before == after
+    for i, step in ((1, 2), (2, 4)):
+        ck = Checkpoints(str(tmp_path / f"stage_{i}"))
+        assert ck.latest_step() == step
+        tokens = ck.restore_config(step)["model"]["param_tokens"]
+        ck.close()
+        assert tokens == (32 if i == 1 else 64)
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 2

@@ -66,12 +66,12 @@ class Checkpoints:
         checkpoint's metadata cannot be read."""
         try:
             meta = self.manager.item_metadata(step)["state"]
-            saved = _flat(meta)
+            saved = by_name(meta)
         except Exception as e:  # noqa: BLE001 - any failure to read means the same to the caller
             raise UnreadableCheckpoint(f"{self.step_dir(step)}: {type(e).__name__}: {e}") from e
         if not saved:
             raise UnreadableCheckpoint(f"{self.step_dir(step)}: no state metadata")
-        ours = _flat(abstract_state)
+        ours = by_name(abstract_state)
         problems = []
         for name, a in ours.items():
             if name not in saved:
@@ -125,12 +125,27 @@ class Checkpoints:
         back replicated on `mesh` (a run initialised from another is small enough for that, and
         the caller reshards what it keeps).
         """
-        meta = self.manager.item_metadata(step)["state"]
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep), meta)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))
-        return _flat(restored["state"]["nnx"]["0"])
+        flat = self.restore_flat(step, lambda name, shape: rep)
+        return {name[len("nnx/0/"):]: a for name, a in flat.items() if name.startswith("nnx/0/")}
+
+    def restore_flat(self, step: int, sharding_for, data_iter=None) -> dict[str, "jax.Array"]:
+        """Every array of checkpoint `step`, whatever the model was, as {name: array} with the
+        names of `by_name` ('nnx/0/blocks/0/attn/q/kernel', 'nnx/1/opt_state/...', 'step').
+        Each is placed with `sharding_for(name, shape)` (so a run on another mesh restores
+        straight into its own layout); `data_iter`, if given, gets the saved data position."""
+        meta = self.manager.item_metadata(step)["state"]
+        target = jax.tree_util.tree_map_with_path(
+            lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                 sharding=sharding_for(path_name(path), m.shape)),
+            meta)
+        args = {"state": ocp.args.StandardRestore(target)}
+        if data_iter is not None:
+            args["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        if data_iter is not None:
+            data_iter.set_state(restored["data"]["iterator"])
+        return by_name(restored["state"])
 
     def restore_config(self, step: int) -> dict:
         """The resolved config saved with checkpoint `step` (a JSON dict)."""
@@ -144,10 +159,12 @@ class Checkpoints:
         self.manager.close()
 
 
-def _flat(tree) -> dict:
+def path_name(path) -> str:
+    """'a/b/c' of a pytree key path, NNX 'value' wrappers dropped."""
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return "/".join(k for k in keys if k != "value")
+
+
+def by_name(tree) -> dict:
     """{'a/b/c': leaf} of a (metadata or abstract) state tree, NNX 'value' wrappers dropped."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        out["/".join(k for k in keys if k != "value")] = leaf
-    return out
+    return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A bad config value; the message names the field and what is allowed."""
 
 
+CARRY = ("params", "params+optimizer", "params+optimizer+step")  # config.init_from_carry
+
+
 def base_config() -> ConfigDict:
     """Fields shared by every family, with defaults that run on a laptop CPU."""
     c = ConfigDict()
@@ -33,6 +36,14 @@ def base_config() -> ConfigDict:
     # regex: parameters of this model that may be absent from init_from (kept at their initial
     # values, e.g. "feature_map" when converting softmax attention to Hedgehog)
     c.init_from_new = ""
+    # what init_from transfers (trainer.Trainer._init_from): "params" (fresh optimizer, step 0);
+    # "params+optimizer" (Adam moments carried, step and schedule restart at 0);
+    # "params+optimizer+step" (moments, step, schedule and data position continue)
+    c.init_from_carry = "params"
+    # a schedule of runs in one command (trainer/stages.py): dicts of field overrides, e.g.
+    # ({"train.steps": 100}, {"model.param_tokens": 128, "train.steps": 200}); stage i trains in
+    # <workdir>/stage_<i> and initialises from stage i-1 (config.init_from_carry)
+    c.stages = ()
 
     c.train = ConfigDict()
     c.train.steps = 100
@@ -41,6 +52,9 @@ def base_config() -> ConfigDict:
     c.train.lr = 1e-3
     c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
     c.train.warmup_steps = 10
+    # the horizon of the warmup + cosine schedule; 0: train.steps. Staged runs that continue
+    # the step (init_from_carry ...+step) share one schedule by setting it to the total.
+    c.train.schedule_steps = 0
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.eps = 1e-8
@@ -235,6 +249,8 @@ def validate(config: ConfigDict) -> None:
     require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _one_of(config, "train.compute_dtype", ("float32", "bfloat16"))
     _one_of(config, "train.nan_policy", ("skip", "stop"))
+    _one_of(config, "init_from_carry", CARRY)
+    require(t.schedule_steps >= 0, "train.schedule_steps", f"must be >= 0, got {t.schedule_steps}")
     for f in ("eval.every", "checkpoint.every", "eval.batches"):
         group, name = f.split(".")
         require(config[group][name] >= 0, f, f"must be >= 0, got {config[group][name]}")

@@ -1,5 +1,8 @@
 """Command line: python -m trainer.main --config=configs/lm.py:tiny --workdir=DIR [--config.a.b=v ...]
 
+A config with `stages` (e.g. configs/tokenformer.py:grow) trains its stages in order, each in
+<workdir>/stage_<i> and initialised from the previous one (trainer/stages.py).
+
 Planning without training: --dry_run (this machine's devices) or --dry_run --topology=v5p:4x4x4
 (a TPU slice, compiled here with libtpu).
 
@@ -90,19 +93,33 @@ def main(argv=None) -> int:
         if args.topology:
             from trainer.sharding import topology_devices
             devices = topology_devices(args.topology)
-        with Trainer(config, workdir, dry_run=args.dry_run, devices=devices) as trainer:
+        if config.stages:  # a schedule of runs (trainer/stages.py)
+            from trainer.stages import fit_stages, stage_configs, stage_dir
             if args.dry_run:
-                print(trainer.dry_run())
-                return 1 if trainer.problems else 0
-            result = trainer.fit(max_steps=args.max_steps)
+                bad = 0
+                for i, c in enumerate(stage_configs(config), 1):
+                    print(f"stage {i}:")
+                    with Trainer(c, stage_dir(workdir, i), dry_run=True, devices=devices) as t:
+                        print(t.dry_run())
+                        bad += bool(t.problems)
+                return 1 if bad else 0
+            result = fit_stages(config, workdir, devices=devices, max_steps=args.max_steps)[-1]
+            where = os.path.join(result["workdir"], "checkpoints")
+        else:
+            with Trainer(config, workdir, dry_run=args.dry_run, devices=devices) as trainer:
+                if args.dry_run:
+                    print(trainer.dry_run())
+                    return 1 if trainer.problems else 0
+                result = trainer.fit(max_steps=args.max_steps)
+                where = trainer.checkpoints.directory
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result.get("preempted"):
         return 0  # the Trainer printed where it stopped and what it saved
     ev = result.get("eval", {})
-    summary = " ".join(f"{k}={v:.4g}" for k, v in ev.items())
-    print(f"done: step {result['step']}, {summary}; checkpoints in {trainer.checkpoints.directory}")
+    summary = "".join(f" {k}={v:.4g}" for k, v in ev.items())
+    print(f"done: step {result['step']}{summary}; checkpoints in {where}")
     return 0
 
 

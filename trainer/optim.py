@@ -7,10 +7,11 @@ import optax
 
 def lr_schedule(config) -> optax.Schedule:
     t = config.train
-    warmup = min(t.warmup_steps, t.steps)
+    horizon = t.schedule_steps or t.steps
+    warmup = min(t.warmup_steps, horizon)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t.lr, warmup_steps=warmup,
-        decay_steps=max(t.steps, warmup + 1), end_value=t.lr * t.min_lr_ratio)
+        decay_steps=max(horizon, warmup + 1), end_value=t.lr * t.min_lr_ratio)
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

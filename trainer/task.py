@@ -45,7 +45,9 @@ class Task(abc.ABC):
       train_data() -> grain.MapDataset of examples, shuffled and repeated (infinite)
       eval_data() -> grain.MapDataset of examples (finite, deterministic)
       loss(model, batch) -> (scalar loss, {name: scalar metric})  # traced inside jit
-    and may override validate, eval_summary, units_per_example and on_fit_end.
+    and may override validate, eval_summary, units_per_example, on_fit_end, and the two hooks
+    of initialising from another run's checkpoint (config.init_from): check_init_from and
+    adapt_init_from (how a family grows its arrays, e.g. TokenFormer's parameter tokens).
     """
 
     name: str = ""
@@ -87,6 +89,19 @@ class Task(abc.ABC):
 
     def on_fit_end(self, model: nnx.Module, log) -> None:
         """Called once after training (e.g. the LM prints a generated sample)."""
+
+    # ---- initialising from another run (config.init_from)
+    def check_init_from(self, source_config: dict) -> None:
+        """Raise trainer.config.ConfigError when a run with `source_config` (the JSON config
+        saved with its checkpoint) cannot initialise this one, naming the fields and the fix."""
+
+    def adapt_init_from(self, name: str, source: jax.Array, target: jax.Array):
+        """This run's array `name` (a '/'-joined path: a parameter's, or an optimizer moment's,
+        whose suffix is the parameter's) from the source's array of another shape; `target` is
+        this run's freshly initialised array (its shape, dtype and initial values). None when
+        the family has no mapping for it (the trainer then reports the mismatch). Raise
+        ConfigError for a mapping the family refuses (e.g. shrinking)."""
+        return None
 
     def describe(self) -> Iterable[str]:
         return ()

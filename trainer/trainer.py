@@ -12,6 +12,7 @@ the same shardings on the way out so the step compiles exactly once.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -30,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels import platform as kernel_platform
 from trainer import perf
-from trainer.checkpoint import Checkpoints, UnreadableCheckpoint
+from trainer.checkpoint import Checkpoints, UnreadableCheckpoint, by_name, path_name
 from trainer.config import ConfigError, to_json, validate
 from trainer.data import global_batch, process_batches
 from trainer.logs import Reporter
@@ -45,6 +46,13 @@ class Trainer:
         """dry_run: collect divisibility problems in self.problems instead of raising, and
         touch nothing on disk (see `dry_run()`)."""
         validate(config)
+        if config.stages:
+            from trainer.stages import stage_configs
+            stage_configs(config)  # a bad stage is reported as such
+            raise ConfigError(
+                "config.stages is a schedule of runs: train it with trainer.stages.fit_stages("
+                "config, workdir) (what `python -m trainer.main` does), or build one Trainer per "
+                "config of trainer.stages.stage_configs(config)")
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.quiet = quiet
@@ -84,6 +92,7 @@ class Trainer:
         self.tx = make_optimizer(config)
         self.schedule = lr_schedule(config)
         abstract = nnx.eval_shape(self._build)  # outside the mesh: names are logical here
+        self._abstract_model = abstract[0]
         self.graphdef, abstract_nnx = nnx.split(abstract)
         self._num_params = sum(math.prod(x.shape)
                                for x in jax.tree.leaves(nnx.state(abstract[0], nnx.Param)))
@@ -112,6 +121,7 @@ class Trainer:
         self._eval_step = None
         self.step_flops = float("nan")
         self.plan: dict = {}  # dry_run()'s figures
+        self.growth: dict = {}  # _init_from's report when it grew arrays
         self.last_eval: dict[str, float] = {}
         self._sharding_cache: dict = {}
 
@@ -298,50 +308,150 @@ class Trainer:
             print(f"warning: {msg}", file=sys.stderr, flush=True)
 
     def _init_from(self, source: str, state):
-        """Copies the parameters of another run's newest checkpoint into a fresh state.
+        """This run's fresh `state` initialised from another run's newest checkpoint.
 
-        Every parameter of this model must exist in the source with the same shape; anything else
-        (a grown or re-headed model) is an error naming the parameters, because such transfers
-        need an explicit mapping. Optimizer state and step start fresh.
+        What transfers is config.init_from_carry: "params" (optimizer and step start fresh),
+        "params+optimizer" (the Adam moments and bias-correction count carry over; the step and
+        the learning-rate schedule restart at 0), or "params+optimizer+step" (the step, the
+        schedule and, when the data pipeline is the same, the data position continue).
+
+        Arrays are matched by path. One whose shape differs goes through the Task's
+        adapt_init_from (TokenFormer appends parameter tokens: zero keys, freshly initialised
+        values, zero moments); anything unmatched is an error naming it. The source may have run
+        on another mesh: every array is read straight into this run's layout. When arrays grew,
+        a log line reports the parameter counts and the loss on a fixed eval batch before and
+        after (equal when the growth preserves the function), also kept in self.growth.
         """
         src_dir = source if os.path.isdir(os.path.join(source, "checkpoints")) else os.path.dirname(
             os.path.abspath(source).rstrip("/"))
         src = Checkpoints(src_dir, async_save=False)
-        step = src.latest_step()
-        if step is None:
-            raise ConfigError(f"config.init_from: no checkpoint in {source!r}")
-        params = src.restore_params(step, self.mesh)
-        src.close()
-        model, optimizer = nnx.merge(self.graphdef, state["nnx"])
-        ours = nnx.to_flat_state(nnx.state(model, nnx.Param))
+        try:
+            src_step = src.latest_step()
+            if src_step is None:
+                raise ConfigError(f"config.init_from: no checkpoint in {source!r}")
+            src_config = src.restore_config(src_step)
+            self.task.check_init_from(src_config)
+            carry = self.config.init_from_carry
+            with_opt, with_step = "optimizer" in carry, carry.endswith("+step")
+            if with_step and src_step >= self.config.train.steps:
+                raise ConfigError(
+                    f"config.init_from_carry={carry!r} continues at the source's step {src_step}, "
+                    f"but train.steps={self.config.train.steps} leaves nothing to train; set "
+                    "train.steps to the total over both runs")
+            same_data = (src_config.get("data") == json.loads(to_json(self.config))["data"]
+                         and src_config.get("train", {}).get("global_batch_size")
+                         == self.config.train.global_batch_size)
+            flat = src.restore_flat(src_step, self._init_from_sharding(),
+                                    self.train_iter if with_step and same_data else None)
+        finally:
+            src.close()
+
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        param_names = {"nnx/0/" + "/".join(map(str, p)) for p, v in
+                       nnx.to_flat_state(self.abstract_state["nnx"][0]) if isinstance(v, nnx.Param)}
+        # restart: the optimizer's step and the schedule's count start at 0 (fresh values);
+        # Adam's own count stays, its bias correction belongs to the carried moments
+        fresh = set() if with_step else {"nnx/1/step", *self._schedule_counts()}
         new_ok = re.compile(self.config.init_from_new) if self.config.init_from_new else None
-        problems, new, kept = [], {}, []
-        for path, var in ours:
-            name = "/".join(str(p) for p in path)
-            if name not in params and new_ok is not None and new_ok.search(name):
-                kept.append(name)  # a parameter the source does not have: keeps its init
-            elif name not in params:
-                problems.append(f"{name}: missing in the source (config.init_from_new lets "
-                                "named new parameters keep their initial values)")
-            elif params[name].shape != var.get_value().shape:
-                problems.append(f"{name}: shape {params[name].shape} in the source, "
-                                f"{var.get_value().shape} here")
-            else:
-                new[path] = params[name]
-        if problems:
-            raise ConfigError(f"config.init_from: {source} (step {step}) does not match this "
-                              "model:\n  " + "\n  ".join(problems))
-        for path, var in ours:
-            if path not in new:
+        problems, grown, kept, out = [], [], [], []
+        for path, leaf in leaves:
+            name = path_name(path)
+            short = name.split("/", 2)[-1] if name.startswith("nnx/") else name
+            if not (name in param_names or (with_opt and name.startswith("nnx/1/")
+                                            and name not in fresh) or (with_step and name == "step")):
+                out.append(leaf)
                 continue
-            var.set_value(jax.device_put(new[path].astype(var.get_value().dtype),
-                                         var.get_value().sharding))
+            value = flat.get(name)
+            if value is None:
+                if new_ok is not None and new_ok.search(short):
+                    kept.append(short)  # a parameter (or its moment) the source does not have
+                elif name in param_names:
+                    problems.append(f"{short}: missing in the source (config.init_from_new lets "
+                                    "named new parameters keep their initial values)")
+                else:
+                    problems.append(f"optimizer state {short}: missing in the source (its "
+                                    "optimizer differs; init_from_carry='params' starts a fresh one)")
+                out.append(leaf)
+                continue
+            if value.shape != leaf.shape:
+                adapted = self.task.adapt_init_from(short, value, leaf)
+                if adapted is None:
+                    problems.append(f"{short}: shape {value.shape} in the source, {leaf.shape} here"
+                                    f" (the {self.config.task!r} task maps only equal shapes)")
+                    out.append(leaf)
+                    continue
+                grown.append(short)
+                value = adapted
+            out.append(jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding))
+        if problems:
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ConfigError(f"config.init_from: {source} (step {src_step}) does not match this "
+                              "model:\n  " + "\n  ".join(problems[:20]) + more)
+        new_state = jax.tree_util.tree_unflatten(treedef, out)
         if kept:
-            self._log(f"init_from: {len(kept)} new parameters keep their initial values "
+            self._log(f"init_from: {len(kept)} new arrays keep their initial values "
                       f"({kept[0]}{', ...' if len(kept) > 1 else ''})")
-        nnx.update(model, nnx.from_flat_state(ours))
-        self._log(f"initialised parameters from {src.directory}/{step}")
-        return dict(state, nnx=nnx.state((model, optimizer)))
+        what = {"params": "parameters", "params+optimizer": "parameters and optimizer state",
+                "params+optimizer+step": f"parameters, optimizer state and step {src_step}"}[carry]
+        if with_step and not same_data:
+            what += " (the data position restarts: the source's data or batch differ)"
+        self._log(f"initialised {what} from {src.directory}/{src_step}")
+        if grown:
+            self.growth = self._growth_report(src_config, flat, new_state, grown)
+        return new_state
+
+    def _init_from_sharding(self):
+        """sharding_for(name, shape) of a source array: this run's sharding of the array of the
+        same name where it divides the source's shape, else replicated (a grown array is
+        adapted, then placed)."""
+        ours = by_name(self.state_shardings)
+        rep = replicated(self.mesh)
+
+        def sharding_for(name, shape):
+            s = ours.get(name, rep)
+            try:
+                s.shard_shape(tuple(shape))
+            except ValueError:
+                return rep
+            return s
+        return sharding_for
+
+    def _schedule_counts(self) -> set[str]:
+        """Names of the learning-rate schedule's step counters in the optimizer state."""
+        params = nnx.state(self._abstract_model, self.trainable)
+        raw = jax.eval_shape(self.tx.init, params)
+        is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+        return {f"nnx/1/opt_state/{path_name(p)}/count" for p, x in
+                jax.tree_util.tree_flatten_with_path(raw, is_leaf=is_sched)[0] if is_sched(x)}
+
+    def _growth_report(self, src_config: dict, flat: dict, new_state, grown: list[str]) -> dict:
+        """Parameter counts and the loss on the first eval micro-batch of the source model
+        (built from its saved config) and of the grown one, logged in one line."""
+        from ml_collections import ConfigDict
+
+        src_task = get_task(src_config["task"])(ConfigDict(src_config))
+        gdef, abstract = nnx.split(nnx.eval_shape(lambda: src_task.build_model(nnx.Rngs(0))))
+        old_params = sum(math.prod(v.get_value().shape) for _, v in nnx.to_flat_state(abstract)
+                         if isinstance(v, nnx.Param))
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+        src_state = jax.tree_util.tree_unflatten(treedef, [flat["nnx/0/" + path_name(p)] for p, _ in leaves])
+        local = next(iter(process_batches(self.task.eval_data(), self.micro_batch, prefetch=0)))
+        batch = global_batch(local, self._batch_shardings(local, leading=0))
+
+        def src_loss(state, batch):
+            model = nnx.merge(gdef, state)
+            model.eval()
+            return src_task.loss(model, batch)[0]
+
+        with jax.set_mesh(self.mesh):
+            before = float(jax.jit(src_loss)(src_state, batch))
+            after = float(jax.jit(self._eval_step_fn)(new_state, batch)["loss"])
+        report = {"params_before": old_params, "params_after": self.num_params(),
+                  "loss_before": before, "loss_after": after, "grown": grown}
+        self._log(f"growth: {len(grown)} arrays grew ({grown[0]}, ...); parameters "
+                  f"{old_params:,} -> {self.num_params():,}; loss on a fixed eval batch "
+                  f"{before:.6f} before, {after:.6f} after")
+        return report
 
     @property
     def step(self) -> int:
