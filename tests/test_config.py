@@ -91,7 +91,7 @@ def test_unknown_variant_is_a_config_error():
 BAD_CONFIGS = [
     (("train.nan_policy=ignore",), ("train.nan_policy", "'skip'", "'stop'")),
     (("train.compute_dtype=float16",), ("train.compute_dtype", "'bfloat16'")),
-    (("train.steps=0",), ("train.steps",)),
+    (("train.steps=-1",), ("train.steps",)),
     (("train.grad_accum_steps=3",), ("train.global_batch_size", "grad_accum_steps=3")),
     (("mesh.data=3",), ("mesh", "8")),
     (("mesh.data=-1", "mesh.fsdp=-1"), ("mesh",)),

@@ -149,6 +149,46 @@ def test_init_from_a_different_model_names_the_mismatched_parameters(reference, 
     assert "q_proj" not in message, "only the mismatched parameters are listed"
 
 
+def test_eval_only_run_evaluates_the_source(reference, tiny_config, tmp_path):
+    """train.steps=0 with init_from: no step, no checkpoint; the eval metrics are the source's."""
+    config = tiny_config(*REFERENCE_MESH, "train.steps=0", f"init_from={reference.workdir}")
+    with Trainer(config, str(tmp_path), quiet=True) as t:
+        result = t.fit()
+        assert result["step"] == 0 and t.checkpoints.latest_step() is None
+    assert result["eval"]["loss"] == pytest.approx(reference.result["eval"]["loss"], rel=1e-6)
+
+
+def test_task_eval_hooks_see_every_eval_example(tiny_config, tmp_path):
+    """eval_outputs are collected over the whole eval run (eval.batches micro-batches) and fed
+    to eval_metrics / eval_images; their metrics join the loss metrics."""
+    from models.lm import LMTask
+
+    class Collecting(LMTask):
+        def eval_outputs(self, model, batch):
+            return {"id": batch["id"], "first": batch["tokens"][:, 0]}
+
+        def eval_metrics(self, outputs):
+            self.seen = outputs
+            return {"examples": float(len(outputs["id"]))}
+
+        def eval_images(self, outputs):
+            return {"first_tokens": np.broadcast_to(outputs["first"].astype(np.uint8)[:, None, None],
+                                                    (len(outputs["first"]), 2, 3))}
+
+    config = tiny_config("eval.batches=2", "mesh.data=8")
+    with Trainer(config, str(tmp_path), quiet=True) as t:
+        t.task = Collecting(config)
+        ev = t.evaluate()
+        images = t.last_eval_images
+    it = iter(process_batches(t.task.eval_data(), t.micro_batch, prefetch=0))
+    want = [next(it) for _ in range(2)]
+    np.testing.assert_array_equal(t.task.seen["id"], np.concatenate([b["id"] for b in want]))
+    np.testing.assert_array_equal(t.task.seen["first"],
+                                  np.concatenate([b["tokens"][:, 0] for b in want]))
+    assert ev["examples"] == 2 * t.micro_batch and "loss" in ev and "bits_per_byte" in ev
+    assert images["first_tokens"].shape == (2 * t.micro_batch, 2, 3)
+
+
 def test_init_from_without_checkpoint_is_a_config_error(tiny_config, tmp_path):
     empty = tmp_path / "empty_run"
     empty.mkdir()

@@ -235,7 +235,8 @@ def validate(config: ConfigDict) -> None:
     """Checks the family-independent fields (the Task checks its own); raises ConfigError."""
     t = config.train
     require(bool(config.task), "task", "no task set; the family config must set config.task")
-    require(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    # 0: evaluate only (with init_from, or a workdir to resume)
+    require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     require(t.global_batch_size >= 1, "train.global_batch_size",
             f"must be >= 1, got {t.global_batch_size}")
     require(t.grad_accum_steps >= 1, "train.grad_accum_steps",

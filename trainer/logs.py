@@ -50,6 +50,12 @@ class Reporter:
                                                           for k, v in values.items()}}) + "\n")
             self.jsonl.flush()
 
+    def images(self, step: int, images: dict, prefix: str = "") -> None:
+        """{name: uint8 [H, W, 3] or float [H, W, 3] in [0, 1]} to TensorBoard (process 0)."""
+        if self.writer is not None:
+            for k, img in images.items():
+                self.writer.add_image(prefix + k, img, step, dataformats="HWC")
+
     def tick(self, step: int) -> None:
         """Moves the bar to `step` without new metrics (every step; tqdm rate-limits redraws)."""
         if self.bar is not None and step > self.bar.n:

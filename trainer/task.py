@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import grain
 import jax
+import numpy as np
 from flax import nnx
 
 _TASKS: dict[str, type["Task"]] = {}
@@ -45,9 +46,11 @@ class Task(abc.ABC):
       train_data() -> grain.MapDataset of examples, shuffled and repeated (infinite)
       eval_data() -> grain.MapDataset of examples (finite, deterministic)
       loss(model, batch) -> (scalar loss, {name: scalar metric})  # traced inside jit
-    and may override validate, eval_summary, units_per_example, on_fit_end, and the two hooks
-    of initialising from another run's checkpoint (config.init_from): check_init_from and
-    adapt_init_from (how a family grows its arrays, e.g. TokenFormer's parameter tokens).
+    and may override validate, eval_summary, units_per_example, on_fit_end; the dataset-level
+    evaluation hooks eval_outputs, eval_metrics and eval_images (COCO AP, tracking metrics,
+    pictures for TensorBoard); and the two hooks of initialising from another run's checkpoint
+    (config.init_from): check_init_from and adapt_init_from (how a family grows its arrays, e.g.
+    TokenFormer's parameter tokens).
     """
 
     name: str = ""
@@ -82,6 +85,21 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def loss(self, model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, Any]]:
         """(scalar loss, {name: scalar metric}) of a batch; traced inside the jitted step."""
+
+    def eval_outputs(self, model: nnx.Module, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per-example arrays (leading axis = batch) to collect over the eval split, traced in
+        the eval step next to loss(): e.g. a detector's top-k boxes and the image ids. The
+        trainer concatenates them on the host for eval_metrics and eval_images."""
+        return {}
+
+    def eval_metrics(self, outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        """Dataset-level metrics (e.g. COCO AP) of the collected eval_outputs."""
+        return {}
+
+    def eval_images(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Images for TensorBoard, {name: uint8 [H, W, 3]}, drawn from the collected
+        eval_outputs (e.g. predicted boxes on a few eval images)."""
+        return {}
 
     def eval_summary(self, metrics: dict[str, float]) -> dict[str, float]:
         """Derived eval metrics from the batch-averaged ones (e.g. bits per byte)."""

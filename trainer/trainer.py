@@ -123,6 +123,7 @@ class Trainer:
         self.plan: dict = {}  # dry_run()'s figures
         self.growth: dict = {}  # _init_from's report when it grew arrays
         self.last_eval: dict[str, float] = {}
+        self.last_eval_images: dict[str, np.ndarray] = {}
         self._sharding_cache: dict = {}
 
     def _abstract_sharded_state(self):
@@ -445,7 +446,7 @@ class Trainer:
 
         with jax.set_mesh(self.mesh):
             before = float(jax.jit(src_loss)(src_state, batch))
-            after = float(jax.jit(self._eval_step_fn)(new_state, batch)["loss"])
+            after = float(jax.jit(self._eval_step_fn)(new_state, batch)[0]["loss"])
         report = {"params_before": old_params, "params_after": self.num_params(),
                   "loss_before": before, "loss_after": after, "grown": grown}
         self._log(f"growth: {len(grown)} arrays grew ({grown[0]}, ...); parameters "
@@ -519,10 +520,11 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step_fn(self, state, batch):
+        """(batch metrics, the Task's per-example eval_outputs) of one eval micro-batch."""
         model, _ = nnx.merge(self.graphdef, state["nnx"])
         model.eval()  # deterministic layers (dropout off, SSA dense, no EMA updates)
         loss, metrics = self.task.loss(model, batch)
-        return dict(metrics, loss=loss)
+        return dict(metrics, loss=loss), self.task.eval_outputs(model, batch)
 
     def _batch_shardings(self, batch, leading):
         """Per-key shardings: the batch dim (after `leading` unsharded dims) over data x fsdp."""
@@ -557,11 +559,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, float]:
-        """Batch-averaged eval metrics over (at most) eval.batches global batches, run as
-        micro-batches of global_batch_size / grad_accum_steps examples."""
+        """Eval metrics over (at most) eval.batches global batches, run as micro-batches of
+        global_batch_size / grad_accum_steps examples: the batch-averaged loss metrics, then
+        the Task's dataset-level ones (eval_metrics of the collected eval_outputs, e.g. COCO
+        AP). The Task's eval_images of the same outputs are kept in self.last_eval_images."""
         state = self.initial_state()
         it = process_batches(self.task.eval_data(), self.micro_batch)
-        sums, n = {}, 0
+        sums, outputs, n = {}, [], 0
         for local in it:
             if n >= max(self.config.eval.batches, 1) * self.accum:
                 break
@@ -572,13 +576,20 @@ class Trainer:
                                           in_shardings=(self.state_shardings, shardings),
                                           out_shardings=replicated(self.mesh))
             with jax.set_mesh(self.mesh):
-                m = self._eval_step(state, batch)
+                m, out = self._eval_step(state, batch)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if out:
+                outputs.append(jax.device_get(out))
             n += 1
         if n == 0:
             raise ConfigError(f"the eval split has fewer than one batch of {self.micro_batch} examples")
         metrics = {k: float(v) / n for k, v in jax.device_get(sums).items()}
+        self.last_eval_images = {}
+        if outputs:
+            collected = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+            metrics.update(self.task.eval_metrics(collected))
+            self.last_eval_images = self.task.eval_images(collected)
         self.last_eval = self.task.eval_summary(metrics)
         return self.last_eval
 
@@ -645,6 +656,7 @@ class Trainer:
                     ev = self.evaluate()
                     evaluated_at = step
                     report.scalars(step, ev, "eval/")
+                    report.images(step, self.last_eval_images, "eval/")
                     report.print(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
                     t_mark, step_mark = time.perf_counter(), step  # throughput excludes eval
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < until:
@@ -670,6 +682,7 @@ class Trainer:
             if evaluated_at != step:
                 ev = self.evaluate()
                 report.scalars(step, ev, "eval/")
+                report.images(step, self.last_eval_images, "eval/")
                 report.print(f"eval @ {step}: " + " ".join(f"{k}={v:.4g}" for k, v in ev.items()))
             last["step"] = step
             last["eval"] = dict(self.last_eval)
