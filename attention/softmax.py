@@ -1,7 +1,9 @@
 """Softmax self-attention with grouped-query heads (GQA) and RoPE: the baseline mechanism.
 
 softmax(Q K^T / sqrt(d_h)) V (Vaswani et al. 2017, eq. 1), with H query heads sharing
-H_kv key/value heads (Ainslie et al. 2023) and rotary positions on q and k.
+H_kv key/value heads (Ainslie et al. 2023) and rotary positions on q and k (`rope_theta` 0:
+none). Causal by default (language models); `model.causal=False` attends to every token of the
+segment (encoders: ViT, iFormer), for the mechanisms whose class says BIDIRECTIONAL.
 """
 from __future__ import annotations
 
@@ -50,12 +52,24 @@ class SoftmaxAttention(nnx.Module):
     # config.model fields (attention/ops/causal.py), also of the mechanisms built on this layer
     # (add_mechanism_defaults merges CONFIG_DEFAULTS along the class hierarchy)
     CONFIG_DEFAULTS = dict(softmax_impl="auto", softmax_block=64)
+    # honours model.causal=False (bidirectional attention, mode="train" only). A subclass
+    # computes its scores its own way (sparse masks, routing), so it is causal-only unless its
+    # own class body sets BIDIRECTIONAL = True (and handles self.causal): see __init_subclass__
+    BIDIRECTIONAL = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.BIDIRECTIONAL = bool(cls.__dict__.get("BIDIRECTIONAL", False))
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.rope_theta = cfg.rope_theta
+        self.causal = bool(getattr(cfg, "causal", True))
+        if not self.causal and not type(self).BIDIRECTIONAL:
+            raise ValueError(f"{type(self).__name__} is causal only: model.causal=False needs a "
+                             "mechanism whose class sets BIDIRECTIONAL = True")
         # attention/ops/causal.py: "auto" = query blocks skipping the masked half on CPU, the
         # dense (cuDNN / XLA) form elsewhere
         defaults = SoftmaxAttention.CONFIG_DEFAULTS
@@ -78,10 +92,12 @@ class SoftmaxAttention(nnx.Module):
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def attend(self, q, k, v, *, mode: str):
-        """Causal self-attention of a whole segment (training, or a prompt at prefill).
-        q [B, T, H, hd], k, v [B, T, H_kv, hd] (RoPE applied) -> [B, T, H, hd]. Sparse mechanisms
-        sharing these projections (so a trained softmax checkpoint loads into them) override
-        this; decoding over the cache stays dense."""
+        """Causal self-attention of a whole segment (training, or a prompt at prefill), or full
+        attention over it when not self.causal. q [B, T, H, hd], k, v [B, T, H_kv, hd] (RoPE
+        applied) -> [B, T, H, hd]. Sparse mechanisms sharing these projections (so a trained
+        softmax checkpoint loads into them) override this; decoding over the cache stays dense."""
+        if not self.causal:
+            return jax.nn.dot_product_attention(q, k, v)
         return causal_attention(q, k, v, block=self.softmax_block, impl=self.softmax_impl)
 
     def report_cost(self, pairs) -> None:
@@ -92,6 +108,9 @@ class SoftmaxAttention(nnx.Module):
                  capture_noop=True)
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
+        if not self.causal and mode != "train":
+            raise ValueError(f"mode={mode!r}: bidirectional attention (model.causal=False) has "
+                             "no cache; call it with mode='train'")
         B, T, _ = x.shape
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)

@@ -1,0 +1,385 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), the image-classification Task the vision
+families share, and efficient probing of a frozen backbone (Psomas et al., "Attention, Please!").
+
+ViT: image [B, S, S, 3] -> p x p patches, flattened and linearly embedded, + learned positions
+(+ a CLS token when `model.pool="cls"`) -> pre-norm blocks x + Attn(LN(x)), x + MLP(LN(x)) ->
+final LN. Attention comes from the registry (`model.attention`) with `model.causal=False`.
+
+Every classifier is `ImageClassifier`: a `backbone` (images -> tokens [B, N, D] and a pooled
+[B, D]) and one head, chosen by `model.probe`:
+  ""       `classifier`: Linear(pooled) -> logits (supervised training of everything);
+  "ep"     `probe`: EfficientProbe (M queries attending to the raw tokens) -> Linear;
+  "linear" `probe`: Linear(mean of the tokens).
+A probe trains on a frozen backbone: `init_from=<a supervised run>`, `init_from_new="probe"`
+(the probe is new), `train.trainable="^probe"` (only the probe gets gradients and optimizer
+state; the trainer never touches the rest).
+"""
+from __future__ import annotations
+
+import math
+
+import grain
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import attention
+from attention.softmax import Dense
+from trainer.config import ConfigError
+from trainer.sharding import constrain
+from trainer.task import Task, register_task
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+POOLS = ("cls", "mean")
+PROBES = ("", "ep", "linear")
+
+
+# ----------------------------------------------------------------------------- layers
+def linear(din: int, dout: int, logical, *, dtype, rngs, std: float | None = 0.02,
+           bias: bool = True):
+    """Linear with a bias whose kernel and bias carry logical axis names; std None: LeCun
+    normal (fan-in), 0: zeros (a classifier head, as in big_vision)."""
+    init = (nnx.initializers.lecun_normal() if std is None else
+            nnx.initializers.zeros if std == 0 else nnx.initializers.normal(std))
+    return Dense(din, dout, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=nnx.with_partitioning(init, logical),
+                 bias_init=nnx.with_partitioning(nnx.initializers.zeros, logical[-1:]),
+                 rngs=rngs)
+
+
+def param(rngs, init, shape, logical):
+    """A float32 nnx.Param drawn from init, carrying logical axis names."""
+    return nnx.Param(nnx.with_partitioning(init, logical)(rngs.params(), shape, jnp.float32))
+
+
+def layer_norm(d: int, *, dtype, rngs):
+    return nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                         scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
+                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
+                         rngs=rngs)
+
+
+class Mlp(nnx.Module):
+    """MLP(x) = GELU(x W1 + b1) W2 + b2 over the last axis (any leading shape). LeCun-normal
+    weights: at these widths (64) the LM's N(0, 0.02) leaves the blocks near the identity and
+    a tiny ViT on a long plateau (18% -> 25% held-out accuracy after 800 steps with LeCun)."""
+
+    def __init__(self, d: int, hidden: int, *, dtype, rngs):
+        self.fc1 = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, std=None)
+        self.fc2 = linear(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, std=None)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+def attention_config(cfg, **fields):
+    """A copy of config.model with some fields replaced: the registry's attention modules read
+    their sizes (d_model, num_heads, ...) from it, and a hierarchical backbone builds each
+    stage's attention at that stage's width."""
+    import ml_collections
+
+    base = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+    return ml_collections.ConfigDict({**base, **fields})
+
+
+def token_positions(batch: int, n: int):
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+
+
+class Block(nnx.Module):
+    """x + Attn(LN(x)), then x + MLP(LN(x)); x [B, N, D]."""
+
+    def __init__(self, cfg, *, dtype, rngs):
+        self.attn_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs)
+        self.mlp_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(cfg.d_model, cfg.mlp_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h, _ = self.attn(self.attn_norm(x), positions=token_positions(*x.shape[:2]))
+        x = constrain(x + h, ("batch", "length", "act_embed"))
+        return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
+
+
+def patchify(images, p: int):
+    """[B, S, S', C] -> [B, (S/p)(S'/p), p*p*C], patches in row-major order."""
+    B, H, W, C = images.shape
+    x = images.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+class ViT(nnx.Module):
+    """cfg: config.model (patch_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
+    mlp_dim, pool, attention, rope_theta, causal); image_size from config.data.
+    images [B, S, S, 3] -> (tokens [B, N, D] (patch tokens, after the final LN), pooled [B, D])."""
+
+    def __init__(self, cfg, image_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.patch_size, self.pool, self.dim = cfg.patch_size, cfg.pool, cfg.d_model
+        n = (image_size // cfg.patch_size) ** 2
+        d = cfg.d_model
+        with nnx.use_eager_sharding(False):
+            self.patch_embed = linear(cfg.patch_size ** 2 * 3, d, (None, "embed"), dtype=dtype,
+                                      rngs=rngs, std=None)
+            self.cls = param(rngs, nnx.initializers.zeros, (1, 1, d), (None, None, "embed")) \
+                if cfg.pool == "cls" else None
+            self.pos_embed = param(rngs, nnx.initializers.normal(0.02),
+                                   (n + (cfg.pool == "cls"), d), (None, "embed"))
+            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs)
+                                    for _ in range(cfg.num_layers)])
+            self.final_norm = layer_norm(d, dtype=dtype, rngs=rngs)
+
+    def __call__(self, images):
+        x = self.patch_embed(patchify(images, self.patch_size))
+        if self.cls is not None:
+            x = jnp.concatenate([jnp.broadcast_to(self.cls[...].astype(x.dtype),
+                                                  (x.shape[0], 1, x.shape[2])), x], axis=1)
+        x = constrain(x + self.pos_embed[...].astype(x.dtype), ("batch", "length", "act_embed"))
+        for block in self.blocks:
+            x = block(x)
+        x = self.final_norm(x)
+        if self.cls is not None:
+            return x[:, 1:], x[:, 0]
+        return x, x.mean(axis=1)
+
+
+# ----------------------------------------------------------------------------- heads
+class EfficientProbe(nnx.Module):
+    """Efficient probing (Psomas et al.; billpsomas/efficient-probing poolings/ep.py).
+
+    M learnable queries q_m [D]; keys are the raw tokens X [N, D] (no W_k); V = X W_v with
+    W_v: D -> D / d_out, split into M slices V^(m) of D / (d_out M) channels;
+        o_m = softmax(q_m X^T / sqrt(D)) V^(m),   features = concat_m o_m   [D / d_out]
+    then a linear classifier. x [B, N, D] -> logits [B, K]."""
+
+    def __init__(self, d: int, num_classes: int, num_queries: int, d_out: int, *, dtype, rngs):
+        self.num_queries = num_queries
+        self.queries = param(rngs, nnx.initializers.normal(0.02), (num_queries, d),
+                             (None, "embed"))
+        self.value = linear(d, d // d_out, ("embed", None), dtype=dtype, rngs=rngs, std=None,
+                            bias=False)
+        self.head = linear(d // d_out, num_classes, (None, None), dtype=dtype, rngs=rngs, std=0)
+
+    def pool(self, x):
+        """x [B, N, D] -> the concatenated query outputs [B, D / d_out]."""
+        B, N, D = x.shape
+        q = self.queries[...].astype(x.dtype)
+        # softmax(q_m X^T / sqrt(D)) for every query m: [B, M, N]
+        attn = jax.nn.softmax(jnp.einsum("md,bnd->bmn", q, x).astype(jnp.float32)
+                              / math.sqrt(D), axis=-1).astype(x.dtype)
+        v = self.value(x).reshape(B, N, self.num_queries, -1)  # V^(m): [B, N, M, D/(d_out M)]
+        return jnp.einsum("bmn,bnmc->bmc", attn, v).reshape(B, -1)
+
+    def __call__(self, x):
+        return self.head(self.pool(x))
+
+
+class LinearProbe(nnx.Module):
+    """Linear classifier of the mean token. x [B, N, D] -> logits [B, K]."""
+
+    def __init__(self, d: int, num_classes: int, *, dtype, rngs):
+        self.head = linear(d, num_classes, ("embed", None), dtype=dtype, rngs=rngs, std=0)
+
+    def __call__(self, x):
+        return self.head(x.mean(axis=1))
+
+
+class ImageClassifier(nnx.Module):
+    """`backbone` (images -> tokens, pooled) and either `classifier` (model.probe = "") or
+    `probe` ("ep" / "linear"); the names are what init_from and train.trainable match.
+    images [B, S, S, 3] -> logits [B, num_classes] float32."""
+
+    def __init__(self, backbone: nnx.Module, cfg, *, dtype, rngs):
+        self.backbone = backbone
+        d, k = backbone.dim, cfg.num_classes
+        with nnx.use_eager_sharding(False):
+            self.classifier = linear(d, k, ("embed", None), dtype=dtype, rngs=rngs, std=0) \
+                if cfg.probe == "" else None
+            self.probe = (EfficientProbe(d, k, cfg.probe_queries, cfg.probe_d_out, dtype=dtype,
+                                         rngs=rngs) if cfg.probe == "ep" else
+                          LinearProbe(d, k, dtype=dtype, rngs=rngs) if cfg.probe == "linear"
+                          else None)
+
+    def __call__(self, images):
+        tokens, pooled = self.backbone(images)
+        logits = self.classifier(pooled) if self.probe is None else self.probe(tokens)
+        return logits.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- task
+class ClassificationTask(Task):
+    """Image classification: procedurally drawn shapes (trainer/images.py) by default, an
+    ImageFolder tree when `config.data.paths=(root,)`. A family subclasses it and implements
+    build_backbone (and validate_backbone for its own fields).
+
+    Fields: data.image_size, data.num_train, data.num_eval, data.max_shapes, data.noise (shapes
+    only); model.num_classes (must equal the data's), model.probe, model.probe_queries,
+    model.probe_d_out; train.label_smoothing."""
+
+    throughput_unit = "images"
+    # config.model fields that change what a trained backbone computes without changing its
+    # parameters' shapes (the trainer reports shape mismatches itself): a probe's init_from
+    # source must agree on them
+    BACKBONE_FIELDS = ("attention", "causal", "rope_theta")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._data = None
+
+    def check_init_from(self, source_config):
+        def norm(x):
+            return tuple(x) if isinstance(x, (list, tuple)) else x
+
+        src, ours = source_config.get("model", {}), self.config.model
+        diff = [f"config.model.{f}={norm(ours[f])!r}, but the source has {norm(src[f])!r}"
+                for f in self.BACKBONE_FIELDS if f in src and f in ours
+                and norm(src[f]) != norm(ours[f])]
+        if source_config.get("task", self.config.task) != self.config.task:
+            diff.insert(0, f"config.task={self.config.task!r}, but the source is a "
+                           f"{source_config['task']!r} run")
+        if diff:
+            raise ConfigError(f"config.init_from={self.config.init_from!r} was trained with "
+                              "another backbone:\n  " + "\n  ".join(diff))
+
+    # ---- family hooks
+    def build_backbone(self, rngs, dtype) -> nnx.Module:
+        """images [B, S, S, 3] -> (tokens [B, N, D], pooled [B, D]); has .dim = D."""
+        raise NotImplementedError
+
+    def validate_backbone(self, mesh_sizes) -> None:
+        """ConfigError for the family's own model fields."""
+
+    # ---- checks
+    def validate(self, mesh_sizes):
+        c, m = self.config, self.config.model
+        try:
+            cls = attention.get(m.attention)
+        except KeyError as e:
+            raise ConfigError(f"config.model.attention: {e.args[0]}") from None
+        if not m.causal and not getattr(cls, "BIDIRECTIONAL", False):
+            allowed = [n for n in attention.names()
+                       if getattr(attention.get(n), "BIDIRECTIONAL", False)]
+            raise ConfigError(
+                f"config.model.attention={m.attention!r} is causal only, and a vision encoder "
+                f"attends bidirectionally (model.causal=False); allowed: {', '.join(allowed)}")
+        for field in ("image_size", "num_train", "num_eval", "max_shapes"):
+            if c.data[field] < 1:
+                raise ConfigError(f"config.data.{field} must be >= 1, got {c.data[field]}")
+        if c.data.noise < 0:
+            raise ConfigError(f"config.data.noise must be >= 0, got {c.data.noise}")
+        if len(c.data.paths) > 1:
+            raise ConfigError(f"config.data.paths: one ImageFolder root, got {len(c.data.paths)} "
+                              f"paths {tuple(c.data.paths)}")
+        if m.probe not in PROBES:
+            raise ConfigError(f"config.model.probe={m.probe!r}; allowed: "
+                              f"{', '.join(map(repr, PROBES))}")
+        if not 0 <= c.train.label_smoothing < 1:
+            raise ConfigError(f"config.train.label_smoothing must be in [0, 1), got "
+                              f"{c.train.label_smoothing}")
+        self.validate_backbone(mesh_sizes)
+        if m.probe == "ep":
+            d, q, o = self.feature_dim(), m.probe_queries, m.probe_d_out
+            if q < 1 or o < 1 or d % (q * o):
+                raise ConfigError(
+                    f"config.model.probe_queries={q} x probe_d_out={o} must divide the "
+                    f"backbone's width {d} (each query reads D / (d_out M) value channels)")
+        _, _, classes = self.data()
+        if m.num_classes != len(classes):
+            where = (f"the ImageFolder {c.data.paths[0]!r}" if c.data.paths
+                     else "the shapes data (trainer/images.py SHAPE_KINDS)")
+            raise ConfigError(f"config.model.num_classes={m.num_classes}, but {where} has "
+                              f"{len(classes)} classes ({', '.join(classes[:10])}"
+                              f"{', ...' if len(classes) > 10 else ''}); set "
+                              f"--config.model.num_classes={len(classes)}")
+
+    def feature_dim(self) -> int:
+        """The backbone's token width D (what a probe reads)."""
+        return self.config.model.d_model
+
+    # ---- model
+    def build_model(self, rngs):
+        dtype = _DTYPES[self.config.train.compute_dtype]
+        return ImageClassifier(self.build_backbone(rngs, dtype), self.config.model, dtype=dtype,
+                               rngs=rngs)
+
+    # ---- data
+    def data(self):
+        """(train dataset, eval dataset, class names), built once."""
+        if self._data is None:
+            from trainer import images
+
+            d = self.config.data
+            if d.paths:
+                train, classes = images.image_folder(d.paths[0], "train", image_size=d.image_size,
+                                                     seed=self.config.seed)
+                evals, _ = images.image_folder(d.paths[0], "eval", image_size=d.image_size,
+                                               seed=self.config.seed)
+            else:
+                kw = dict(image_size=d.image_size, num_train=d.num_train, num_eval=d.num_eval,
+                          seed=self.config.seed, max_shapes=d.max_shapes, noise=d.noise)
+                train = images.shapes_classification("train", **kw)
+                evals = images.shapes_classification("eval", **kw)
+                classes = list(images.SHAPE_KINDS)
+            self._data = (train, evals, list(classes))
+        return self._data
+
+    def train_data(self) -> grain.MapDataset:
+        return self.data()[0]
+
+    def eval_data(self) -> grain.MapDataset:
+        return self.data()[1]
+
+    # ---- loss
+    def loss(self, model, batch):
+        images = batch["image"].astype(_DTYPES[self.config.train.compute_dtype])
+        labels = batch["label"]
+        # auxiliary losses sown by attention layers (DESIGN.md: nnx.Intermediate "aux_loss")
+        logits, inter = nnx.capture(model, nnx.Intermediate)(images)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
+                                      self.config.train.label_smoothing)
+        xent = optax.softmax_cross_entropy(logits, targets).mean()
+        metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+        aux = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
+               if any(getattr(k, "key", None) == "aux_loss" for k in path)]
+        if not aux:
+            return xent, metrics
+        aux_loss = sum(jnp.mean(a) for a in aux) / len(aux)
+        return xent + aux_loss, dict(metrics, xent=xent, aux_loss=aux_loss)
+
+    def describe(self):
+        m = self.config.model
+        head = {"": "supervised classifier", "ep": f"EP probe ({m.probe_queries} queries)",
+                "linear": "linear probe"}[m.probe]
+        paths = self.config.data.paths
+        return (f"{self.name}: {head}, {m.num_classes} classes, "
+                f"{'ImageFolder ' + paths[0] if paths else 'shapes'}",)
+
+
+@register_task("vit")
+class ViTTask(ClassificationTask):
+    """ViT image classification (configs/vit.py)."""
+
+    BACKBONE_FIELDS = (*ClassificationTask.BACKBONE_FIELDS, "pool")
+
+    def validate_backbone(self, mesh_sizes):
+        m, s = self.config.model, self.config.data.image_size
+        if m.pool not in POOLS:
+            raise ConfigError(f"config.model.pool={m.pool!r}; allowed: "
+                              f"{', '.join(map(repr, POOLS))}")
+        if m.patch_size < 1 or s % m.patch_size:
+            raise ConfigError(f"config.data.image_size={s} is not a multiple of "
+                              f"config.model.patch_size={m.patch_size}")
+        tp = mesh_sizes["tensor"]
+        for field in ("num_heads", "num_kv_heads"):
+            if m[field] % tp:
+                raise ConfigError(f"config.model.{field}={m[field]} is not divisible by the "
+                                  f"tensor axis mesh.tensor={tp}")
+        if m.num_heads % m.num_kv_heads:
+            raise ConfigError(f"config.model.num_heads={m.num_heads} must be a multiple of "
+                              f"config.model.num_kv_heads={m.num_kv_heads}")
+        if not m.head_dim and m.d_model % m.num_heads:
+            raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
+                              f"num_heads={m.num_heads}; set model.head_dim explicitly")
+
+    def build_backbone(self, rngs, dtype):
+        return ViT(self.config.model, self.config.data.image_size, dtype=dtype, rngs=rngs)
