@@ -149,6 +149,21 @@ def test_init_from_a_different_model_names_the_mismatched_parameters(reference, 
     assert "q_proj" not in message, "only the mismatched parameters are listed"
 
 
+def test_state_names_keep_submodules_called_value():
+    """init_from matches arrays by name: nnx.MultiHeadAttention's `value` projection must not
+    collapse onto its parent's name (only the Variable's own trailing 'value' is dropped)."""
+    from jax.tree_util import DictKey, GetAttrKey
+
+    from trainer.checkpoint import by_name, path_name
+
+    assert path_name((DictKey("attn"), DictKey("value"), DictKey("kernel"),
+                      GetAttrKey("value"))) == "attn/value/kernel"
+    mha = nnx.MultiHeadAttention(2, 8, decode=False, rngs=nnx.Rngs(0))
+    names = by_name(nnx.state(mha, nnx.Param))
+    assert len(names) == len(jax.tree.leaves(nnx.state(mha, nnx.Param))) == 8
+    assert "value/kernel" in names and "query/kernel" in names
+
+
 def test_eval_only_run_evaluates_the_source(reference, tiny_config, tmp_path):
     """train.steps=0 with init_from: no step, no checkpoint; the eval metrics are the source's."""
     config = tiny_config(*REFERENCE_MESH, "train.steps=0", f"init_from={reference.workdir}")

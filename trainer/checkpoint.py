@@ -160,9 +160,12 @@ class Checkpoints:
 
 
 def path_name(path) -> str:
-    """'a/b/c' of a pytree key path, NNX 'value' wrappers dropped."""
+    """'a/b/c' of a pytree key path, the NNX Variable's trailing 'value' wrapper dropped (only
+    the last key: a submodule may be called 'value', e.g. nnx.MultiHeadAttention's)."""
     keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-    return "/".join(k for k in keys if k != "value")
+    if keys and keys[-1] == "value":
+        keys = keys[:-1]
+    return "/".join(keys)
 
 
 def by_name(tree) -> dict:
