@@ -5,7 +5,7 @@ queries, batch 32, lr 1e-3 held high) and :tiny_no_rpb (plain global cross-atten
 trained for --steps with COCO evaluation (pycocotools, 256 held-out images) every --every steps.
 Prints the AP50 / AP curve of both; too slow for CI (~6 minutes a run on a 2-core CPU).
 
-    python bench/detr.py [--steps 4000] [--every 1000] [--variants tiny,tiny_no_rpb]
+    python bench/detr.py [--steps 4000] [--every 1000] [--variants tiny,tiny_no_rpb] [--set f=v]
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ from trainer import Trainer, load_config  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def curve(variant: str, steps: int, every: int) -> tuple[dict[int, dict], float, float]:
+def curve(variant: str, steps: int, every: int, overrides=()) -> tuple[dict[int, dict], float, float]:
     """{step: eval metrics} of one run, its seconds per step and wall seconds."""
     config = load_config(os.path.join(ROOT, f"configs/detr.py:{variant}"), [
         f"train.steps={steps}", f"eval.every={every}", "checkpoint.every=0",
-        f"train.log_every={every}"])
+        f"train.log_every={every}", *overrides])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         # not quiet: the Reporter writes metrics.jsonl (its terminal lines go to /dev/null)
@@ -49,10 +49,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--every", type=int, default=1000)
     p.add_argument("--variants", default="tiny,tiny_no_rpb")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a config override for every run (repeatable)")
     args = p.parse_args(argv)
     rows = {}
     for v in args.variants.split(","):
-        evals, step_s, wall = curve(v, args.steps, args.every)
+        evals, step_s, wall = curve(v, args.steps, args.every, args.set)
         rows[v] = evals
         print(f"{v}: {step_s * 1e3:.0f} ms/step, {wall / 60:.1f} min", flush=True)
     steps = sorted({s for e in rows.values() for s in e})

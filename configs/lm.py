@@ -9,7 +9,7 @@ for planning (`--dry_run --topology=v5p:4x4x4`, README "Planning a pod run").
 """
 import ml_collections
 
-from trainer.config import ConfigError, add_mechanism_defaults, base_config
+from trainer.config import ConfigError, add_mechanism_defaults, base_config, schedule_from
 
 VARIANTS = {
     # name: (layers, d_model, heads, kv_heads, seq_len, global batch, steps, lr, warmup)
@@ -60,15 +60,9 @@ VARIANTS = {
 def byte_lm_base(task: str, v: dict):
     """base_config() with the schedule of a byte-level LM variant (steps, batch, lr, warmup,
     seq_len; eval and checkpoints every quarter); configs/tokenformer.py shares it."""
-    c = base_config()
+    c = schedule_from(base_config(), v)
     c.task = task
-    c.train.steps = v["steps"]
-    c.train.global_batch_size = v["batch"]
-    c.train.lr = v["lr"]
-    c.train.warmup_steps = v["warmup"]
-    c.eval.every = max(v["steps"] // 4, 1)
     c.eval.batches = 8
-    c.checkpoint.every = max(v["steps"] // 4, 1)
     c.data.seq_len = v["seq_len"]
     return c
 

@@ -8,7 +8,7 @@ tiny first). The data is the embedded shapes set (trainer/images.py, no download
 ImageFolder tree (root/<class>/<image>) instead, with as many classes as model.num_classes:
     --config.data.paths=/path/to/folder --config.model.num_classes=<classes>
 """
-from trainer.config import ConfigError, add_mechanism_defaults, base_config
+from trainer.config import ConfigError, add_mechanism_defaults, base_config, schedule_from
 
 NUM_SHAPE_CLASSES = 8  # trainer/images.py (the task checks model.num_classes against the data)
 
@@ -41,18 +41,12 @@ def variant(variants: dict, name: str | None, default: str, file: str) -> dict:
 def classification_base(task: str, v: dict):
     """base_config() with the image-classification fields (models/vit.py ClassificationTask)
     and the variant's schedule; configs/iformer.py shares it."""
-    c = base_config()
+    c = schedule_from(base_config(), v, evals=3)
     c.task = task
-    c.train.steps = v["steps"]
-    c.train.global_batch_size = v["batch"]
-    c.train.lr = v["lr"]
-    c.train.warmup_steps = v["warmup"]
     c.train.weight_decay = 0.05
     c.train.label_smoothing = 0.0
     c.train.log_every = 50
-    c.eval.every = max(v["steps"] // 3, 1)
     c.eval.batches = 8
-    c.checkpoint.every = max(v["steps"] // 3, 1)
 
     d = c.data  # data.paths: empty = shapes; (root,) = an ImageFolder tree
     d.image_size = v["image_size"]

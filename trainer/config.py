@@ -91,6 +91,18 @@ def base_config() -> ConfigDict:
     return c
 
 
+def schedule_from(c: ConfigDict, v: dict, *, evals: int = 4) -> ConfigDict:
+    """Sets a config variant's schedule (v: steps, batch, lr, warmup) with `evals` evaluations
+    and checkpoints over the run; returns c. The family config files share it."""
+    c.train.steps = v["steps"]
+    c.train.global_batch_size = v["batch"]
+    c.train.lr = v["lr"]
+    c.train.warmup_steps = v["warmup"]
+    c.eval.every = max(v["steps"] // evals, 1)
+    c.checkpoint.every = max(v["steps"] // evals, 1)
+    return c
+
+
 # ----------------------------------------------------------------------------- loading
 def _load_module(path: str):
     if not os.path.isfile(path):
