@@ -1,6 +1,7 @@
 """MixFormer: end-to-end tracking with iterative mixed attention (Cui et al., CVPR 2022;
 MCG-NJU/MixFormer lib/models/mixformer_vit), the MixViT variant, with its score prediction
-module and losses. The Task, data and online tracker loop live elsewhere.
+module, losses and its Task ("mixformer"; data: trainer/tracking.py; the online tracker:
+trainer/track.py).
 
     templates [B, n, T, T, 3], search [B, S, S, 3]
       --p x p patches, one shared linear embedding, + template / search learned positions
@@ -52,17 +53,26 @@ start from; MixViT-B in brackets):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from attention.mixed import MixedAttention
 from models.detr_loss import EPS, box_area, paired_generalized_box_iou
 from models.vit import Mlp, layer_norm, linear, param, patchify
+from trainer import tracking
+from trainer.config import ConfigError
 from trainer.sharding import constrain
+from trainer.task import Task, register_task
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 MODEL_DEFAULTS = dict(d_model=64, num_heads=4, num_layers=4, mlp_dim=256, patch_size=8,
                       template_size=32, search_size=64, num_templates=2, corner_dim=64,
@@ -388,3 +398,119 @@ def score_loss(logit, label):
     logit, label = logit.astype(jnp.float32), label.astype(jnp.float32)
     loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logit, label))
     return loss, {"score_accuracy": jnp.mean((logit > 0) == (label > 0.5))}
+
+
+# ----------------------------------------------------------------------------- task
+def _cache_root() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "polyformer")
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random
+    negative (ties count half), by ranks (Mann-Whitney U). nan without both classes."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0.5
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    for s in np.unique(scores):  # ties: the mean rank
+        tie = scores == s
+        ranks[tie] = ranks[tie].mean()
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@register_task("mixformer")
+class TrackingTask(Task):
+    """Template / search pairs from GOT-10k-layout sequences (embedded: moving shapes) ->
+    MixFormer. Stage 1 (loss.score_weight = 0) trains the box (GIoU + L1 on positives); stage 2
+    (configs/mixformer.py:score) trains only `score` on positives and negatives (BCE)."""
+
+    throughput_unit = "pairs"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._root = None
+        self._sequences = {}
+
+    def root(self) -> str:
+        """The GOT-10k root: data.paths[0], or the embedded sequences (written once)."""
+        if self._root is None:
+            d = self.config.data
+            if d.paths:
+                self._root = d.paths[0]
+            else:
+                params = dict(num_sequences=d.num_sequences, num_frames=d.num_frames,
+                              image_size=d.image_size, num_distractors=d.num_distractors,
+                              noise=d.noise, seed=d.seed)
+                tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+                self._root = d.embedded_dir or os.path.join(_cache_root(), f"shapes_got10k_{tag}")
+                tracking.write_shapes_got10k(self._root, **params)
+        return self._root
+
+    def sequences(self, split: str):
+        if split not in self._sequences:
+            self._sequences[split] = tracking.load_got10k(self.root(), split,
+                                                          skip_bad=self.config.data.skip_bad)
+        return self._sequences[split]
+
+    def validate(self, mesh_sizes):
+        m, d, lo = self.config.model, self.config.data, self.config.loss
+        if m.attention != "mixed":
+            raise ConfigError(f"config.model.attention={m.attention!r}: MixFormer's backbone is "
+                              "its asymmetric mixed attention; allowed: mixed")
+        try:
+            check_model_config(m)
+        except ValueError as e:
+            raise ConfigError(f"config.model: {e}") from None
+        if m.num_heads % mesh_sizes["tensor"]:
+            raise ConfigError(f"config.model.num_heads={m.num_heads} is not divisible by the "
+                              f"tensor axis mesh.tensor={mesh_sizes['tensor']}")
+        if lo.box_weight < 0 or lo.score_weight < 0 or not (lo.box_weight or lo.score_weight):
+            raise ConfigError("config.loss.box_weight and score_weight must be >= 0, not both 0")
+        if lo.score_weight and not 0 < d.negative_ratio < 1:
+            raise ConfigError(f"config.data.negative_ratio={d.negative_ratio}: the score head "
+                              "(loss.score_weight > 0) needs positives and negatives, 0 < ratio < 1")
+
+    def build_model(self, rngs):
+        return MixFormer(self.config.model, dtype=_DTYPES[self.config.train.compute_dtype],
+                         rngs=rngs)
+
+    def _pairs(self, split: str):
+        d, m = self.config.data, self.config.model
+        which = "train" if split == "train" else d.eval_split
+        return tracking.tracking_pairs(
+            self.sequences(which), split, template_size=m.template_size, search_size=m.search_size,
+            template_factor=d.template_factor, search_factor=d.search_factor, max_gap=d.max_gap,
+            num_templates=m.num_templates, scale_jitter=d.scale_jitter,
+            center_jitter=d.center_jitter, negative_ratio=d.negative_ratio,
+            samples_per_epoch=d.samples_per_epoch if split == "train" else d.eval_samples,
+            seed=self.config.seed + (0 if split == "train" else 1))
+
+    def train_data(self):
+        return self._pairs("train")
+
+    def eval_data(self):
+        return self._pairs("eval")
+
+    def loss(self, model, batch):
+        lo = self.config.loss
+        out = model(batch["template"], batch["search"])
+        label = batch["label"].astype(jnp.float32)
+        # stage 1: GIoU + L1 on the positives only (a negative's box is meaningless)
+        per_example = jax.vmap(lambda p, t: box_loss(p[None], t[None]))(out["boxes"], batch["box"])
+        positives = jnp.maximum(label.sum(), 1.0)
+        b_loss = jnp.sum(per_example[0] * label) / positives
+        b_metrics = {k: jnp.sum(v * label) / positives for k, v in per_example[1].items()}
+        s_loss, s_metrics = score_loss(out["score_logit"], label)
+        loss = lo.box_weight * b_loss + lo.score_weight * s_loss
+        return loss, {"box_loss": b_loss, "score_loss": s_loss, **b_metrics, **s_metrics}
+
+    def eval_outputs(self, model, batch):
+        out = model(batch["template"], batch["search"])
+        return {"score_logit": out["score_logit"], "label": batch["label"]}
+
+    def eval_metrics(self, outputs):
+        return {"score_auroc": auroc(outputs["score_logit"], outputs["label"])}

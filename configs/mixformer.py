@@ -1,0 +1,76 @@
+"""MixFormer visual object tracking (models/mixformer.py) on GOT-10k-layout sequences.
+
+    python -m trainer.main --config=configs/mixformer.py:tiny --workdir=runs/mixformer_tiny
+    python -m trainer.main --config=configs/mixformer.py:score --workdir=runs/mixformer_score
+    python -m trainer.track --config=configs/mixformer.py:score --from=runs/mixformer_score
+
+Stage 1 (tiny): the box (GIoU + L1) on template / search pairs. Stage 2 (score): only the
+score prediction module (`train.trainable="^score"`, BCE on positives and negatives), from the
+stage-1 run (`init_from`). The embedded data: moving-shapes sequences (a textured target with
+distractors) written once in the GOT-10k layout under ~/.cache/polyformer; real GOT-10k:
+--config.data.paths=/data/got10k (root/train/list.txt, root/val/list.txt).
+"""
+import ml_collections
+
+from models.mixformer import MODEL_DEFAULTS
+from trainer.config import ConfigError, base_config, schedule_from
+
+VARIANTS = {
+    "tiny": dict(steps=1500, batch=32, lr=4e-4, warmup=50),
+    "score": dict(steps=300, batch=32, lr=1e-3, warmup=10, stage=2, init_from="runs/mixformer_tiny"),
+}
+
+
+def get_config(variant=None):
+    variant = variant or "tiny"
+    if variant not in VARIANTS:
+        raise ConfigError(f"configs/mixformer.py: unknown variant {variant!r}; known variants: "
+                          f"{', '.join(VARIANTS)}")
+    v = VARIANTS[variant]
+    stage = v.get("stage", 1)
+    c = schedule_from(base_config(), v, evals=3)
+    c.task = "mixformer"
+    c.train.weight_decay = 1e-4
+    c.train.grad_clip_norm = 0.1
+    c.train.log_every = 50
+    c.eval.batches = 4
+
+    d = c.data
+    d.eval_split = "val"
+    d.skip_bad = False  # True: skip sequences with bad annotations (one counted warning)
+    # the embedded sequences (when data.paths is empty)
+    d.num_sequences = 120
+    d.num_frames = 40
+    d.image_size = 96
+    d.num_distractors = 2
+    d.noise = 0.1
+    d.seed = 0
+    d.embedded_dir = ""
+    # pairs (FAMILIES.md: template ~2x the box, search ~4x, jitter on the search crop)
+    d.template_factor = 2.0
+    d.search_factor = 4.0
+    d.max_gap = 20
+    d.scale_jitter = 0.25
+    d.center_jitter = 3.0
+    d.negative_ratio = 0.5 if stage == 2 else 0.0
+    d.samples_per_epoch = 4096
+    d.eval_samples = 256
+
+    m = c.model
+    m.attention = "mixed"  # fixed: MixFormer's asymmetric mixed attention (attention/mixed.py)
+    for k, val in MODEL_DEFAULTS.items():
+        m[k] = val
+
+    lo = c.loss = ml_collections.ConfigDict()
+    lo.box_weight = 0.0 if stage == 2 else 1.0
+    lo.score_weight = 1.0 if stage == 2 else 0.0
+
+    c.track = ml_collections.ConfigDict()  # the online tracker (trainer/track.py)
+    c.track.update_interval = 10  # swap in the best-scoring candidate template every N frames
+    c.track.score_threshold = 0.5
+    c.track.margin = 2.0  # pixels the box keeps inside the frame (the reference's clip_box)
+
+    if stage == 2:
+        c.init_from = v["init_from"]
+        c.train.trainable = "^score"
+    return c

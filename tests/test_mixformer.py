@@ -1,0 +1,59 @@
+"""MixFormer end to end: the Task trains on the embedded GOT-10k-layout sequences (stage 1,
+then stage 2 on the score head only, from the stage-1 checkpoint), and the online tracker
+(trainer/track.py) writes complete result files, metrics and a success plot."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, run_trainer
+
+CONFIG = os.path.join(REPO_ROOT, "configs", "mixformer.py")
+
+
+def small(tmp_path, variant, *overrides):
+    from trainer import load_config
+    return load_config(f"{CONFIG}:{variant}", [
+        "train.steps=3", "train.warmup_steps=0", "train.log_every=1", "eval.batches=1",
+        "checkpoint.every=0", "train.global_batch_size=8", "data.num_sequences=4",
+        "data.num_frames=12", "data.image_size=64", "data.samples_per_epoch=64",
+        "data.eval_samples=16", f"data.embedded_dir={tmp_path / 'data'}", *overrides])
+
+
+def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
+    from trainer.track import main
+
+    stage1 = run_trainer(small(tmp_path, "tiny"), tmp_path / "stage1")
+    assert all(np.isfinite(list(stage1.losses.values())))
+    stage2 = run_trainer(small(tmp_path, "score", f"init_from={tmp_path / 'stage1'}"),
+                         tmp_path / "stage2")
+    for name, p in stage2.params.items():  # stage 2 trains the score head only
+        changed = not np.array_equal(p, stage1.params[name])
+        assert changed == name.startswith("['score']"), name
+    assert 0.0 <= stage2.result["eval"]["score_auroc"] <= 1.0
+
+    out = tmp_path / "results"
+    assert main([f"--config={CONFIG}:score", f"--from={tmp_path / 'stage2'}", f"--out={out}",
+                 "--limit=2", "--config.data.num_sequences=4", "--config.data.num_frames=12",
+                 "--config.data.image_size=64", f"--config.data.embedded_dir={tmp_path / 'data'}"]) == 0
+    text = capsys.readouterr().out
+    assert "tracker: AUC" in text and "stay on the first box: AUC" in text
+    results = sorted(f for f in os.listdir(out) if f.endswith(".txt"))
+    assert len(results) == 2
+    for f in results:
+        assert len(open(out / f).read().splitlines()) == 12  # a line per frame
+    assert (out / "success.png").stat().st_size > 0
+
+
+def test_auroc_equals_the_pairwise_definition():
+    from models.mixformer import auroc
+
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=40), 1)  # ties on purpose
+    labels = rng.random(40) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert auroc(scores, labels) == pytest.approx(pairs)
+    assert np.isnan(auroc(scores, np.ones(40)))
