@@ -2,7 +2,8 @@
 
     image [B, S, S, 3] --backbone (strided 3x3 convs)--> feature map [B, H, W, C], stride s
       --1x1 projection, + 2D sine positions--> encoder (self-attention from the attention
-      registry, bidirectional) --> memory [B, H*W, d]
+      registry, bidirectional) --> memory [B, H*W, d] (keys of every cross-attention add the
+      positions again)
     decoder: Q learned content queries and learned reference boxes b_0 [Q, 4] (cx, cy, w, h);
       layer l: self-attention among the queries (+ query positions from b_{l-1}),
                global cross-attention to the memory with the BoxRPB bias of b_{l-1}
@@ -145,12 +146,14 @@ class DecoderLayer(nnx.Module):
         self.norm3 = nnx.LayerNorm(d, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.mlp = MLP((d, m.mlp_dim, d), dtype=dtype, rngs=rngs)
 
-    def __call__(self, tgt, query_pos, memory, *, ref_boxes, feat_hw, stride, memory_mask,
-                 self_mask):
+    def __call__(self, tgt, query_pos, memory, *, memory_pos, ref_boxes, feat_hw, stride,
+                 memory_mask, self_mask):
         h = self.norm1(tgt)
         tgt = tgt + self.self_attn(h + query_pos, h + query_pos, h, mask=self_mask)
+        # keys see the cells' positions again (DETR adds them at every cross-attention)
         tgt = tgt + self.cross_attn(self.norm2(tgt) + query_pos, memory, ref_boxes=ref_boxes,
-                                    feat_hw=feat_hw, stride=stride, memory_mask=memory_mask)
+                                    feat_hw=feat_hw, stride=stride, memory_mask=memory_mask,
+                                    memory_pos=memory_pos)
         return tgt + self.mlp(self.norm3(tgt))
 
 
@@ -198,7 +201,8 @@ class PlainDETR(nnx.Module):
         _, H, W, _ = feat.shape
         memory = self.input_proj(feat.reshape(B, H * W, -1))
         d = memory.shape[-1]
-        memory = memory + grid_positions(H, W, d).astype(memory.dtype)[None]
+        pos = grid_positions(H, W, d).astype(memory.dtype)[None]
+        memory = memory + pos
         positions = jnp.broadcast_to(jnp.arange(H * W, dtype=jnp.int32), (B, H * W))
         for layer in self.encoder:
             memory = layer(memory, positions)
@@ -216,7 +220,7 @@ class PlainDETR(nnx.Module):
         all_logits, all_boxes = [], []
         for layer in self.decoder:
             query_pos = self.query_pos(sine_embedding(ref, d // 4).astype(memory.dtype))
-            tgt = layer(tgt, query_pos, memory, ref_boxes=ref, feat_hw=(H, W),
+            tgt = layer(tgt, query_pos, memory, memory_pos=pos, ref_boxes=ref, feat_hw=(H, W),
                         stride=self.stride, memory_mask=memory_mask, self_mask=self_mask)
             h = self.dec_norm(tgt)
             # b_l = sigmoid(delta_l + sigmoid^-1(b_{l-1}))  (iterative box refinement)
