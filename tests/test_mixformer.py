@@ -11,15 +11,18 @@ import pytest
 from conftest import REPO_ROOT, run_trainer
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "mixformer.py")
+# a one-layer model on 4 short sequences: seconds
+SMALL = ("model.num_layers=1", "model.d_model=32", "model.mlp_dim=64", "model.corner_dim=16",
+         "model.score_hidden=32", "data.num_sequences=4", "data.num_frames=12",
+         "data.image_size=64")
 
 
 def small(tmp_path, variant, *overrides):
     from trainer import load_config
     return load_config(f"{CONFIG}:{variant}", [
         "train.steps=3", "train.warmup_steps=0", "train.log_every=1", "eval.batches=1",
-        "checkpoint.every=0", "train.global_batch_size=8", "data.num_sequences=4",
-        "data.num_frames=12", "data.image_size=64", "data.samples_per_epoch=64",
-        "data.eval_samples=16", f"data.embedded_dir={tmp_path / 'data'}", *overrides])
+        "checkpoint.every=0", "train.global_batch_size=8", "data.samples_per_epoch=64",
+        "data.eval_samples=16", f"data.embedded_dir={tmp_path / 'data'}", *SMALL, *overrides])
 
 
 def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
@@ -36,8 +39,8 @@ def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
 
     out = tmp_path / "results"
     assert main([f"--config={CONFIG}:score", f"--from={tmp_path / 'stage2'}", f"--out={out}",
-                 "--limit=2", "--config.data.num_sequences=4", "--config.data.num_frames=12",
-                 "--config.data.image_size=64", f"--config.data.embedded_dir={tmp_path / 'data'}"]) == 0
+                 "--limit=2", f"--config.data.embedded_dir={tmp_path / 'data'}",
+                 *(f"--config.{o}" for o in SMALL)]) == 0
     text = capsys.readouterr().out
     assert "tracker: AUC" in text and "stay on the first box: AUC" in text
     results = sorted(f for f in os.listdir(out) if f.endswith(".txt"))
