@@ -16,7 +16,7 @@ loader as real COCO data.
 """
 import ml_collections
 
-from trainer.config import ConfigError, base_config
+from trainer.config import base_config, variant_fields
 
 VARIANTS = {
     "tiny": dict(steps=4000, batch=32, eval_every=1000),
@@ -26,11 +26,7 @@ VARIANTS = {
 
 
 def get_config(variant=None):
-    variant = variant or "tiny"
-    if variant not in VARIANTS:
-        raise ConfigError(f"configs/detr.py: unknown variant {variant!r}; known variants: "
-                          f"{', '.join(VARIANTS)}")
-    v = VARIANTS[variant]
+    v = variant_fields(VARIANTS, variant, "tiny", "configs/detr.py")
     c = base_config()
     c.task = "detr"
 

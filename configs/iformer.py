@@ -12,8 +12,8 @@ The tiny model keeps iFormer-S's frequency ramp (PAPERS.md): the share of each b
 given to attention grows with depth (1/3, 1/2, 2/3 -> 5/6 here; 1/3 ... 11/12 in iFormer-S),
 attention runs on 2x average-pooled maps in the early stages and at full resolution late.
 """
-from configs.vit import classification_base, variant
-from trainer.config import add_mechanism_defaults
+from configs.vit import classification_base
+from trainer.config import add_mechanism_defaults, variant_fields
 
 VARIANTS = {
     # name: per-stage channels, blocks, heads (head_dim 16), pooling; per-block attention heads
@@ -28,7 +28,7 @@ VARIANTS = {
 
 
 def get_config(name=None):
-    v = variant(VARIANTS, name, "tiny", "configs/iformer.py")
+    v = variant_fields(VARIANTS, name, "tiny", "configs/iformer.py")
     c = classification_base("iformer", v)
     m = c.model
     m.dims = v["dims"]

@@ -9,7 +9,7 @@ for planning (`--dry_run --topology=v5p:4x4x4`, README "Planning a pod run").
 """
 import ml_collections
 
-from trainer.config import ConfigError, add_mechanism_defaults, base_config, schedule_from
+from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
 
 VARIANTS = {
     # name: (layers, d_model, heads, kv_heads, seq_len, global batch, steps, lr, warmup)
@@ -69,11 +69,8 @@ def byte_lm_base(task: str, v: dict):
 
 def get_config(variant=None):
     variant = variant or "default"
-    if variant not in VARIANTS:
-        raise ConfigError(f"configs/lm.py: unknown variant {variant!r}; known variants: {', '.join(VARIANTS)}")
-    v = dict(VARIANTS[variant])
-    if "base" in v:  # a mechanism variant: the base variant's shapes and schedule
-        v = {**VARIANTS[v.pop("base")], **v}
+    # a mechanism variant names its base variant: the base's shapes and schedule
+    v = variant_fields(VARIANTS, variant, "default", "configs/lm.py")
     c = byte_lm_base("lm", v)
 
     m = c.model

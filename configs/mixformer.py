@@ -13,7 +13,7 @@ distractors) written once in the GOT-10k layout under ~/.cache/polyformer; real 
 import ml_collections
 
 from models.mixformer import MODEL_DEFAULTS
-from trainer.config import ConfigError, base_config, schedule_from
+from trainer.config import base_config, schedule_from, variant_fields
 
 VARIANTS = {
     "tiny": dict(steps=1500, batch=32, lr=4e-4, warmup=50),
@@ -22,11 +22,7 @@ VARIANTS = {
 
 
 def get_config(variant=None):
-    variant = variant or "tiny"
-    if variant not in VARIANTS:
-        raise ConfigError(f"configs/mixformer.py: unknown variant {variant!r}; known variants: "
-                          f"{', '.join(VARIANTS)}")
-    v = VARIANTS[variant]
+    v = variant_fields(VARIANTS, variant, "tiny", "configs/mixformer.py")
     stage = v.get("stage", 1)
     c = schedule_from(base_config(), v, evals=3)
     c.task = "mixformer"

@@ -18,7 +18,7 @@ param_tokens / ffn_param_tokens) keeps them, which is what makes growth with zer
 tokens preserve the function (attention/pattention.py).
 """
 from configs.lm import byte_lm_base
-from trainer.config import ConfigError
+from trainer.config import variant_fields
 
 VARIANTS = {
     # name: layers, d_model, heads, parameter tokens (q/k/v/o, FFN), seq_len, global batch,
@@ -41,10 +41,7 @@ def get_config(variant=None):
     from attention.pattention import default_zoom
 
     variant = variant or "tiny"
-    if variant not in VARIANTS:
-        raise ConfigError(f"configs/tokenformer.py: unknown variant {variant!r}; known variants: "
-                          f"{', '.join(VARIANTS)}")
-    v = dict(VARIANTS[variant])
+    v = variant_fields(VARIANTS, variant, "tiny", "configs/tokenformer.py")
     stages = v.pop("stages", ())
     if stages:
         v["param_tokens"], v["ffn_param_tokens"] = stages[0][:2]

@@ -8,7 +8,7 @@ tiny first). The data is the embedded shapes set (trainer/images.py, no download
 ImageFolder tree (root/<class>/<image>) instead, with as many classes as model.num_classes:
     --config.data.paths=/path/to/folder --config.model.num_classes=<classes>
 """
-from trainer.config import ConfigError, add_mechanism_defaults, base_config, schedule_from
+from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
 
 NUM_SHAPE_CLASSES = 8  # trainer/images.py (the task checks model.num_classes against the data)
 
@@ -24,18 +24,6 @@ VARIANTS = {
     "probe_linear": dict(base="tiny", probe="linear", init_from="runs/vit_tiny", steps=300,
                          lr=3e-3, warmup=10),
 }
-
-
-def variant(variants: dict, name: str | None, default: str, file: str) -> dict:
-    """The named variant's fields, over its base variant's."""
-    name = name or default
-    if name not in variants:
-        raise ConfigError(f"{file}: unknown variant {name!r}; known variants: "
-                          f"{', '.join(variants)}")
-    v = dict(variants[name])
-    if "base" in v:
-        v = {**variants[v.pop("base")], **v}
-    return v
 
 
 def classification_base(task: str, v: dict):
@@ -73,7 +61,7 @@ def classification_base(task: str, v: dict):
 
 
 def get_config(name=None):
-    v = variant(VARIANTS, name, "tiny", "configs/vit.py")
+    v = variant_fields(VARIANTS, name, "tiny", "configs/vit.py")
     c = classification_base("vit", v)
     m = c.model
     m.patch_size = v["patch_size"]

@@ -19,8 +19,6 @@ Shapes: images [B, S, S, 3] float32 in [-1, 1] -> logits [B, Q, K], boxes [B, Q,
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 
@@ -35,6 +33,7 @@ from attention.boxrpb import ENCODINGS, GlobalCrossAttention
 from models import detr_loss
 from trainer import coco
 from trainer.config import ConfigError
+from trainer.data import embedded_dir
 from trainer.task import Task, register_task
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -241,11 +240,6 @@ class PlainDETR(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- task
-def _cache_root() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                        "polyformer")
-
-
 @register_task("detr")
 class DetectionTask(Task):
     """Object detection on COCO-format data (embedded: shapes scenes written as COCO once)."""
@@ -270,8 +264,7 @@ class DetectionTask(Task):
             params = dict(num_train=d.num_train, num_eval=d.num_eval, image_size=d.image_size,
                           min_shapes=d.min_shapes, max_shapes=d.max_shapes, kinds=list(d.kinds),
                           noise=d.noise, seed=d.seed)
-            tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-            root = d.embedded_dir or os.path.join(_cache_root(), f"shapes_coco_{tag}")
+            root = embedded_dir("shapes_coco", params, d.embedded_dir)
             written = coco.write_shapes_coco(root, **dict(params, kinds=tuple(d.kinds)))
             self._paths = {"train_json": written["train_annotations"],
                            "train_images": written["train_images"],

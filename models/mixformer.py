@@ -53,10 +53,7 @@ start from; MixViT-B in brackets):
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +66,7 @@ from models.detr_loss import EPS, box_area, paired_generalized_box_iou
 from models.vit import Mlp, layer_norm, linear, param, patchify
 from trainer import tracking
 from trainer.config import ConfigError
+from trainer.data import embedded_dir
 from trainer.sharding import constrain
 from trainer.task import Task, register_task
 
@@ -401,11 +399,6 @@ def score_loss(logit, label):
 
 
 # ----------------------------------------------------------------------------- task
-def _cache_root() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                        "polyformer")
-
-
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve: the probability that a random positive scores above a random
     negative (ties count half), by ranks (Mann-Whitney U). nan without both classes."""
@@ -445,8 +438,7 @@ class TrackingTask(Task):
                 params = dict(num_sequences=d.num_sequences, num_frames=d.num_frames,
                               image_size=d.image_size, num_distractors=d.num_distractors,
                               noise=d.noise, seed=d.seed)
-                tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-                self._root = d.embedded_dir or os.path.join(_cache_root(), f"shapes_got10k_{tag}")
+                self._root = embedded_dir("shapes_got10k", params, d.embedded_dir)
                 tracking.write_shapes_got10k(self._root, **params)
         return self._root
 

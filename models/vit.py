@@ -16,6 +16,7 @@ state; the trainer never touches the rest).
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import grain
@@ -242,9 +243,9 @@ class ClassificationTask(Task):
                               "another backbone:\n  " + "\n  ".join(diff))
 
     # ---- family hooks
+    @abc.abstractmethod
     def build_backbone(self, rngs, dtype) -> nnx.Module:
         """images [B, S, S, 3] -> (tokens [B, N, D], pooled [B, D]); has .dim = D."""
-        raise NotImplementedError
 
     def validate_backbone(self, mesh_sizes) -> None:
         """ConfigError for the family's own model fields."""

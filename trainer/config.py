@@ -91,6 +91,19 @@ def base_config() -> ConfigDict:
     return c
 
 
+def variant_fields(variants: dict, name: str | None, default: str, file: str) -> dict:
+    """The fields of config variant `name` (None: `default`) of a config file's VARIANTS, over
+    those of its `base` variant when it names one; an unknown name is a ConfigError listing them."""
+    name = name or default
+    if name not in variants:
+        raise ConfigError(f"{file}: unknown variant {name!r}; known variants: "
+                          f"{', '.join(variants)}")
+    v = dict(variants[name])
+    if "base" in v:
+        v = {**variants[v.pop("base")], **v}
+    return v
+
+
 def schedule_from(c: ConfigDict, v: dict, *, evals: int = 4) -> ConfigDict:
     """Sets a config variant's schedule (v: steps, batch, lr, warmup) with `evals` evaluations
     and checkpoints over the run; returns c. The family config files share it."""

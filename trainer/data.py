@@ -7,6 +7,8 @@ p reads rows [p*G/P, (p+1)*G/P) of it). `global_batch` assembles the device arra
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sysconfig
 import zlib
@@ -67,6 +69,18 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict, batch_axis: int 
     gshapes = {k: x.shape[:batch_axis] + (x.shape[batch_axis] * jax.process_count(),)
                + x.shape[batch_axis + 1:] for k, x in local.items()}
     return jax.make_array_from_process_local_data(shardings, local, gshapes)
+
+
+# ----------------------------------------------------------------------------- embedded data
+def embedded_dir(kind: str, params: dict, override: str = "") -> str:
+    """Where a family's embedded dataset is written once (override, else
+    $XDG_CACHE_HOME or ~/.cache, /polyformer/<kind>_<hash of params>): the generators write
+    real-format files there, read by the same loaders as real data."""
+    if override:
+        return override
+    tag = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(cache, "polyformer", f"{kind}_{tag}")
 
 
 # ----------------------------------------------------------------------------- text corpora
