@@ -44,13 +44,21 @@ def parse_args(argv):
     g.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() with auto-detection (TPU pods, "
                         "SLURM, Open MPI, Kubernetes) when no coordinator is given")
-    args, rest = p.parse_known_args(argv)
+    args, overrides = parse_with_overrides(p, argv)
     if args.topology and not args.dry_run:
         p.error("--topology plans a run on other hardware and needs --dry_run")
+    return args, overrides
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv):
+    """(args, ["a.b=v", ...]): the parser's flags and the --config.<field>=<value> overrides;
+    anything else is a usage error naming it (the command-line tools share this)."""
+    args, rest = parser.parse_known_args(argv)
     overrides = []
     for a in rest:
         if not a.startswith("--config."):
-            p.error(f"unrecognised argument {a!r}; config fields are set with --config.<field>=<value>")
+            parser.error(f"unrecognised argument {a!r}; config fields are set with "
+                         "--config.<field>=<value>")
         overrides.append(a[len("--config."):])
     return args, overrides
 

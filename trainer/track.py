@@ -34,13 +34,8 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=0, help="track only the first N sequences")
     p.add_argument("--skip_bad", action="store_true",
                    help="skip sequences with bad annotations (counted) instead of failing")
-    args, rest = p.parse_known_args(argv)
-    overrides = []
-    for a in rest:
-        if not a.startswith("--config."):
-            p.error(f"unrecognised argument {a!r}; config fields are set with --config.<field>=<value>")
-        overrides.append(a[len("--config."):])
-    return args, overrides
+    from trainer.main import parse_with_overrides
+    return parse_with_overrides(p, argv)
 
 
 class OnlineTracker:
