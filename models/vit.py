@@ -194,7 +194,10 @@ class ImageClassifier(nnx.Module):
         self.backbone = backbone
         d, k = backbone.dim, cfg.num_classes
         with nnx.use_eager_sharding(False):
-            self.classifier = linear(d, k, ("embed", None), dtype=dtype, rngs=rngs, std=0) \
+            # zeros (big_vision's head); a family may ask for a small random head instead
+            # (model.classifier_std): a zero head passes no gradient into the body at step 0
+            self.classifier = linear(d, k, ("embed", None), dtype=dtype, rngs=rngs,
+                                     std=float(getattr(cfg, "classifier_std", 0.0))) \
                 if cfg.probe == "" else None
             self.probe = (EfficientProbe(d, k, cfg.probe_queries, cfg.probe_d_out, dtype=dtype,
                                          rngs=rngs) if cfg.probe == "ep" else
@@ -263,14 +266,7 @@ class ClassificationTask(Task):
             raise ConfigError(
                 f"config.model.attention={m.attention!r} is causal only, and a vision encoder "
                 f"attends bidirectionally (model.causal=False); allowed: {', '.join(allowed)}")
-        for field in ("image_size", "num_train", "num_eval", "max_shapes"):
-            if c.data[field] < 1:
-                raise ConfigError(f"config.data.{field} must be >= 1, got {c.data[field]}")
-        if c.data.noise < 0:
-            raise ConfigError(f"config.data.noise must be >= 0, got {c.data.noise}")
-        if len(c.data.paths) > 1:
-            raise ConfigError(f"config.data.paths: one ImageFolder root, got {len(c.data.paths)} "
-                              f"paths {tuple(c.data.paths)}")
+        self.validate_data()
         if m.probe not in PROBES:
             raise ConfigError(f"config.model.probe={m.probe!r}; allowed: "
                               f"{', '.join(map(repr, PROBES))}")
@@ -284,6 +280,18 @@ class ClassificationTask(Task):
                 raise ConfigError(
                     f"config.model.probe_queries={q} x probe_d_out={o} must divide the "
                     f"backbone's width {d} (each query reads D / (d_out M) value channels)")
+
+    def validate_data(self) -> None:
+        """ConfigError for the data fields (a family with other data overrides it)."""
+        c, m = self.config, self.config.model
+        for field in ("image_size", "num_train", "num_eval", "max_shapes"):
+            if c.data[field] < 1:
+                raise ConfigError(f"config.data.{field} must be >= 1, got {c.data[field]}")
+        if c.data.noise < 0:
+            raise ConfigError(f"config.data.noise must be >= 0, got {c.data.noise}")
+        if len(c.data.paths) > 1:
+            raise ConfigError(f"config.data.paths: one ImageFolder root, got {len(c.data.paths)} "
+                              f"paths {tuple(c.data.paths)}")
         _, _, classes = self.data()
         if m.num_classes != len(classes):
             where = (f"the ImageFolder {c.data.paths[0]!r}" if c.data.paths
@@ -331,13 +339,17 @@ class ClassificationTask(Task):
         return self.data()[1]
 
     # ---- loss
+    def inputs(self, batch):
+        """The model's input from a batch (an audio family computes spectrograms here)."""
+        return batch["image"].astype(_DTYPES[self.config.train.compute_dtype])
+
     def loss(self, model, batch):
-        images = batch["image"].astype(_DTYPES[self.config.train.compute_dtype])
         labels = batch["label"]
         # auxiliary losses sown by attention layers (DESIGN.md: nnx.Intermediate "aux_loss")
-        logits, inter = nnx.capture(model, nnx.Intermediate)(images)
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]),
-                                      self.config.train.label_smoothing)
+        logits, inter = nnx.capture(model, nnx.Intermediate)(self.inputs(batch))
+        # soft targets where the data mixes examples (mixup), else one-hot labels
+        hard = batch["targets"] if "targets" in batch else jax.nn.one_hot(labels, logits.shape[-1])
+        targets = optax.smooth_labels(hard, self.config.train.label_smoothing)
         xent = optax.softmax_cross_entropy(logits, targets).mean()
         metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
         aux = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]

@@ -36,6 +36,9 @@ def base_config() -> ConfigDict:
     # regex: parameters of this model that may be absent from init_from (kept at their initial
     # values, e.g. "feature_map" when converting softmax attention to Hedgehog)
     c.init_from_new = ""
+    # regex: parameters NOT loaded from init_from even where the source has them (fresh init:
+    # e.g. "^classifier" when fine-tuning on another label set; big_vision's dont_load)
+    c.init_from_skip = ""
     # what init_from transfers (trainer.Trainer._init_from): "params" (fresh optimizer, step 0);
     # "params+optimizer" (Adam moments carried, step and schedule restart at 0);
     # "params+optimizer+step" (moments, step, schedule and data position continue)
@@ -294,7 +297,8 @@ def validate(config: ConfigDict) -> None:
     require(not config.init_from or os.path.isdir(config.init_from), "init_from",
             f"{config.init_from!r} is not a directory")
     for field, value in (("train.trainable", config.train.trainable),
-                         ("init_from_new", config.init_from_new)):
+                         ("init_from_new", config.init_from_new),
+                         ("init_from_skip", config.init_from_skip)):
         try:
             re.compile(value)
         except re.error as e:

@@ -96,6 +96,8 @@ class Trainer:
         self.graphdef, abstract_nnx = nnx.split(abstract)
         self._num_params = sum(math.prod(x.shape)
                                for x in jax.tree.leaves(nnx.state(abstract[0], nnx.Param)))
+        self._num_trainable = sum(math.prod(x.shape) for x in
+                                  jax.tree.leaves(nnx.state(abstract[0], self.trainable)))
         if config.train.trainable and not jax.tree.leaves(nnx.state(abstract[0], self.trainable)):
             names = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(
                 nnx.state(abstract[0], nnx.Param))]
@@ -354,12 +356,17 @@ class Trainer:
         # Adam's own count stays, its bias correction belongs to the carried moments
         fresh = set() if with_step else {"nnx/1/step", *self._schedule_counts()}
         new_ok = re.compile(self.config.init_from_new) if self.config.init_from_new else None
-        problems, grown, kept, out = [], [], [], []
+        skip = re.compile(self.config.init_from_skip) if self.config.init_from_skip else None
+        problems, grown, kept, skipped, out = [], [], [], [], []
         for path, leaf in leaves:
             name = path_name(path)
             short = name.split("/", 2)[-1] if name.startswith("nnx/") else name
             if not (name in param_names or (with_opt and name.startswith("nnx/1/")
                                             and name not in fresh) or (with_step and name == "step")):
+                out.append(leaf)
+                continue
+            if skip is not None and skip.search(short):
+                skipped.append(short)  # e.g. a classifier for another label set: fresh init
                 out.append(leaf)
                 continue
             value = flat.get(name)
@@ -392,6 +399,9 @@ class Trainer:
         if kept:
             self._log(f"init_from: {len(kept)} new arrays keep their initial values "
                       f"({kept[0]}{', ...' if len(kept) > 1 else ''})")
+        if skipped:
+            self._log(f"init_from: {len(skipped)} arrays not loaded (config.init_from_skip), "
+                      f"initialised afresh ({skipped[0]}{', ...' if len(skipped) > 1 else ''})")
         what = {"params": "parameters", "params+optimizer": "parameters and optimizer state",
                 "params+optimizer+step": f"parameters, optimizer state and step {src_step}"}[carry]
         if with_step and not same_data:
@@ -621,8 +631,13 @@ class Trainer:
         peak, _ = perf.peak_flops(list(self.mesh.devices.flat))
         report = Reporter(self.workdir, cfg.train.steps, step,
                           enabled=not self.quiet and jax.process_index() == 0)
+        trained = (f" ({self.num_trainable():,} trainable, {self.trainable_share():.2%})"
+                   if cfg.train.trainable else "")
         report.print(f"{cfg.task}: step {step} -> {until} on mesh {self.mesh_sizes}, "
-                     f"{self.num_params():,} parameters, workdir {self.workdir}")
+                     f"{self.num_params():,} parameters{trained}, workdir {self.workdir}")
+        if cfg.train.trainable:
+            report.scalars(step, {"params/trainable": self.num_trainable(),
+                                  "params/trainable_share": self.trainable_share()})
         last = {"step": step}
         t_mark, step_mark, saved_at, evaluated_at = None, step, -1, -1
         stop = _StopSignals()
@@ -696,6 +711,13 @@ class Trainer:
 
     def num_params(self) -> int:
         return self._num_params
+
+    def num_trainable(self) -> int:
+        """Parameters the optimizer updates (all of them unless train.trainable selects)."""
+        return self._num_trainable
+
+    def trainable_share(self) -> float:
+        return self._num_trainable / max(self._num_params, 1)
 
     def close(self) -> None:
         if self.checkpoints is not None:
