@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# pytest workers (pytest-xdist; test files stay whole on one worker): the suite is mostly
+# single-threaded compiles and small steps, so two workers use a 2-core machine
+TEST_WORKERS ?= 2
 
 # First Python >= 3.12 found: an explicit $(PYTHON), then python3.13 / python3.12 / python3 on PATH,
 # then pyenv's installs (pyenv's shims need .python-version, which this repo has).
@@ -27,7 +30,7 @@ train: $(VENV)/.installed-test
 	$(PY) -m trainer.main --config=configs/lm.py:default --workdir=runs/lm $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/train.py $(ARGS)

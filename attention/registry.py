@@ -20,6 +20,8 @@ _REGISTRY: dict[str, type] = {}
 _MODULES = {name: f"attention.{name}" for name in (
     "softmax", "gla", "hedgehog",
     "routing", "landmark", "hip", "flexprefill", "dhsa", "ssa",  # sparse (block_sparse_attention)
+    "moh", "complexformer",  # head-level (Mixture-of-Head) and positional (complex phase)
+    "act",  # inference-time attention calibration (a SoftmaxAttention subclass)
 )}
 
 

@@ -2,10 +2,12 @@
 
     python -m trainer.main --config=configs/lm.py:tiny --workdir=runs/tiny
 Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core CPU), small;
-gla_tiny and gla: the tiny and default LMs with gated linear attention; hedgehog_distill then
-hedgehog_finetune: converting the default softmax LM (runs/lm, from `make train`) to Hedgehog;
-long: 2k-byte context for the sparse prefill methods; 1b, 8b, gla_1b, gla_8b: pod-scale shapes
-for planning (`--dry_run --topology=v5p:4x4x4`, README "Planning a pod run").
+gla_tiny and gla: the tiny and default LMs with gated linear attention; moh_tiny and
+complexformer_tiny: the tiny LM with Mixture-of-Head / ComplexFormer attention;
+hedgehog_distill then hedgehog_finetune: converting the default softmax LM (runs/lm, from
+`make train`) to Hedgehog; long: 2k-byte context for the sparse prefill methods; 1b, 8b,
+gla_1b, gla_8b: pod-scale shapes for planning (`--dry_run --topology=v5p:4x4x4`, README
+"Planning a pod run").
 """
 import ml_collections
 
@@ -22,6 +24,11 @@ VARIANTS = {
     # gated linear attention (attention/gla.py) in the same LMs
     "gla_tiny": dict(base="tiny", attention="gla"),
     "gla": dict(base="default", attention="gla"),
+    # head-level / positional mechanisms in the tiny LM (PAPERS.md): Mixture-of-Head attention
+    # (attention/moh.py; 1 shared + top-2 of 3 routed heads) and ComplexFormer's complex
+    # multi-head attention (attention/complexformer.py)
+    "moh_tiny": dict(base="tiny", attention="moh"),
+    "complexformer_tiny": dict(base="tiny", attention="complexformer"),
     # Hedgehog conversion (PAPERS.md): from the softmax LM of `make train` (runs/lm), 1) train
     # only the feature maps to mimic its attention (distillation loss), 2) fine-tune everything
     "hedgehog_distill": dict(base="default", attention="hedgehog", distill=True, steps=100,

@@ -4,8 +4,9 @@
     python -m trainer.main --config=configs/vit.py:probe_ep --workdir=runs/vit_probe_ep
 Variants: tiny (a 2-layer ViT on 16 px shapes, well under a minute on a laptop CPU); probe_ep
 and probe_linear: an EP / linear probe trained on the frozen backbone of runs/vit_tiny (train
-tiny first). The data is the embedded shapes set (trainer/images.py, no download); an
-ImageFolder tree (root/<class>/<image>) instead, with as many classes as model.num_classes:
+tiny first); moh: tiny with Mixture-of-Head attention (75% of the routed heads active). The
+data is the embedded shapes set (trainer/images.py, no download); an ImageFolder tree
+(root/<class>/<image>) instead, with as many classes as model.num_classes:
     --config.data.paths=/path/to/folder --config.model.num_classes=<classes>
 """
 from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
@@ -23,6 +24,9 @@ VARIANTS = {
                      warmup=10),
     "probe_linear": dict(base="tiny", probe="linear", init_from="runs/vit_tiny", steps=300,
                          lr=3e-3, warmup=10),
+    # MoH (attention/moh.py, PAPERS.md): the tiny ViT with Mixture-of-Head attention, 3 of its 4
+    # heads active per token (all routed, 75%); `model`: config.model fields over the defaults
+    "moh": dict(base="tiny", attention="moh", model=dict(moh_shared_heads=0, moh_top_k=3)),
 }
 
 
@@ -73,4 +77,6 @@ def get_config(name=None):
     m.mlp_dim = v["mlp_dim"]
     m.pool = "mean"  # "cls": a learned CLS token feeds the classifier
     add_mechanism_defaults(m)
+    for field, value in v.get("model", {}).items():  # a variant's mechanism fields
+        m[field] = value
     return c

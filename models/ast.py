@@ -394,7 +394,8 @@ class ASTTask(ClassificationTask):
             return audio.wav_folder(root, split, seed=self.config.seed, **kw)
         params = dict(num_per_class_per_fold=d.synthetic_per_fold, seed=d.synthetic_seed,
                       sample_rate=d.sample_rate, seconds=d.clip_seconds)
-        root = audio.write_synthetic_esc50(embedded_dir("audio_synthetic", params), **params)
+        root = audio.write_synthetic_esc50(
+            embedded_dir("audio_synthetic", params, d.embedded_dir), **params)
         return audio.esc50(root, split, eval_folds=tuple(d.eval_folds), **kw)
 
     def data(self):

@@ -53,7 +53,6 @@ METHODS = [("full", {}), ("linear", {}), ("bitfit", {}),
            ("adapter", dict(adapter_placement="parallel", adapter_location="both")),
            ("adapter", dict(adapter_placement="sequential", adapter_location="both")),
            ("conformer", dict(adapter_placement="parallel", adapter_location="both")),
-           ("conformer", dict(adapter_placement="sequential", adapter_location="mhsa")),
            ("lora", {}), ("prompt", {})]
 
 
@@ -66,7 +65,8 @@ def test_petl_starts_at_the_frozen_model_and_every_trainable_leaf_learns(petl, o
     x = jax.random.normal(jax.random.key(0), (3, 40, 32))
     y = jax.random.randint(jax.random.key(1), (3,), 0, 8)
     # step 0: exactly the frozen backbone's output
-    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(frozen(x)))
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m: m(x))(model)),
+                                  np.asarray(nnx.jit(lambda m: m(x))(frozen)))
 
     regex = re.compile(ast.PETL_TRAINABLE[petl])
     wrt = nnx.All(nnx.Param, lambda path, _: bool(regex.search("/".join(map(str, path)))))
@@ -76,9 +76,9 @@ def test_petl_starts_at_the_frozen_model_and_every_trainable_leaf_learns(petl, o
     def loss_fn(m):
         return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 
-    diff = nnx.DiffState(0, wrt)
-    opt.update(model, nnx.grad(loss_fn, argnums=diff)(model))
-    grads = names(nnx.grad(loss_fn, argnums=diff)(model))  # after one step
+    grad_fn = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, wrt)))
+    opt.update(model, grad_fn(model))
+    grads = names(grad_fn(model))  # after one step
     trained = set(grads)
     assert trained, "the method trains nothing"
     new = set(names(nnx.state(model, nnx.Param))) - frozen_names
@@ -154,6 +154,7 @@ def test_petl_through_the_trainer(tmp_path):
     def config(variant, **over):
         c = ast_config.get_config(variant)
         c.data.synthetic_per_fold = 4
+        c.data.embedded_dir = str(tmp_path / "data")
         c.model.num_layers, c.model.d_model, c.model.mlp_dim = 1, 32, 64
         c.train.global_batch_size = 8
         c.eval.batches = 2

@@ -20,7 +20,8 @@ GPT2 = ["model.norm=layernorm", "model.mlp=gelu", "model.position=learned", "mod
         "model.max_len=64", "model.tie_embeddings=true", "model.mlp_dim=256"]
 
 
-@pytest.fixture(scope="module", params=["softmax", "gla", "hedgehog", "gpt2"])
+@pytest.fixture(scope="module", params=["softmax", "gla", "hedgehog", "moh", "complexformer",
+                                        "gpt2"])
 def model_config(request):
     """The tiny LM (2 layers; softmax: GQA with 4 query / 2 key-value heads) with each
     attention mechanism, and in GPT-2 form (LayerNorm, GELU, learned positions, tied head):
