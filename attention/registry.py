@@ -50,5 +50,11 @@ def get(name: str) -> type:
     return _REGISTRY[name]
 
 
-def build(name: str, model_config, *, dtype, rngs):
-    return get(name)(model_config, dtype=dtype, rngs=rngs)
+def build(name: str, model_config, *, dtype, rngs, layer: int | None = None):
+    """The mechanism `name` built from `model_config`. `layer`: the block's depth (0-based),
+    for mechanisms that behave per layer (ACT calibrates chosen (layer, head) pairs): they
+    define `set_layer(layer)`; the others ignore it."""
+    module = get(name)(model_config, dtype=dtype, rngs=rngs)
+    if layer is not None and hasattr(module, "set_layer"):
+        module.set_layer(layer)
+    return module

@@ -164,10 +164,10 @@ class Block(nnx.Module):
     """Pre-norm block x + Attn(LN x), x + MLP(LN x), with the PETL modules of cfg.petl.
     x [B, N, D] -> [B, N, D]."""
 
-    def __init__(self, cfg, *, dtype, rngs):
+    def __init__(self, cfg, *, dtype, rngs, layer: int | None = None):
         d = cfg.d_model
         self.attn_norm = layer_norm(d, dtype=dtype, rngs=rngs)
-        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs)
+        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs, layer=layer)
         self.mlp_norm = layer_norm(d, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(d, cfg.mlp_dim, dtype=dtype, rngs=rngs)
         petl = cfg.petl
@@ -238,8 +238,8 @@ class AST(nnx.Module):
             self.cls = param(rngs, nnx.initializers.normal(0.02), (1, 2, d), (None, None, "embed"))
             self.pos_embed = param(rngs, nnx.initializers.normal(0.02),
                                    (self.NUM_SPECIAL + math.prod(self.grid), d), (None, "embed"))
-            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs)
-                                    for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs, layer=i)
+                                    for i in range(cfg.num_layers)])
             self.final_norm = layer_norm(d, dtype=dtype, rngs=rngs)
 
     def __call__(self, fbank):

@@ -79,9 +79,9 @@ class GeluMLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg, *, dtype, rngs):
+    def __init__(self, cfg, *, dtype, rngs, layer: int | None = None):
         self.attn_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
-        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs)
+        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs, layer=layer)
         self.mlp_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
         mlp = SwiGLU if getattr(cfg, "mlp", "swiglu") == "swiglu" else GeluMLP
         self.mlp = mlp(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs)
@@ -115,7 +115,7 @@ class LM(nnx.Module):
                                            rngs=rngs)
             else:
                 self.pos_embed = None
-            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs, layer=i) for i in range(cfg.num_layers)])
             self.final_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
             self.lm_head = None if self.tied else dense(
                 cfg.d_model, cfg.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs,

@@ -91,9 +91,9 @@ def token_positions(batch: int, n: int):
 class Block(nnx.Module):
     """x + Attn(LN(x)), then x + MLP(LN(x)); x [B, N, D]."""
 
-    def __init__(self, cfg, *, dtype, rngs):
+    def __init__(self, cfg, *, dtype, rngs, layer: int | None = None):
         self.attn_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs)
-        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs)
+        self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs, layer=layer)
         self.mlp_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(cfg.d_model, cfg.mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -126,8 +126,8 @@ class ViT(nnx.Module):
                 if cfg.pool == "cls" else None
             self.pos_embed = param(rngs, nnx.initializers.normal(0.02),
                                    (n + (cfg.pool == "cls"), d), (None, "embed"))
-            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs)
-                                    for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs, layer=i)
+                                    for i in range(cfg.num_layers)])
             self.final_norm = layer_norm(d, dtype=dtype, rngs=rngs)
 
     def __call__(self, images):

@@ -1,0 +1,368 @@
+"""ACT — Attention Calibration Technique (Yu et al., ICML 2024): inference-time, training-free.
+
+On chosen heads, the causal attention map A = softmax(Q K^T / sqrt(d)) (causal mask) is
+calibrated before it weighs the values:
+  sink columns   S = {j : sum_i A_ij / (N - j) > alpha}   (the mean attention column j gets
+                 from the N - j queries that can see it; 0-based j),
+  A'_ij = beta A_ij                        for j in S,
+  A'_ij = A_ij (1 + (1 - beta) m_i / r_i)  for j not in S, m_i = sum_{j in S} A_ij,
+                                           r_i = sum_{j not in S} A_ij,
+so every row keeps its mass (the removed sink mass goes to the row's non-sink tokens in
+proportion to their attention). A row whose visible tokens are all sinks (r_i = 0, e.g. the
+first query when token 0 is a sink) has nowhere to put the mass and is left as it is.
+Defaults beta 0.4, alpha 0.1 (model.act_beta, model.act_alpha).
+
+The layer shares SoftmaxAttention's parameters (q/k/v/o projections, GQA), so a trained softmax
+checkpoint loads unchanged (`config.init_from`, or attention.act's CLI below). Heads not chosen
+run SoftmaxAttention.attend bit for bit.
+
+Which heads: model.act_heads, a tuple of "layer:head" strings (0-based), e.g.
+`--config.model.act_heads=0:1,1:3` (a plain tuple of strings survives command-line overrides and
+the JSON config saved with every checkpoint). The module learns its layer index from the family
+that builds it (`attention.build(..., layer=i)`, registry.py); `assign_layers(model)` sets the
+indices from the model's blocks explicitly.
+
+Modes: "train" (a whole segment: training forward and evaluation) and "prefill" calibrate;
+"decode" attends plainly over the cache (one query row cannot tell which columns are sinks:
+that needs the column sums over every query, which decoding does not have).
+
+Head search (the paper's offline step): `search_heads` tries the heads one at a time (layer by
+layer, greedily) on a few calibration batches and keeps a head when the calibration loss drops.
+
+    python -m attention.act --config=configs/lm.py:tiny --from=RUN [--batches=N] [--config.<f>=v]
+prints the heads it chose, the calibration and eval loss before/after, and the override that
+selects the heads in a run (--config.model.attention=act --config.model.act_heads=...).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attention.registry import register
+from attention.softmax import SoftmaxAttention
+from trainer.config import ConfigError
+
+
+# ----------------------------------------------------------------------------- the calibration
+def causal_attention_map(q, k, *, scale=None):
+    """q [B, T, H, d], k [B, T, H_kv, d] -> A [B, H, T, T] f32: softmax(Q K^T / sqrt(d)) with the
+    causal mask (entries above the diagonal are exactly 0)."""
+    H, Hkv, T = q.shape[2], k.shape[2], q.shape[1]
+    k = jnp.repeat(k, H // Hkv, axis=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # Vaswani et al. 2017, eq. 1: softmax(Q K^T / sqrt(d_k)), here causal
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    return jax.nn.softmax(jnp.where(causal, s, -jnp.inf), axis=-1)
+
+
+def sink_columns(a, alpha: float):
+    """a [..., T, T] causal map -> bool [..., T]: the sink columns of ACT."""
+    T = a.shape[-1]
+    seen_by = (T - jnp.arange(T)).astype(a.dtype)  # queries i >= j that see key j: N - j
+    # ACT (Yu et al. 2024, sink detection): S = {j : sum_i A_ij / (N - j) > alpha}
+    return a.sum(axis=-2) / seen_by > alpha
+
+
+def calibrate(a, *, alpha: float = 0.1, beta: float = 0.4):
+    """a [..., T, T] causal row-stochastic map -> the ACT-calibrated map (rows still sum to 1,
+    causal zeros stay 0). beta = 1 returns `a` unchanged."""
+    sink = sink_columns(a, alpha)[..., None, :]  # [..., 1, T]
+    sink_mass = jnp.sum(jnp.where(sink, a, 0.0), axis=-1, keepdims=True)  # m_i
+    rest_mass = jnp.sum(jnp.where(sink, 0.0, a), axis=-1, keepdims=True)  # r_i
+    ok = rest_mass > 0  # somewhere to put the removed mass
+    # ACT: A_ij <- beta A_ij on sinks; the removed (1 - beta) m_i goes to the row's other tokens
+    # in proportion to their attention: A_ij <- A_ij (1 + (1 - beta) m_i / r_i)
+    grow = 1.0 + (1.0 - beta) * sink_mass / jnp.where(ok, rest_mass, 1.0)
+    out = jnp.where(sink, beta * a, a * grow)
+    return jnp.where(ok, out, a)
+
+
+def calibrated_attention(q, k, v, *, alpha: float, beta: float, scale=None):
+    """Dense causal attention with every head calibrated: q [B, T, H, d], k, v [B, T, H_kv, d]
+    -> [B, T, H, d]."""
+    a = calibrate(causal_attention_map(q, k, scale=scale), alpha=alpha, beta=beta)
+    v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    return jnp.einsum("bhqk,bkhd->bqhd", a, v.astype(jnp.float32)).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- heads
+def parse_heads(spec, *, num_layers: int | None = None, num_heads: int | None = None
+                ) -> tuple[tuple[int, int], ...]:
+    """("0:1", "1:3") (or "0:1,1:3", or (layer, head) pairs) -> ((0, 1), (1, 3)), sorted, checked
+    against the model's size when given; a bad entry is a ValueError naming model.act_heads."""
+    if isinstance(spec, str):
+        spec = [s for s in spec.split(",") if s.strip()]
+    out = set()
+    for item in spec:
+        try:
+            if isinstance(item, str):
+                layer, head = (int(p) for p in item.strip().split(":"))
+            else:
+                layer, head = (int(p) for p in item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config.model.act_heads: bad entry {item!r}; allowed: "
+                             "'layer:head' strings with 0-based integers, e.g. ('0:1', '1:3')"
+                             ) from None
+        if layer < 0 or head < 0 or (num_layers is not None and layer >= num_layers) or (
+                num_heads is not None and head >= num_heads):
+            raise ConfigError(f"config.model.act_heads: {item!r} is outside the model "
+                             f"(layers 0..{(num_layers or 1) - 1}, heads 0..{(num_heads or 1) - 1})")
+        out.add((layer, head))
+    return tuple(sorted(out))
+
+
+def format_heads(heads) -> tuple[str, ...]:
+    """((0, 1), (1, 3)) -> ("0:1", "1:3"): the config representation."""
+    return tuple(f"{layer}:{head}" for layer, head in sorted(heads))
+
+
+class ActHeads(nnx.Variable):
+    """A head search's per-head switches of one layer (bool [H]); not a parameter, never saved."""
+
+
+@register("act")
+class ACTAttention(SoftmaxAttention):
+    """SoftmaxAttention whose chosen heads attend with the ACT-calibrated map."""
+
+    CONFIG_DEFAULTS = dict(act_heads=(), act_alpha=0.1, act_beta=0.4)
+
+    def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
+        d = ACTAttention.CONFIG_DEFAULTS
+        self.alpha = float(getattr(cfg, "act_alpha", d["act_alpha"]))
+        self.beta = float(getattr(cfg, "act_beta", d["act_beta"]))
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"config.model.act_beta={self.beta}: allowed values are in [0, 1]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"config.model.act_alpha={self.alpha}: allowed values are in [0, 1]")
+        self.all_heads = parse_heads(getattr(cfg, "act_heads", d["act_heads"]),
+                                     num_layers=getattr(cfg, "num_layers", None),
+                                     num_heads=self.num_heads)
+        self.set_layer(None)  # the model's attention.build(..., layer=i) sets it
+
+    def set_layer(self, layer: int | None) -> None:
+        """This module's layer index, which picks its heads out of model.act_heads (None: not
+        known yet; calling the layer with act_heads set then fails)."""
+        self.layer = None if layer is None else int(layer)
+        self.heads = tuple(h for l, h in self.all_heads if l == self.layer)
+
+    def attend(self, q, k, v, *, mode: str):
+        plain = super().attend(q, k, v, mode=mode)
+        switches = getattr(self, "act_switches", None)  # a head search's dynamic choice
+        if switches is not None:
+            cal = calibrated_attention(q, k, v, alpha=self.alpha, beta=self.beta)
+            return jnp.where(switches.get_value()[None, None, :, None], cal, plain)
+        if self.layer is None and self.all_heads:
+            raise ValueError("ACT attention does not know its layer: build it with "
+                             "attention.build(..., layer=i) (the families do) or call "
+                             "act.assign_layers(model)")
+        if not self.heads:
+            return plain
+        idx = jnp.asarray(self.heads)
+        group = self.num_heads // self.num_kv_heads
+        kv_idx = idx // group  # the key/value head each chosen query head reads
+        cal = calibrated_attention(q[:, :, idx], k[:, :, kv_idx], v[:, :, kv_idx],
+                                   alpha=self.alpha, beta=self.beta)
+        return plain.at[:, :, idx].set(cal.astype(plain.dtype))
+
+
+def act_layers(model) -> list[ACTAttention]:
+    """The ACT attention modules of an LM, in block order."""
+    return [b.attn for b in model.blocks if isinstance(b.attn, ACTAttention)]
+
+
+def assign_layers(model) -> None:
+    """Sets each ACT module's layer index from its block's position in model.blocks."""
+    for i, block in enumerate(model.blocks):
+        if isinstance(block.attn, ACTAttention):
+            block.attn.set_layer(i)
+
+
+def set_heads(model, heads) -> None:
+    """Calibrates exactly `heads` ("layer:head" strings or (layer, head) pairs) of an ACT LM."""
+    assign_layers(model)
+    chosen = parse_heads(heads, num_layers=len(model.blocks))
+    for attn in act_layers(model):
+        attn.all_heads = chosen
+        attn.set_layer(attn.layer)
+
+
+# ----------------------------------------------------------------------------- head search
+def lm_loss(model, batch):
+    """Mean next-token cross entropy of batch["tokens"] [B, T + 1] (nats)."""
+    tokens = batch["tokens"]
+    logits, _ = model(tokens[:, :-1])
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
+    return nll.mean()
+
+
+def act_model_config(model_config):
+    """A copy of a family's config.model with attention "act" (and the ACT defaults)."""
+    from trainer.config import add_mechanism_defaults
+
+    cfg = model_config.copy_and_resolve_references() if hasattr(
+        model_config, "copy_and_resolve_references") else model_config
+    with cfg.unlocked():
+        cfg.attention = "act"
+        add_mechanism_defaults(cfg)
+    return cfg
+
+
+def as_act_model(model, model_config=None):
+    """`model` if its attention is already ACT, else an ACT LM (built from model_config) holding
+    the same parameters."""
+    if act_layers(model):
+        return model
+    if model_config is None:
+        raise ValueError("search_heads: the model has no ACT attention layers; pass its "
+                         "config.model (model_config=...) to build an ACT copy")
+    from models.lm import LM
+
+    act = LM(act_model_config(model_config), rngs=nnx.Rngs(0))
+    nnx.update(act, nnx.state(model, nnx.Param))
+    return act
+
+
+class _Switched:
+    """An ACT copy of a model whose heads are switched on and off by arrays (one compile for
+    every choice of heads): loss(switches, batches) -> mean loss."""
+
+    def __init__(self, model, loss_fn):
+        model = nnx.merge(*nnx.split(model))  # a copy: the switches never reach the caller
+        assign_layers(model)
+        self.layers = act_layers(model)
+        if not self.layers:
+            raise ValueError("search_heads: no ACT attention layer in the model")
+        for attn in self.layers:
+            attn.act_switches = ActHeads(jnp.zeros((attn.num_heads,), bool))
+        graphdef, self.state = nnx.split(model)
+
+        def loss_of(state, switches, batch):
+            m = nnx.merge(graphdef, state)
+            m.eval()
+            for attn, s in zip(act_layers(m), switches):
+                attn.act_switches.set_value(s)
+            return loss_fn(m, batch)
+        self._loss = jax.jit(loss_of)
+
+    def switches(self, heads=()) -> list:
+        chosen = set(parse_heads(heads))
+        return [jnp.asarray([(a.layer, h) in chosen for h in range(a.num_heads)])
+                for a in self.layers]
+
+    def loss(self, switches, batches) -> float:
+        if not batches:
+            raise ValueError("search_heads: no calibration batches")
+        return sum(float(self._loss(self.state, switches, {"tokens": jnp.asarray(b["tokens"])}))
+                   for b in batches) / len(batches)
+
+
+def _switched(model_or_trainer, model_config, loss_fn) -> _Switched:
+    if hasattr(model_or_trainer, "task") and hasattr(model_or_trainer, "config"):
+        trainer = model_or_trainer
+        model = as_act_model(trainer.model, trainer.config.model)
+        loss_fn = loss_fn or (lambda m, b: trainer.task.loss(m, b)[0])
+    else:
+        model = as_act_model(model_or_trainer, model_config)
+        loss_fn = loss_fn or lm_loss
+    return _Switched(model, loss_fn)
+
+
+def search_heads(model_or_trainer, batches, *, loss_fn=None, model_config=None, tol: float = 0.0,
+                 log=None, eval_batches=None) -> dict:
+    """Greedy ACT head selection on calibration batches.
+
+    model_or_trainer: an LM (ACT or softmax: a softmax one needs model_config to build its ACT
+    copy) or a Trainer (its model, config and Task loss). batches: dicts with "tokens" [B, T+1]
+    (numpy or jax). Every head, layer by layer, is tried on top of those kept so far and kept if
+    the mean calibration loss drops by more than `tol`. Returns {"heads": ("l:h", ...),
+    "loss_before", "loss_after", "tried"}; loss_after <= loss_before by construction. With
+    eval_batches, also "eval_before" / "eval_after": their loss without / with the heads."""
+    sw = _switched(model_or_trainer, model_config, loss_fn)
+    switches = sw.switches()
+    before = best = sw.loss(switches, batches)
+    chosen, tried = [], 0
+    for li, attn in enumerate(sw.layers):
+        for h in range(attn.num_heads):
+            trial = list(switches)
+            trial[li] = trial[li].at[h].set(True)
+            loss = sw.loss(trial, batches)
+            tried += 1
+            keep = loss < best - tol
+            if log:
+                log(f"  head {attn.layer}:{h}: loss {loss:.5f} "
+                    f"({'kept' if keep else 'not kept'}; best {best:.5f})")
+            if keep:
+                switches, best = trial, loss
+                chosen.append((attn.layer, h))
+    out = {"heads": format_heads(chosen), "loss_before": before, "loss_after": best,
+           "tried": tried}
+    if eval_batches is not None:
+        out["eval_before"] = sw.loss(sw.switches(), eval_batches)
+        out["eval_after"] = sw.loss(switches, eval_batches)
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m attention.act",
+                                description="Choose ACT heads for a trained LM and report the "
+                                            "loss before/after calibration.")
+    p.add_argument("--config", required=True, help="config file and variant, e.g. configs/lm.py:tiny")
+    p.add_argument("--from", dest="source", required=True,
+                   help="the trained run's workdir (its newest checkpoint and saved config)")
+    p.add_argument("--batches", type=int, default=4,
+                   help="calibration batches (train data, train.global_batch_size each)")
+    from trainer.main import parse_with_overrides
+    return parse_with_overrides(p, argv)
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from trainer.config import ConfigError
+    from trainer.prune import calibration_batches, eval_batches, load_run
+
+    try:
+        if args.batches < 1:
+            raise ConfigError(f"--batches={args.batches}: must be >= 1")
+        run = load_run(args.config, overrides, args.source)
+        if run.config.task != "lm":
+            raise ConfigError(f"config.task={run.config.task!r}: ACT calibrates causal language "
+                              "models; allowed: 'lm'")
+        model = as_act_model(run.model, run.config.model)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    calib = calibration_batches(run.task, run.config, args.batches)
+    print(f"searching ACT heads of {args.source} (step {run.step}) on {len(calib)} calibration "
+          f"batches (alpha {act_layers(model)[0].alpha}, beta {act_layers(model)[0].beta})")
+    evals = eval_batches(run.task, run.config)
+    found = search_heads(model, calib, log=print, eval_batches=evals)
+    ev = {"before": found["eval_before"], "after": found["eval_after"]}
+    print(f"heads: {', '.join(found['heads']) or '(none)'}")
+    print(f"calibration loss: {found['loss_before']:.5f} before, {found['loss_after']:.5f} after")
+    print(f"eval loss ({len(evals)} batches): {ev['before']:.5f} before, {ev['after']:.5f} after "
+          f"({ev['before'] / math.log(2):.4f} -> {ev['after'] / math.log(2):.4f} bits/byte)")
+    print("use them: --config.model.attention=act --config.model.act_heads="
+          + (",".join(found["heads"]) or "''"))
+    return 0
+
+
+def search_eval(model, batches, heads) -> float:
+    """Mean LM loss of an ACT model over `batches` with exactly `heads` calibrated (the static
+    path a run with model.act_heads takes)."""
+    model = nnx.merge(*nnx.split(model))
+    set_heads(model, heads)
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, b: lm_loss(nnx.merge(graphdef, s), b))
+    return sum(float(f(state, {"tokens": jnp.asarray(b["tokens"])})) for b in batches) / len(batches)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
