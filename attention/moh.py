@@ -44,10 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention.ops.rope import apply_rope
 from attention.registry import register
 from attention.softmax import SoftmaxAttention, check_mode, dense
-from trainer.sharding import constrain
 
 
 def load_balance_loss(probs, selected):
@@ -122,33 +120,9 @@ class MoHAttention(SoftmaxAttention):
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
         check_mode(mode, cache)
-        if not self.causal and mode != "train":
-            raise ValueError(f"mode={mode!r}: bidirectional attention (model.causal=False) has "
-                             "no cache; call it with mode='train'")
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        q = constrain(apply_rope(q, positions, theta=self.rope_theta),
-                      ("batch", "length", "act_heads", None))
-        k = apply_rope(k, positions, theta=self.rope_theta)
-
-        if mode == "train":
-            y = self.attend(q, k, v, mode=mode)
-        else:  # the gates only depend on the current token: the softmax KV cache is unchanged
-            start = positions[0, 0]
-            cache = {
-                "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1),
-                "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1),
-            }
-            if mode == "prefill":
-                y = self.attend(q, k, v, mode=mode)
-            else:
-                key_pos = jnp.arange(cache["k"].shape[1])
-                mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
-                y = jax.nn.dot_product_attention(q, cache["k"].astype(q.dtype),
-                                                 cache["v"].astype(q.dtype), mask=mask[:, None])
-
+        # the gates only depend on the current token: the softmax heads and KV cache as they are
+        y, cache = self.heads(x, positions=positions, cache=cache, mode=mode)
         gates, probs, selected = self.gates(x)
         if mode == "train":
             self.sow(nnx.Intermediate, "aux_loss",  # eq. 7: beta L_b (outside nnx.capture: no-op)

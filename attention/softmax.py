@@ -108,6 +108,13 @@ class SoftmaxAttention(nnx.Module):
                  capture_noop=True)
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
+        y, cache = self.heads(x, positions=positions, cache=cache, mode=mode)
+        B, T = x.shape[:2]
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim)), cache
+
+    def heads(self, x, *, positions, cache=None, mode: str = "train"):
+        """Every head's attention output before o_proj: x [B, T, D] -> (y [B, T, H, hd],
+        cache). A mechanism that weighs heads (MoH) uses it and applies o_proj itself."""
         if not self.causal and mode != "train":
             raise ValueError(f"mode={mode!r}: bidirectional attention (model.causal=False) has "
                              "no cache; call it with mode='train'")
@@ -139,4 +146,4 @@ class SoftmaxAttention(nnx.Module):
                                                  cache["v"].astype(q.dtype), mask=mask[:, None])
         else:
             raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
-        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim)), cache
+        return y, cache

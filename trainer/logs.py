@@ -1,5 +1,6 @@
-"""Metrics to TensorBoard (tensorboardX) and the terminal: a progress bar on a TTY, plain
-periodic log lines otherwise (CI, log files)."""
+"""Metrics to TensorBoard (tensorboardX) and the terminal: a progress bar on a TTY or in a
+Jupyter notebook (a widget bar with ipywidgets, else a text bar), plain periodic log lines
+otherwise (CI, log files)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,28 @@ import os
 import sys
 
 from tensorboardX import SummaryWriter
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter (IPython) kernel: notebooks, JupyterLab, VS Code, nbclient."""
+    if "ipykernel" not in sys.modules or "IPython" not in sys.modules:
+        return False
+    try:
+        shell = sys.modules["IPython"].get_ipython()
+    except Exception:  # noqa: BLE001 - an odd IPython: no notebook bar
+        return False
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _notebook_bar(total: int, initial: int):
+    """tqdm's widget bar where ipywidgets is installed, its text bar (on stdout) otherwise."""
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.notebook import tqdm
+    except ImportError:
+        from tqdm import tqdm
+        return tqdm(total=total, initial=initial, unit="step", file=sys.stdout)
+    return tqdm(total=total, initial=initial, unit="step")
 
 
 def _fmt(v: float) -> str:
@@ -32,6 +55,8 @@ class Reporter:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
                             dynamic_ncols=True, unit="step")
+        elif enabled and stream is None and in_notebook():
+            self.bar = _notebook_bar(total_steps, start_step)
         self.total = total_steps
 
     def print(self, msg: str) -> None:
@@ -75,9 +100,13 @@ class Reporter:
             self.print(f"step {step}/{self.total} {items}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.jsonl.close()
+        """Closes the bar, the TensorBoard writer (its thread) and metrics.jsonl; idempotent."""
+        bar, writer, jsonl = self.bar, self.writer, self.jsonl
+        self.bar = self.writer = self.jsonl = None
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.flush()
+            writer.close()
+        if jsonl is not None:
+            jsonl.close()
