@@ -122,7 +122,7 @@ class MoHAttention(SoftmaxAttention):
         check_mode(mode, cache)
         B, T, _ = x.shape
         # the gates only depend on the current token: the softmax heads and KV cache as they are
-        y, cache = self.heads(x, positions=positions, cache=cache, mode=mode)
+        y, cache = self.head_outputs(x, positions=positions, cache=cache, mode=mode)
         gates, probs, selected = self.gates(x)
         if mode == "train":
             self.sow(nnx.Intermediate, "aux_loss",  # eq. 7: beta L_b (outside nnx.capture: no-op)

@@ -108,11 +108,11 @@ class SoftmaxAttention(nnx.Module):
                  capture_noop=True)
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
-        y, cache = self.heads(x, positions=positions, cache=cache, mode=mode)
+        y, cache = self.head_outputs(x, positions=positions, cache=cache, mode=mode)
         B, T = x.shape[:2]
         return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim)), cache
 
-    def heads(self, x, *, positions, cache=None, mode: str = "train"):
+    def head_outputs(self, x, *, positions, cache=None, mode: str = "train"):
         """Every head's attention output before o_proj: x [B, T, D] -> (y [B, T, H, hd],
         cache). A mechanism that weighs heads (MoH) uses it and applies o_proj itself."""
         if not self.causal and mode != "train":

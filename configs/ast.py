@@ -33,7 +33,7 @@ VARIANTS = {
     "tiny": dict(classes=(), steps=800, batch=32, lr=2e-3, warmup=50, petl="full"),
     "pretrain": dict(base="tiny", classes=PRETRAIN_CLASSES),
     # one budget (300 steps x 32) for every method; learning rates from sweeps on this task
-    # (bench/ast.py): 1e-2 for the adapters, LoRA and BitFit (PETL_AST: 5e-3), 3e-2 for
+    # (bench/ast_petl.py): 1e-2 for the adapters, LoRA and BitFit (PETL_AST: 5e-3), 3e-2 for
     # prompts (PETL_AST: 1e-2), the linear probe's best of 1e-3 .. 3e-1, full fine-tuning at
     # the from-scratch rate (PETL_AST's 5e-5 is for an 86M-parameter AST)
     "full": dict(base="tiny", **_ADAPT, petl="full") | dict(lr=2e-3),

@@ -1,7 +1,10 @@
 """AST and parameter-efficient transfer on the synthetic clips, side by side in one run.
 Prints, never asserts.
 
-    python bench/ast.py [--steps 0] [--adapt_steps 0] [--methods full,linear,...]
+    python bench/ast_petl.py [--steps 0] [--adapt_steps 0] [--methods full,linear,...]
+
+(Not bench/ast.py: a script folder holding `ast.py` shadows the standard library's `ast` for
+every script run from it.)
 
 1. `configs/ast.py:tiny`: an AST trained from scratch on all 8 synthetic classes (target: >= 95%
    held-out accuracy).
@@ -16,16 +19,13 @@ last logged interval: compile, eval and checkpoints excluded).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import tempfile
+import time
 
-# this file's folder first on sys.path would shadow the standard library's `ast` (imported by
-# inspect, numpy, ...): put the repository root there instead
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 

@@ -1,0 +1,63 @@
+"""bench/compare.py's Markdown tables and bench/all.py's README rewriting, on fake rows (no
+training: a smoke test of the plumbing `make bench` relies on)."""
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_markdown_table_and_results_file(tmp_path):
+    compare = _load("compare")
+    rows = [{"mechanism": "softmax", "kind": "trained", "parameters": 123456,
+             "eval bits/byte": 2.345678, "tokens/s": 38000.4, "peak memory MiB": 12.34},
+            {"mechanism": "act", "kind": "eval-time on softmax", "eval bits/byte": float("nan"),
+             "notes": "heads 0:1|1:2"}]
+    text = compare.markdown_table(compare.LM_COLUMNS, rows)
+    lines = text.split("\n")
+    assert lines[0] == "| " + " | ".join(compare.LM_COLUMNS) + " |"
+    assert lines[1] == "|" + "---|" * len(compare.LM_COLUMNS)
+    assert lines[2] == "| softmax | trained | 123,456 | 2.3457 | 38,000 | 12.3 |  |"
+    assert lines[3] == "| act | eval-time on softmax |  | n/a |  |  | heads 0:1\\|1:2 |"
+    # every row has as many cells as the header
+    assert {line.count(" | ") for line in lines[2:]} == {len(compare.LM_COLUMNS) - 1}
+    path = compare.write_result("compare-lm", text, str(tmp_path))
+    assert open(path).read() == text + "\n"
+    # every LM mechanism of the issue has a row
+    trained = {label for label, _, _ in compare.LM_TRAINED}
+    assert {"softmax", "gla", "hedgehog", "routing", "landmark", "ssa", "moh", "complexformer",
+            "tokenformer"} <= trained
+    assert {"hip", "flexprefill", "dhsa", "landmark retrieval", "act"} <= {
+        label for label, _ in compare.LM_EVAL_TIME}
+
+
+def test_readme_markers(tmp_path, monkeypatch):
+    all_ = _load("all")
+    readme = tmp_path / "README.md"
+    before = ("# x\n\n<!-- bench:compare-lm -->\nold lm\n<!-- /bench:compare-lm -->\n"
+              "between\n<!-- bench:compare-vision -->\nold vision\n<!-- /bench:compare-vision -->\n"
+              "tail\n")
+    new, done = all_.replace_markers(before, {"compare-lm": "| a |\n|---|\n| 1 |\n"})
+    assert done == ["compare-lm"]
+    assert new == before.replace("old lm\n", "| a |\n|---|\n| 1 |\n")
+    # from results files: only blocks with a file are rewritten, the rest stays byte for byte
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "compare-vision.md").write_text("vision table\n")
+    monkeypatch.setattr(all_, "RESULTS", str(results))
+    readme.write_text(before)
+    assert all_.update_readme(str(readme)) == ["compare-vision"]
+    assert readme.read_text() == before.replace("old vision\n", "vision table\n")
+    assert all_.update_readme(str(readme), since=1e12) == []  # nothing written since
+    # every benchmark of `make bench` is known, with a quick and a full command
+    assert {"compare", "train", "attention", "tokenformer", "vision", "ast", "detr",
+            "mixformer"} <= set(all_.BENCHMARKS)
+    for script, quick, full, t_quick, t_full in all_.BENCHMARKS.values():
+        assert os.path.exists(os.path.join(ROOT, script)) and 0 < t_quick <= t_full
