@@ -14,8 +14,6 @@ from configs import ast as ast_config
 from models import ast
 from trainer.config import ConfigError
 
-jax.config.update("jax_default_matmul_precision", "highest")
-
 
 def small_model_config(petl: str, **over):
     c = ast_config.get_config("tiny").model
