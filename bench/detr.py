@@ -1,9 +1,13 @@
 """Plain DETR convergence on the embedded shapes scenes, with and without BoxRPB.
 
 configs/detr.py:tiny (64x64 images, 1-3 squares / circles, 2 classes, d 64, 2+2 layers, 10
-queries, batch 32, lr 1e-3 held high) and :tiny_no_rpb (plain global cross-attention), each
-trained for --steps with COCO evaluation (pycocotools, 256 held-out images) every --every steps.
-Prints the AP50 / AP curve of both; too slow for CI (~6 minutes a run on a 2-core CPU).
+queries, batch 32, lr 1e-3 held high, train augmentation flip only, two 3x3 convolutions per
+backbone stage) and :tiny_no_rpb (plain global cross-attention), each trained for --steps with
+COCO evaluation (pycocotools, 256 held-out images) every --every steps. Prints the AP50 / AP
+curve of both; too slow for CI (~8-14 minutes a run on a 2-core CPU shared with other jobs,
+~150 ms/step). The gate (FAMILIES.md D): tiny's AP50 >= 0.6 at step 4000; measured 0.432 /
+0.681 / 0.839 / 0.887 (AP 0.700 at 4000) at steps 1000..4000, tiny_no_rpb 0.200 / 0.400 /
+0.579 / 0.673. configs/detr.py lists what the recipe needs.
 
     python bench/detr.py [--steps 4000] [--every 1000] [--variants tiny,tiny_no_rpb] [--set f=v]
 """

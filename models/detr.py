@@ -1,6 +1,7 @@
 """Plain DETR with box-to-pixel relative position bias (Lin et al., ICCV 2023) and its Task.
 
-    image [B, S, S, 3] --backbone (strided 3x3 convs)--> feature map [B, H, W, C], stride s
+    image [B, S, S, 3] --backbone (3x3 convs, log2 s stride-2 stages of model.backbone_depth)-->
+      feature map [B, H, W, C], stride s
       --1x1 projection, + 2D sine positions--> encoder (self-attention from the attention
       registry, bidirectional) --> memory [B, H*W, d] (keys of every cross-attention add the
       positions again)
@@ -14,7 +15,8 @@
     with hybrid matching, a second (one-to-many) group of queries that only trains.
 
 Single scale (Plain DETR's point): one stride-s map, global cross-attention. The loss, matching
-and post-processing live in models/detr_loss.py; data and COCO metrics in trainer/coco.py.
+and post-processing live in models/detr_loss.py; data and COCO metrics in trainer/coco.py (the
+train split's augmentation: config.data.augment, trainer/coco.py AUGMENTS).
 Shapes: images [B, S, S, 3] float32 in [-1, 1] -> logits [B, Q, K], boxes [B, Q, 4] in (0, 1).
 """
 from __future__ import annotations
@@ -85,21 +87,24 @@ class MLP(nnx.Module):
 
 
 class Backbone(nnx.Module):
-    """log2(stride) 3x3 stride-2 convolutions with GroupNorm + ReLU: [B, S, S, 3] -> [B, S/s,
-    S/s, C]. A small single-scale stand-in for Plain DETR's ViT / Swin backbone."""
+    """log2(stride) stages, each a 3x3 stride-2 convolution and depth - 1 stride-1 ones, every
+    convolution followed by GroupNorm + ReLU: [B, S, S, 3] -> [B, S/s, S/s, C]. A small
+    single-scale stand-in for Plain DETR's ViT / Swin backbone."""
 
-    def __init__(self, channels, stride: int, *, dtype, rngs):
+    def __init__(self, channels, stride: int, *, depth: int = 1, dtype, rngs):
         n = int(round(math.log2(stride)))
         widths = [channels[min(i, len(channels) - 1)] for i in range(n)]
         self.convs = nnx.List()
         self.norms = nnx.List()
         cin = 3
         for c in widths:
-            self.convs.append(nnx.Conv(cin, c, (3, 3), strides=(2, 2), padding="SAME", dtype=dtype,
-                                       param_dtype=jnp.float32, rngs=rngs))
-            self.norms.append(nnx.GroupNorm(c, num_groups=min(8, c), dtype=dtype,
-                                            param_dtype=jnp.float32, rngs=rngs))
-            cin = c
+            for j in range(depth):
+                self.convs.append(nnx.Conv(cin, c, (3, 3), strides=(1, 1) if j else (2, 2),
+                                           padding="SAME", dtype=dtype, param_dtype=jnp.float32,
+                                           rngs=rngs))
+                self.norms.append(nnx.GroupNorm(c, num_groups=min(8, c), dtype=dtype,
+                                                param_dtype=jnp.float32, rngs=rngs))
+                cin = c
         self.out_channels = cin
 
     def __call__(self, x):
@@ -158,7 +163,7 @@ class DecoderLayer(nnx.Module):
 
 class PlainDETR(nnx.Module):
     """cfg: config.model (d_model, num_heads, mlp_dim, enc_layers, dec_layers, num_queries,
-    num_queries_one2many, num_classes, stride, backbone_channels, rpb, rpb_hidden,
+    num_queries_one2many, num_classes, stride, backbone_channels, backbone_depth, rpb, rpb_hidden,
     rpb_encoding, attention) and the class loss (focal: K logits; softmax: K + 1)."""
 
     def __init__(self, cfg, *, class_loss: str = "focal", dtype=jnp.float32, rngs: nnx.Rngs):
@@ -167,7 +172,8 @@ class PlainDETR(nnx.Module):
         self.num_queries = cfg.num_queries
         self.num_one2many = cfg.num_queries_one2many
         with nnx.use_eager_sharding(False):
-            self.backbone = Backbone(tuple(cfg.backbone_channels), cfg.stride, dtype=dtype, rngs=rngs)
+            self.backbone = Backbone(tuple(cfg.backbone_channels), cfg.stride,
+                                     depth=cfg.get("backbone_depth", 1), dtype=dtype, rngs=rngs)
             self.input_proj = _linear(self.backbone.out_channels, d, dtype=dtype, rngs=rngs)
             self.encoder = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs)
                                      for _ in range(cfg.enc_layers)])
@@ -296,7 +302,9 @@ class DetectionTask(Task):
         m, d, lo = self.config.model, self.config.data, self.config.loss
         for field, value, allowed in (("loss.class_loss", lo.class_loss, CLASS_LOSSES),
                                       ("loss.matcher", lo.matcher, MATCHERS),
-                                      ("model.rpb_encoding", m.rpb_encoding, ENCODINGS)):
+                                      ("model.rpb_encoding", m.rpb_encoding, ENCODINGS),
+                                      ("data.augment", d.get("augment", "detr"),
+                                       coco.AUGMENTS)):
             if value not in allowed:
                 raise ConfigError(f"config.{field}={value!r}; allowed: {', '.join(allowed)}")
         if m.stride < 2 or m.stride & (m.stride - 1) or d.image_size % m.stride:
@@ -334,7 +342,8 @@ class DetectionTask(Task):
         which = "train" if split == "train" else "eval"
         return coco.coco_detection(p[f"{which}_json"], p[f"{which}_images"], split,
                                    image_size=d.image_size, max_objects=d.max_objects,
-                                   seed=self.config.seed)
+                                   seed=self.config.seed,
+                                   augment=d.get("augment", "detr"))
 
     def train_data(self):
         return self._dataset("train")

@@ -1,7 +1,8 @@
 """Plain DETR (models/detr.py) end to end: the embedded shapes scenes through the COCO loader,
 training (the loss decreases over 20 steps), COCO evaluation with boxes drawn for TensorBoard,
-eval-only runs, the in-graph matcher in a sharded jit, the hybrid-matching query groups, the
-first prediction being the reference box, and clear config errors."""
+eval-only runs, the train augmentation switch, the in-graph matcher in a sharded jit, the
+hybrid-matching query groups, the first prediction being the reference box, and clear config
+errors."""
 from __future__ import annotations
 
 import os
@@ -83,6 +84,35 @@ def test_in_graph_matcher_in_a_sharded_jit():
     np.testing.assert_allclose(losses["optax"], losses["scipy"], rtol=1e-5)
 
 
+def test_train_augmentation_flip_and_none_show_the_whole_image(tmp_path):
+    """data.augment=none: the train examples are the eval examples (whole image, full canvas);
+    flip: each is the eval example or its mirror image, and both occur."""
+    from trainer.task import get_task
+
+    examples = {}
+    for augment in ("none", "flip"):
+        task = get_task("detr")(smoke(tmp_path, f"data.augment={augment}"))
+        train = task.train_data()
+        examples[augment] = [train[i] for i in range(8)]
+    from trainer import coco
+    p = task.paths()  # the train split's images as the eval transform shows them
+    whole = coco.coco_detection(p["train_json"], p["train_images"], "eval", image_size=64,
+                                max_objects=8)
+    flipped = 0
+    for plain, maybe in zip(examples["none"], examples["flip"]):
+        ref = whole[int(plain["id"])]
+        assert plain["pad_mask"].all() and maybe["pad_mask"].all()
+        for k in ("image", "boxes", "labels", "box_mask", "scale"):
+            np.testing.assert_array_equal(plain[k], ref[k])
+        if not np.array_equal(maybe["image"], plain["image"]):
+            flipped += 1
+            np.testing.assert_array_equal(maybe["image"], plain["image"][:, ::-1])
+            b = plain["boxes"][plain["box_mask"]]
+            np.testing.assert_allclose(maybe["boxes"][maybe["box_mask"]],
+                                       np.stack([1 - b[:, 0], *b[:, 1:].T], -1), atol=1e-6)
+    assert 0 < flipped < 8
+
+
 def model(**fields):
     from models.detr import PlainDETR
     from trainer import load_config
@@ -126,6 +156,7 @@ def test_first_layer_predicts_the_reference_boxes_at_init():
     (("model.attention=gla",), "causal only"),
     (("model.stride=6",), "model.stride"),
     (("loss.matcher=greedy",), "allowed: scipy, optax"),
+    (("data.augment=crop",), "allowed: detr, flip, none"),
 ])
 def test_bad_configs_name_the_field(tmp_path, overrides, fragment):
     from trainer import ConfigError, Trainer

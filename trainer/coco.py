@@ -31,7 +31,8 @@ scaled to one S x S canvas: with probability 1/2 a random crop (each side unifor
 which at least one box keeps a part, else no crop); a random resize (long side uniform in
 LONG_SIDE x S canvas pixels: DETR's 480..800 shorter-side choice is 0.6..1.0 of its largest);
 a horizontal flip with probability 1/2. Boxes are clipped to the crop and boxes that vanish
-dropped. The augmentation is drawn by grain's `random_map` placed after `repeat`, whose
+dropped. `augment="flip"` / `"none"` keep the whole image at full canvas size (flipped with
+probability 1/2 / never): the tiny shapes scenes converge far faster without crops. The augmentation is drawn by grain's `random_map` placed after `repeat`, whose
 generator is seeded by (seed, index in the repeated stream): deterministic per (seed, example,
 epoch), different from one epoch to the next.
 
@@ -347,15 +348,25 @@ def _keeps_a_box(boxes: np.ndarray, region: tuple[int, int, int, int]) -> bool:
                        & (np.minimum(boxes[:, 3], y1) > np.maximum(boxes[:, 1], y0))))
 
 
-class _TrainTransform(grain.transforms.RandomMap):
-    """DETR's random crop branch, multi-scale resize and flip (see the module docstring)."""
+# the train split's augmentation (coco_detection(augment=...)): "detr" = the module docstring's
+# recipe (crop branch, resize of the long side, flip); "flip" = the whole image at full canvas
+# size, flipped with probability 1/2; "none" = the whole image
+AUGMENTS = ("detr", "flip", "none")
 
-    def __init__(self, size: int, max_objects: int):
-        self.size, self.max_objects = size, max_objects
+
+class _TrainTransform(grain.transforms.RandomMap):
+    """The train augmentation `augment` (AUGMENTS; "detr": DETR's random crop branch,
+    multi-scale resize and flip, see the module docstring)."""
+
+    def __init__(self, size: int, max_objects: int, augment: str = "detr"):
+        self.size, self.max_objects, self.augment = size, max_objects, augment
 
     def random_map(self, x, rng: np.random.Generator):
         h, w = (int(v) for v in x["orig_size"])
         region = (0, 0, w, h)
+        if self.augment != "detr":
+            flip = self.augment == "flip" and bool(rng.uniform() < FLIP_PROBABILITY)
+            return _example(x, self.size, self.max_objects, region, self.size, flip)
         if rng.uniform() < CROP_PROBABILITY:
             for _ in range(_CROP_TRIES):
                 cw = int(rng.integers(max(1, math.ceil(CROP_SIDE * w)), w + 1))
@@ -372,10 +383,11 @@ class _TrainTransform(grain.transforms.RandomMap):
 
 
 def coco_detection(annotation_json: str, image_dir: str, split: str, *, image_size: int,
-                   max_objects: int, seed: int = 0) -> grain.MapDataset:
+                   max_objects: int, seed: int = 0, augment: str = "detr") -> grain.MapDataset:
     """The examples of the module docstring for one COCO instances file.
 
-    "train": shuffled by seed, repeated forever, augmented per (seed, example, epoch);
+    "train": shuffled by seed, repeated forever, augmented per (seed, example, epoch) as
+    `augment` says (AUGMENTS);
     "eval": finite, in the JSON's image order, long side resized to image_size. The JSON is
     validated now (`load_coco`); images are decoded when read."""
     if split not in ("train", "eval"):
@@ -383,6 +395,8 @@ def coco_detection(annotation_json: str, image_dir: str, split: str, *, image_si
     if image_size < 1 or max_objects < 1:
         raise ConfigError(f"COCO: image_size ({image_size}) and max_objects ({max_objects}) "
                           f"must be positive")
+    if augment not in AUGMENTS:
+        raise ConfigError(f"COCO: augment={augment!r}; allowed: {', '.join(AUGMENTS)}")
     data = load_coco(annotation_json, image_dir)
     over = data.objects_beyond(max_objects)
     if over:
@@ -393,7 +407,7 @@ def coco_detection(annotation_json: str, image_dir: str, split: str, *, image_si
     ds = grain.MapDataset.source(_CocoRecords(data))
     if split == "train":
         return ds.shuffle(seed=seed).repeat(None).random_map(
-            _TrainTransform(image_size, max_objects), seed=seed)
+            _TrainTransform(image_size, max_objects, augment), seed=seed)
     return ds.map(_EvalTransform(image_size, max_objects))
 
 
