@@ -398,6 +398,18 @@ def score_loss(logit, label):
     return loss, {"score_accuracy": jnp.mean((logit > 0) == (label > 0.5))}
 
 
+def score_labels(label, iou, min_iou: float):
+    """The score head's targets: label [B] (1: the target is in the search crop), iou [B] of
+    the predicted box with the target. min_iou > 0: a positive whose box misses the target
+    (IoU < min_iou, e.g. a box on a distractor) becomes a negative, so the score that gates
+    the online template update rates the box, not only the crop (min_iou = 0: MixFormer's
+    labels). No gradient through iou."""
+    label = label.astype(jnp.float32)
+    if min_iou <= 0:
+        return label
+    return label * (jax.lax.stop_gradient(iou) >= min_iou).astype(jnp.float32)
+
+
 # ----------------------------------------------------------------------------- task
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve: the probability that a random positive scores above a random
@@ -496,7 +508,8 @@ class TrackingTask(Task):
         positives = jnp.maximum(label.sum(), 1.0)
         b_loss = jnp.sum(per_example[0] * label) / positives
         b_metrics = {k: jnp.sum(v * label) / positives for k, v in per_example[1].items()}
-        s_loss, s_metrics = score_loss(out["score_logit"], label)
+        score_label = score_labels(label, per_example[1]["iou"], lo.get("score_min_iou", 0.0))
+        s_loss, s_metrics = score_loss(out["score_logit"], score_label)
         loss = lo.box_weight * b_loss + lo.score_weight * s_loss
         return loss, {"box_loss": b_loss, "score_loss": s_loss, **b_metrics, **s_metrics}
 

@@ -196,6 +196,12 @@ def test_score_loss_is_bce_with_logits():
     assert float(metrics["score_accuracy"]) == 0.5
 
 
+def test_score_labels_turn_missed_positives_into_negatives():
+    label, iou = jnp.array([1, 1, 0, 1]), jnp.array([0.9, 0.3, 0.8, 0.5])
+    np.testing.assert_array_equal(mf.score_labels(label, iou, 0.0), [1, 1, 0, 1])
+    np.testing.assert_array_equal(mf.score_labels(label, iou, 0.5), [1, 0, 0, 1])
+
+
 # ----------------------------------------------------------------------------- score module
 def paths(state):
     return {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(state)}

@@ -41,11 +41,12 @@ def parse_args(argv):
 class OnlineTracker:
     """MixFormer's online loop for one model (jitted encode / track; batch of one)."""
 
-    def __init__(self, model, config):
+    def __init__(self, model, config, *, update: bool = True):
+        """update=False: track with the initial template only (no online template update)."""
         import jax
         from flax import nnx
 
-        self.config = config
+        self.config, self.update = config, update
         graphdef, state = nnx.split(model)
         self.state = state
         self._encode = jax.jit(lambda s, t: nnx.merge(graphdef, s).encode_templates(t))
@@ -77,7 +78,8 @@ class OnlineTracker:
             if score > tr.score_threshold and score > best:
                 best = score
                 candidate, _ = tracking.crop(frame, box, d.template_factor, m.template_size)
-            if m.num_templates > 1 and t % tr.update_interval == 0 and candidate is not None:
+            if (self.update and m.num_templates > 1 and t % tr.update_interval == 0
+                    and candidate is not None):
                 slots = [slots[0]] + slots[2:] + [candidate]  # FIFO over the online slots
                 cache = self._encode(self.state, np.stack(slots)[None])
                 best, candidate = -1.0, None
