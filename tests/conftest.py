@@ -161,3 +161,22 @@ def check_sparse_prefill_lm(make_model_cfg, small: dict, budget_field: str) -> N
         assert len(pairs) == layers and all(p.shape == () for p in pairs)  # per sequence
         total, dense_pairs = float(sum(pairs)), layers * heads * P * (P + 1) / 2
         assert total == dense_pairs if budget == 4096 else total < dense_pairs
+
+
+def assert_decode_matches_recompute(layer, x, prompt_len: int, *, atol: float = 1e-5):
+    """A self-attention layer (registry call contract): prefill x[:, :prompt_len], then decode
+    the rest token by token with the cache == one train-mode pass over x [B, T, D]."""
+    import jax.numpy as jnp
+
+    B, T = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    full = layer(x, positions=positions)[0]
+    cache = layer.init_cache(B, T)
+    y, cache = layer(x[:, :prompt_len], positions=positions[:, :prompt_len], cache=cache,
+                     mode="prefill")
+    outs = [y]
+    for t in range(prompt_len, T):
+        y, cache = layer(x[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache,
+                         mode="decode")
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=atol, rtol=atol)

@@ -15,6 +15,7 @@ import attention
 from attention.complexformer import (ComplexFormerAttention, cmha_scores_reference,
                                      complex_features)
 from attention.ops.rope import apply_rope
+from conftest import assert_decode_matches_recompute
 from attention.softmax import SoftmaxAttention
 
 
@@ -125,17 +126,7 @@ def test_decode_equals_full_recompute():
     layer = _layer(ComplexFormerAttention, cfg)
     layer.delta[...] = 1.0 + _randn(layer.delta.shape, 13, 0.3)
     layer.phase_bias[...] = _randn(layer.phase_bias.shape, 14, 0.3)
-    B, T, P = 2, 10, 4
-    x = _randn((B, T, 32), 15)
-    full = layer(x, positions=_positions(B, T))[0]
-    cache = layer.init_cache(B, T)
-    y, cache = layer(x[:, :P], positions=_positions(B, P), cache=cache, mode="prefill")
-    outs = [y]
-    for t in range(P, T):
-        y, cache = layer(x[:, t:t + 1], positions=jnp.full((B, 1), t, jnp.int32), cache=cache,
-                         mode="decode")
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert_decode_matches_recompute(layer, _randn((2, 10, 32), 15), 4)
 
 
 def test_zero_vectors_have_finite_gradients():

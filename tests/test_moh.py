@@ -14,6 +14,7 @@ from flax import nnx
 import attention
 from attention.moh import MoHAttention, load_balance_loss
 from attention.softmax import SoftmaxAttention
+from conftest import assert_decode_matches_recompute
 
 
 def _randn(shape, seed, scale=1.0):
@@ -142,18 +143,7 @@ def test_aux_loss_sown_and_routers_get_gradients():
 def test_decode_equals_full_recompute():
     """Prefill a prompt then decode token by token with the cache == the train-mode forward."""
     cfg = _cfg()
-    m = _layer(MoHAttention, cfg)
-    B, T, P = 2, 10, 4
-    x = _randn((B, T, 32), 4)
-    full = m(x, positions=_positions(B, T))[0]
-    cache = m.init_cache(B, T)
-    y, cache = m(x[:, :P], positions=_positions(B, P), cache=cache, mode="prefill")
-    outs = [y]
-    for t in range(P, T):
-        y, cache = m(x[:, t:t + 1], positions=jnp.full((B, 1), t, jnp.int32), cache=cache,
-                     mode="decode")
-        outs.append(y)
-    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+    assert_decode_matches_recompute(_layer(MoHAttention, cfg), _randn((2, 10, 32), 4), 4)
 
 
 def test_bad_config_is_a_clear_error():

@@ -30,6 +30,7 @@ target_length = 1 + (num_samples - 400) // 160 frames to avoid both.
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import csv
 import functools
@@ -405,7 +406,7 @@ def synthetic_clip(kind: str, rng: np.random.Generator, *, sample_rate: int = 16
 
 
 # ----------------------------------------------------------------------------- clip collections
-class Clips:
+class Clips(abc.ABC):
     """A random-access collection of labelled clips: clips[i] = (waveform float32 [N], label int);
     `classes[label]` is the label's name, `labels[i]` the label without decoding, `name(i)` a
     file path or "synthetic/<index>"."""
@@ -422,11 +423,13 @@ class Clips:
             raise IndexError(f"clip {i} of {len(self)}")
         return self._read(i), int(self.labels[i])
 
+    @abc.abstractmethod
     def _read(self, i: int) -> np.ndarray:
-        raise NotImplementedError
+        """The waveform of clip i, float32 [N]."""
 
+    @abc.abstractmethod
     def name(self, i: int) -> str:
-        raise NotImplementedError
+        """Clip i's file path (or "synthetic/<index>")."""
 
 
 def _select_classes(all_names: Sequence[str], classes: Sequence[str] | None, what: str
