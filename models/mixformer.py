@@ -14,9 +14,10 @@ trainer/track.py).
       score head (`score`): a learned token cross-attending to RoI features of the predicted
         box (stop-gradient'ed) and to the initial template's tokens -> MLP -> score_logit [B]
 
-Box head: the CORNER head (the reference's `Corner_Predictor`, at the patch stride; CORNER_UP
-upsamples to stride 4, left out). Two conv stacks give top-left and bottom-right heat maps over
-the search grid, and a soft-argmax (the probability-weighted mean of the cell centres,
+Box head: the CORNER head (the reference's `Corner_Predictor`). The reference's CORNER_UP variant
+upsamples the map to stride 4 with transposed convs; here `corner_upsample` resizes it
+bilinearly after each branch's first conv (2: the heat maps at stride p / 2). Two conv stacks
+give top-left and bottom-right heat maps over the (upsampled) search grid, and a soft-argmax (the probability-weighted mean of the cell centres,
 (j + 0.5) / G; the reference's j / G, the cells' top-left corners, is shifted half a cell) turns
 each into a normalised point. The two corners are ordered (x1 = min, x2 = max) so the output is
 always a valid box, what the GIoU loss and the RoI sampler assume; early in training the
@@ -48,6 +49,9 @@ start from; MixViT-B in brackets):
   search_size    S, search crop side in pixels [288]
   num_templates  n templates per example: the initial one, then online ones [2]
   corner_dim     first conv width of each corner branch (then /2, /4); a multiple of 4 [384]
+  corner_upsample  u: the corner branches upsample their map u x (bilinear) after the first
+                 conv, so the heat maps are u S/p cells a side [1]; 2 on the tiny crops, where a
+                 target spans 2 patches of the search grid (MixViT-B: 288/4.5/16 = 4)
   score_hidden   hidden width of the score MLP [768]
   score_pool     RoI grid side of the score head's box features [4]
 """
@@ -74,7 +78,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 MODEL_DEFAULTS = dict(d_model=64, num_heads=4, num_layers=4, mlp_dim=256, patch_size=8,
                       template_size=32, search_size=64, num_templates=2, corner_dim=64,
-                      score_hidden=64, score_pool=4)
+                      corner_upsample=2, score_hidden=64, score_pool=4)
 # the paper's box loss weights (experiments/mixformer_vit/baseline.yaml IOU_WEIGHT, L1_WEIGHT)
 GIOU_WEIGHT, L1_WEIGHT = 2.0, 5.0
 
@@ -92,7 +96,7 @@ def check_model_config(cfg) -> None:
         raise ValueError(f"config.model.d_model={cfg.d_model} is not divisible by "
                          f"config.model.num_heads={cfg.num_heads}")
     for name, lo in (("num_templates", 1), ("num_layers", 1), ("score_pool", 1),
-                     ("corner_dim", 4)):
+                     ("corner_dim", 4), ("corner_upsample", 1)):
         if getattr(cfg, name) < lo:
             raise ValueError(f"config.model.{name} must be >= {lo}, got {getattr(cfg, name)}")
     if cfg.corner_dim % 4:
@@ -208,10 +212,12 @@ def soft_argmax(logits):
 
 
 class CornerBranch(nnx.Module):
-    """[B, G, G, D] -> one corner's heat-map logits [B, G, G]: 3x3 conv-GroupNorm-ReLU at
-    widths C, C/2, C/4, then a 1x1 conv to one channel."""
+    """[B, G, G, D] -> one corner's heat-map logits [B, u G, u G]: 3x3 conv-GroupNorm-ReLU at
+    widths C, C/2, C/4, then a 1x1 conv to one channel; with upsample u > 1 the map is resized
+    u x (bilinear) after the first block, so the later convs place the corner on a finer grid."""
 
-    def __init__(self, d: int, channels: int, *, dtype, rngs):
+    def __init__(self, d: int, channels: int, *, upsample: int = 1, dtype, rngs):
+        self.upsample = upsample
         widths = (d, channels, channels // 2, channels // 4)
         self.convs = nnx.List([nnx.Conv(a, b, (3, 3), padding="SAME", dtype=dtype,
                                         param_dtype=jnp.float32, rngs=rngs)
@@ -223,18 +229,21 @@ class CornerBranch(nnx.Module):
                             rngs=rngs)
 
     def __call__(self, x):
-        for conv, norm in zip(self.convs, self.norms):
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             x = jax.nn.relu(norm(conv(x)))
+            if i == 0 and self.upsample > 1:
+                B, H, W, C = x.shape
+                x = jax.image.resize(x, (B, H * self.upsample, W * self.upsample, C), "bilinear")
         return self.out(x)[..., 0]
 
 
 class CornerHead(nnx.Module):
     """Search map [B, G, G, D] -> (boxes [B, 4] xyxy in [0, 1] with x1 <= x2, y1 <= y2,
-    corner logits [B, 2, G, G] (top-left, bottom-right)), float32."""
+    corner logits [B, 2, u G, u G] (top-left, bottom-right)), float32."""
 
-    def __init__(self, d: int, channels: int, *, dtype, rngs):
-        self.top_left = CornerBranch(d, channels, dtype=dtype, rngs=rngs)
-        self.bottom_right = CornerBranch(d, channels, dtype=dtype, rngs=rngs)
+    def __init__(self, d: int, channels: int, *, upsample: int = 1, dtype, rngs):
+        self.top_left = CornerBranch(d, channels, upsample=upsample, dtype=dtype, rngs=rngs)
+        self.bottom_right = CornerBranch(d, channels, upsample=upsample, dtype=dtype, rngs=rngs)
 
     def __call__(self, feature_map):
         logits = jnp.stack([self.top_left(feature_map), self.bottom_right(feature_map)], axis=1)
@@ -333,7 +342,8 @@ class MixFormer(nnx.Module):
 
     model(templates [B, n, T, T, 3], search [B, S, S, 3]) -> dict
         boxes          [B, 4]  xyxy normalised to the search crop, float32
-        corner_logits  [B, 2, S/p, S/p]  top-left / bottom-right heat-map logits, float32
+        corner_logits  [B, 2, u S/p, u S/p]  top-left / bottom-right heat-map logits, float32
+                       (u = corner_upsample)
         score_logit    [B]  float32 (sigmoid: the box is on the target)
     Template slot 0 is the initial template: the score head compares the box with it."""
 
@@ -344,7 +354,8 @@ class MixFormer(nnx.Module):
         self.tokens_per_template = (cfg.template_size // cfg.patch_size) ** 2
         with nnx.use_eager_sharding(False):  # logical axes only; the trainer shards later
             self.backbone = MixViT(cfg, dtype=dtype, rngs=rngs)
-            self.box_head = CornerHead(d, cfg.corner_dim, dtype=dtype, rngs=rngs)
+            self.box_head = CornerHead(d, cfg.corner_dim, upsample=cfg.get("corner_upsample", 1),
+                                       dtype=dtype, rngs=rngs)
             self.score = ScorePredictionModule(d, cfg.num_heads, cfg.score_hidden,
                                                cfg.score_pool, dtype=dtype, rngs=rngs)
 
@@ -490,6 +501,7 @@ class TrackingTask(Task):
             template_factor=d.template_factor, search_factor=d.search_factor, max_gap=d.max_gap,
             num_templates=m.num_templates, scale_jitter=d.scale_jitter,
             center_jitter=d.center_jitter, negative_ratio=d.negative_ratio,
+            template_jitter=d.get("template_jitter", 0.0),
             samples_per_epoch=d.samples_per_epoch if split == "train" else d.eval_samples,
             seed=self.config.seed + (0 if split == "train" else 1))
 

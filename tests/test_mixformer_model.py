@@ -239,3 +239,25 @@ def test_bad_sizes_name_the_field():
     with pytest.raises(ValueError, match="num_templates"):
         mf.MixFormer(small_cfg(), rngs=nnx.Rngs(0)).backbone.embed_templates(
             images(0, 3, 16, 16, 3))
+
+
+def test_corner_upsample_gives_finer_heat_maps_and_valid_boxes():
+    c = small_cfg(num_layers=1, corner_upsample=2)
+    m = mf.MixFormer(c, rngs=nnx.Rngs(4))
+    templates, search = templates_and_search(7)
+    out = jit_apply(m, lambda m, t, s: m(t, s), templates, search)
+    g = 2 * c.search_size // c.patch_size
+    assert out["corner_logits"].shape == (B, 2, g, g)
+    boxes = np.asarray(out["boxes"])
+    assert np.all((boxes >= 0) & (boxes <= 1)) and np.all(boxes[:, :2] <= boxes[:, 2:])
+    # the boxes are the soft-argmaxes of the fine maps (cell centres (j + 0.5) / (u G))
+    tl = np.asarray(mf.soft_argmax(out["corner_logits"][:, 0]))
+    br = np.asarray(mf.soft_argmax(out["corner_logits"][:, 1]))
+    np.testing.assert_allclose(boxes, np.concatenate([np.minimum(tl, br), np.maximum(tl, br)], 1),
+                               atol=1e-6)
+    # the cached-template path still equals the full forward
+    cached = jit_apply(m, lambda m, t, s: m.track(m.encode_templates(t), s), templates, search)
+    for key in ("boxes", "corner_logits", "score_logit"):
+        np.testing.assert_allclose(np.asarray(cached[key]), np.asarray(out[key]), atol=1e-5)
+    with pytest.raises(ValueError, match="corner_upsample"):
+        mf.MixFormer(small_cfg(corner_upsample=0), rngs=nnx.Rngs(0))

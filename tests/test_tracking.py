@@ -337,6 +337,25 @@ def test_pairs_shapes_and_box_is_the_transformed_ground_truth(train_seqs):
     assert not np.array_equal(pairs[3]["search"], pairs[4]["search"])
 
 
+def test_template_jitter_moves_only_the_dynamic_templates(train_seqs):
+    kw = dict(template_size=24, search_size=48, max_gap=4, num_templates=3, samples_per_epoch=16,
+              seed=5)
+    plain = TrackingPairs(train_seqs, **kw)
+    jit = TrackingPairs(train_seqs, template_jitter=0.5, **kw)
+    moved = 0
+    for i in range(8):
+        ex, plan = jit[i], jit.plan(i)
+        assert plan == plain.plan(i)  # the same frames; only the template crops move
+        seq = train_seqs[plan.sequence]
+        gt = [crop(seq.frame(f), seq.boxes[f], 2.0, 24)[0] for f in plan.template_frames]
+        np.testing.assert_array_equal(ex["template"][0], gt[0])  # the initial template: exact
+        moved += sum(not np.array_equal(ex["template"][k], gt[k]) for k in (1, 2))
+        np.testing.assert_array_equal(ex["template"], jit[i]["template"])  # deterministic
+    assert moved >= 14, moved
+    with pytest.raises(ConfigError, match="template_jitter"):
+        TrackingPairs(train_seqs, template_jitter=-0.1, **kw)
+
+
 def test_templates_respect_max_gap_and_skip_absent_frames():
     seqs = _fake_sequences([60, 40], absent_every=3)
     gaps = []

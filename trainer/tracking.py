@@ -23,7 +23,10 @@ coordinates (u = (x - x0) / side), so boxes go there and back exactly. (pytracki
 Jitter (MixFormer `_get_jittered_box`): size' = size * exp(N(0, 1) * scale_jitter) per side,
 centre' = centre + sqrt(w' h') * center_jitter * (U(0, 1) - 0.5) per axis. Only the search crop
 is jittered; templates are cropped around their ground-truth box (MixFormer's template jitter
-is 0). The target box of a pair is the *unjittered* ground truth in the jittered search crop.
+is 0), except that `template_jitter` (a centre jitter, with a scale jitter of a quarter of it)
+may jitter the dynamic templates (slots 1..n-1): online, they are cropped around the tracker's
+own predicted boxes, not the ground truth. The target box of a pair is the *unjittered* ground
+truth in the jittered search crop.
 
 Sampling (`TrackingPairs`, MixFormer's trident sampler): a sequence uniformly, a search frame
 uniformly among the frames where the target is present; with one template, the template is a
@@ -469,7 +472,7 @@ class TrackingPairs:
                  template_factor: float = 2.0, search_factor: float = 4.0, max_gap: int,
                  num_templates: int = 1, scale_jitter: float = 0.25, center_jitter: float = 3.0,
                  negative_ratio: float = 0.0, samples_per_epoch: int = 1000, seed: int = 0,
-                 pad: str = "black"):
+                 pad: str = "black", template_jitter: float = 0.0):
         if template_size < 1 or search_size < 1 or template_factor <= 0 or search_factor <= 0:
             raise ConfigError(f"TrackingPairs: sizes must be >= 1 and factors > 0 (template "
                               f"{template_size} px x {template_factor}, search {search_size} px "
@@ -478,16 +481,18 @@ class TrackingPairs:
             raise ConfigError(f"TrackingPairs: need max_gap >= 0, num_templates >= 1, "
                               f"samples_per_epoch >= 1 (got {max_gap}, {num_templates}, "
                               f"{samples_per_epoch})")
-        if not 0.0 <= negative_ratio <= 1.0 or scale_jitter < 0 or center_jitter < 0:
+        if (not 0.0 <= negative_ratio <= 1.0 or scale_jitter < 0 or center_jitter < 0
+                or template_jitter < 0):
             raise ConfigError(f"TrackingPairs: need 0 <= negative_ratio <= 1 and jitters >= 0 "
-                              f"(got {negative_ratio}, {scale_jitter}, {center_jitter})")
+                              f"(got negative_ratio {negative_ratio}, scale_jitter {scale_jitter}, "
+                              f"center_jitter {center_jitter}, template_jitter {template_jitter})")
         self.sequences = list(sequences)
         self.template_size, self.search_size = template_size, search_size
         self.template_factor, self.search_factor = template_factor, search_factor
         self.max_gap, self.num_templates = max_gap, num_templates
         self.scale_jitter, self.center_jitter = scale_jitter, center_jitter
         self.negative_ratio, self.samples_per_epoch = negative_ratio, samples_per_epoch
-        self.seed, self.pad = seed, pad
+        self.seed, self.pad, self.template_jitter = seed, pad, template_jitter
         self._usable = [np.flatnonzero(s.usable) for s in self.sequences]
         self._pool = [q for q, u in enumerate(self._usable) if len(u)]
         if not self._pool:
@@ -552,9 +557,13 @@ class TrackingPairs:
         """One example drawn from rng (the plan, then the jitter)."""
         p = self._plan(rng)
         seq = self.sequences[p.sequence]
+        boxes = [np.asarray(seq.boxes[f], np.float64) for f in p.template_frames]
+        if self.template_jitter > 0:  # the dynamic templates, as the tracker's own boxes err
+            boxes[1:] = [jittered_box(b, rng, scale_jitter=self.template_jitter / 4,
+                                      center_jitter=self.template_jitter) for b in boxes[1:]]
         templates = np.stack([
-            crop(seq.frame(f), seq.boxes[f], self.template_factor, self.template_size,
-                 pad=self.pad)[0] for f in p.template_frames])
+            crop(seq.frame(f), b, self.template_factor, self.template_size, pad=self.pad)[0]
+            for f, b in zip(p.template_frames, boxes)])
         sseq = self.sequences[p.search_sequence]
         frame = sseq.frame(p.search_frame)
         if p.label == 0 and sseq.absent[p.search_frame]:
