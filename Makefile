@@ -32,7 +32,7 @@ train: $(VENV)/.installed-test
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
-# every benchmark, quick budgets (~30-45 min on 2 cores; ARGS=--full: the documented ones), tables to
+# every benchmark, quick budgets (18 min on 2 idle cores; ARGS=--full: the documented ones), tables to
 # bench/results/*.md and the README's generated tables (bench/all.py)
 bench: $(VENV)/.installed-test
 	$(PY) bench/all.py $(ARGS)
