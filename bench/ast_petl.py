@@ -29,20 +29,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from trainer import Trainer, load_config  # noqa: E402
+from bench.timing import bench_config  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("linear", "bitfit", "adapter", "adapter_seq", "conformer", "lora", "prompt", "full")
 
 
 def train(variant: str, workdir: str, steps: int, overrides=()) -> dict:
-    over = ["checkpoint.async_save=false", "eval.every=0", *overrides]
-    if steps:
-        over += [f"train.steps={steps}", f"checkpoint.every={steps}"]
-    c = load_config(os.path.join(ROOT, f"configs/ast.py:{variant}"), over)
-    c.unlock()
-    c.train.log_every = max(c.train.steps // 4, 1)
-    c.lock()
+    c = bench_config(f"configs/ast.py:{variant}", steps, overrides)
     t0 = time.perf_counter()
     with Trainer(c, workdir, quiet=True) as t:
         result = t.fit()

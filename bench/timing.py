@@ -17,3 +17,21 @@ def time_one(f, args, reps: int) -> float:
         jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def bench_config(config: str, steps: int, overrides=()):
+    """The config `path:variant` (relative to the repository root) for a benchmark run: no
+    async checkpoint, no periodic eval, `steps` steps with one checkpoint at the end (0: the
+    config's own), logging 4 times."""
+    import os
+
+    from trainer import load_config
+
+    over = ["checkpoint.async_save=false", "eval.every=0", *overrides]
+    if steps:
+        over += [f"train.steps={steps}", f"checkpoint.every={steps}"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(root, config), over)
+    with c.unlocked():
+        c.train.log_every = max(c.train.steps // 4, 1)
+    return c

@@ -25,20 +25,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from trainer import Trainer, load_config, perf  # noqa: E402
+from bench.timing import bench_config  # noqa: E402
+from trainer import Trainer, perf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train(family: str, variant: str, workdir: str, steps: int, overrides=()) -> dict:
     """One run through Trainer.fit; its figures."""
-    over = ["checkpoint.async_save=false", "eval.every=0", *overrides]
-    if steps:
-        over += [f"train.steps={steps}", f"checkpoint.every={steps}"]
-    c = load_config(os.path.join(ROOT, f"configs/{family}.py:{variant}"), over)
-    c.unlock()
-    c.train.log_every = max(c.train.steps // 4, 1)
-    c.lock()
+    c = bench_config(f"configs/{family}.py:{variant}", steps, overrides)
     t0 = time.perf_counter()
     with Trainer(c, workdir, quiet=True) as t:
         result = t.fit()
