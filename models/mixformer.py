@@ -19,9 +19,9 @@ upsamples the map to stride 4 with transposed convs; here `corner_upsample` resi
 bilinearly after each branch's first conv (2: the heat maps at stride p / 2). Two conv stacks
 give top-left and bottom-right heat maps over the (upsampled) search grid, and a soft-argmax
 (the probability-weighted mean of the cell centres, (j + 0.5) / G; the reference's j / G, the
-cells' top-left corners, is shifted half a cell) turns each into a normalised point. The two corners are ordered (x1 = min, x2 = max) so the output is
-always a valid box, what the GIoU loss and the RoI sampler assume; early in training the
-independent heat maps can cross. BatchNorm of the reference's convs is GroupNorm here: no batch
+cells' top-left corners, is shifted half a cell) turns each into a normalised point. The two
+corners are ordered (x1 = min, x2 = max) so the output is always a valid box, what the GIoU
+loss and the RoI sampler assume; early in training the independent heat maps can cross. BatchNorm of the reference's convs is GroupNorm here: no batch
 statistics or train/eval mode for the generic trainer to thread through. Positions are learned
 (the reference uses fixed 2D sin-cos tables under its pretrained ViT).
 
