@@ -7,16 +7,20 @@ import time
 import jax
 
 
-def time_one(f, args, reps: int) -> float:
-    """Median wall time (s) of jax.block_until_ready(f(*args)) over `reps` calls, after one call
-    that compiles and warms up."""
+def time_one(f, args, reps: int, best: bool = False, budget_s: float | None = None) -> float:
+    """Median (best=True: minimum) wall time (s) of jax.block_until_ready(f(*args)) over `reps`
+    calls, after one call that compiles and warms up. budget_s: fewer reps (at least one) where
+    the warm-up call shows that `reps` calls would take longer."""
+    t0 = time.perf_counter()
     jax.block_until_ready(f(*args))
+    if budget_s is not None:
+        reps = max(1, min(reps, int(budget_s / (time.perf_counter() - t0))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         jax.block_until_ready(f(*args))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times) if best else statistics.median(times)
 
 
 def bench_config(config: str, steps: int, overrides=()):
