@@ -61,3 +61,25 @@ def test_readme_markers(tmp_path, monkeypatch):
             "mixformer"} <= set(all_.BENCHMARKS)
     for script, quick, full, t_quick, t_full in all_.BENCHMARKS.values():
         assert os.path.exists(os.path.join(ROOT, script)) and 0 < t_quick <= t_full
+
+
+def test_all_md_records_only_runs_of_every_benchmark(tmp_path, monkeypatch):
+    """`bench/all.py --only X` refreshes X's results file but leaves all.md, the summary of the
+    last run of every benchmark, as it was."""
+    all_ = _load("all")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "all.md").write_text("the last full run\n")
+    monkeypatch.setattr(all_, "RESULTS", str(results))
+
+    def fake_run_one(name, script, args, timeout):
+        (results / f"{name}.md").write_text(f"{name} table\n")
+        return {"name": name, "status": "ok", "seconds": 1.0, "command": script}
+
+    monkeypatch.setattr(all_, "run_one", fake_run_one)
+    assert all_.main(["--only", "attention", "--no_readme"]) == 0
+    assert (results / "attention.md").read_text() == "attention table\n"
+    assert (results / "all.md").read_text() == "the last full run\n"
+    monkeypatch.setattr(all_, "BENCHMARKS", {"attention": all_.BENCHMARKS["attention"]})
+    assert all_.main(["--no_readme"]) == 0  # now every benchmark ran
+    assert "| attention | ok | 1 |" in (results / "all.md").read_text()
