@@ -6,6 +6,8 @@ initial state under random cotangents for o and the final state.
 """
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +55,9 @@ def make_inputs(seed, b, t, h, kd, vd, decay, dtype=jnp.float32):
     return (q, k, v, log_g, h0), (do, dfinal)
 
 
-def run_pallas(primals, cotangents, *, with_initial, with_final, chunk_size=64):
-    """(o, final or None, dq, dk, dv, dlog_g, dinitial or None) of gla_pallas, jitted."""
+def run_pallas(primals, cotangents, *, with_initial, with_final, chunk_size=64, **options):
+    """(o, final or None, dq, dk, dv, dlog_g, dinitial or None) of gla_pallas, jitted; options:
+    more keyword arguments of gla_pallas."""
     q, k, v, log_g, h0 = primals
     do, dfinal = cotangents
     scale = q.shape[-1] ** -0.5
@@ -63,7 +66,7 @@ def run_pallas(primals, cotangents, *, with_initial, with_final, chunk_size=64):
         def f(q, k, v, log_g, h0):
             return gla_pallas(q, k, v, log_g, scale=scale,
                               initial_state=h0 if with_initial else None,
-                              output_final_state=with_final, chunk_size=chunk_size)
+                              output_final_state=with_final, chunk_size=chunk_size, **options)
         (o, final), vjp = jax.vjp(f, q, k, v, log_g, h0)
         assert (final is not None) == with_final
         grads = vjp((do, dfinal if with_final else None))
@@ -197,3 +200,64 @@ def test_splitting_the_sequence_carries_the_state():
     o_split, final_split, o_all, final_all = run_jitted(split_and_whole, q, k, v, log_g, h0)
     assert scaled_max_error(o_split, o_all) <= F32_TOL
     assert scaled_max_error(final_split, final_all) <= F32_TOL
+
+
+# the GPU arrangement: the state recurrences as associative scans in XLA between the two parallel
+# kernels, head dims zero-padded to powers of two (K = 60 -> 64, V = 24 -> 32)
+GPU_CASES = [
+    (2, 1, 16, 24, "weak", True, True),
+    (1, 200, 60, 24, "strong", False, True),
+    (2, 130, 60, 64, "weak", True, False),
+]
+
+
+@pytest.mark.parametrize("b,t,kd,vd,decay,with_initial,with_final", GPU_CASES)
+def test_gpu_arrangement_equals_recurrence(b, t, kd, vd, decay, with_initial, with_final):
+    primals, cotangents = make_inputs(t * 5 + kd, b, t, 2, kd, vd, decay)
+    flags = dict(with_initial=with_initial, with_final=with_final)
+    got = run_pallas(primals, cotangents, gpu=True, **flags)
+    want = run_reference(primals, cotangents, **flags)
+    assert got[0].shape == (b, t, 2, vd)
+    strong = decay == "strong"
+    assert_all_close(got, want, tol=F32_TOL, tol_dlog_g=F32_TOL_DLOG_G_STRONG if strong else None)
+
+
+def test_gpu_kernels_lower_to_triton():
+    """On this CPU, jax.export lowers the GPU arrangement for CUDA through Pallas's Triton
+    lowering (an abstract H100; the Triton compiler itself runs only on a GPU): forward and
+    backward, the two parallel kernels as Triton calls; the sequential ones refuse on GPU."""
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    from pallas_kernels import platform
+    from pallas_kernels.gla import kernels
+
+    b, t, h, kd, vd = 1, 200, 2, 60, 24
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+
+    def fwd_bwd(q, k, v, log_g, h0, do, dfinal):
+        def f(*a):
+            return gla_pallas(*a[:4], scale=kd ** -0.5, initial_state=a[4],
+                              output_final_state=True)
+        out, vjp = jax.vjp(f, q, k, v, log_g, h0)
+        return out, vjp((do, dfinal))
+
+    cuda = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    triton = "__gpu$xla.gpu.triton"
+    args = (sds(b, t, h, kd), sds(b, t, h, kd), sds(b, t, h, vd), sds(b, t, h, kd),
+            sds(b, h, kd, vd), sds(b, t, h, vd), sds(b, h, kd, vd))
+    with platform.target_backend("gpu"), \
+            jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=cuda)):
+        exported = export.export(jax.jit(fwd_bwd), platforms=("cuda",), disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(triton)])(*args)
+        text = exported.mlir_module()
+        assert text.count(triton) == 2
+        assert set(re.findall(r'name = "(gla_[a-z_]+)"', text)) == {
+            "gla_chunk_output", "gla_chunk_input_grads"}
+        cfg = kernels.Config(scale=1.0, chunk=64, sub=16, interpret=False)
+        with pytest.raises(NotImplementedError, match="sequential grid axis"):
+            jax.eval_shape(lambda *a: kernels.chunk_states(*a, cfg), sds(1, 1, 64, 16),
+                           sds(1, 1, 64, 16), sds(1, 1, 64, 16), sds(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="state_pass"):
+        kernels.gla_core(*(jnp.zeros((1, 1, 64, 16)),) * 4, jnp.zeros((1, 1, 16, 16)),
+                         cfg._replace(state_pass="cuda", interpret=True))

@@ -11,8 +11,9 @@ states [B, H, K, V] float32. Any T. impl:
   "xla": the chunkwise form with (recursive) secondary chunking, every decay factor a product
          of gates <= 1 (no positive exponent), scanned over blocks of the sequence, with a
          hand-written backward; the CPU default;
-  "pallas": the kernels in pallas_kernels/gla (forward and backward, custom_vjp; TPU, and
-            interpret mode on CPU);
+  "pallas": the kernels in pallas_kernels/gla (forward and backward, custom_vjp): TPU
+            (Mosaic); GPU (Pallas's Triton lowering, the chunk-state pass in XLA: lowered in
+            the tests, not yet timed on a GPU); interpret mode on CPU;
   "auto": pallas on TPU, else xla.
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=Fa
     _check(q, k, v, log_g, initial_state, impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "auto":
-        # the kernels carry the chunk state over a sequential grid axis: TPU (Mosaic) only so far
+        # pallas on TPU; its GPU arrangement has not been timed against xla on a GPU yet
         impl = "pallas" if platform.backend() == "tpu" and _pallas() else "xla"
     if impl == "reference":
         o, s = gla_reference(q, k, v, log_g, scale=scale, initial_state=initial_state)

@@ -3,6 +3,12 @@
 `gla_pallas` takes the [B, T, H, D] layout of attention/ops, moves to the kernels' [B, H, T, D]
 layout, pads T to a multiple of the chunk and calls `kernels.gla_core` (a `jax.custom_vjp` whose
 backward is made of explicit kernels). The math of each kernel is in kernels.py's docstring.
+
+TPU (and interpret mode): four kernels, two of them carrying the chunk state over a sequential
+grid axis. GPU (Triton): the GPU lowering has no sequential grid axis, so the two parallel
+kernels (outputs; input gradients) run there and the chunk-state recurrences between them run
+in XLA as associative scans (`Config.state_pass="xla"`); head dims are zero-padded to powers of
+two >= 16 (Triton's block and dot shapes), which is exact.
 """
 from __future__ import annotations
 
@@ -15,12 +21,18 @@ from pallas_kernels.gla.kernels import Config, gla_core
 __all__ = ["gla_pallas"]
 
 
+def _gpu_dim(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
 def gla_pallas(q, k, v, log_g, *, scale: float, initial_state=None,
                output_final_state: bool = False, chunk_size: int = 64,
-               interpret: bool | None = None):
+               interpret: bool | None = None, gpu: bool | None = None):
     """q, k, log_g: [B, T, H, K]; v: [B, T, H, V]; log_g <= 0 (log forget gate, per key dim).
     Recurrence: S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t ;  o_t = (scale * q_t) S_t.
     initial_state / final state: [B, H, K, V] float32 (None = zeros).
+    gpu: the GPU arrangement (state pass in XLA, padded head dims); None: on a GPU backend. The
+    tests run it in interpret mode on CPU.
     Returns (o [B, T, H, V] in v.dtype, final_state [B, H, K, V] f32 or None)."""
     bs, t, hs, kd = q.shape
     vd = v.shape[-1]
@@ -32,8 +44,24 @@ def gla_pallas(q, k, v, log_g, *, scale: float, initial_state=None,
                          f"got {chunk_size}")
     if interpret is None:
         interpret = platform.interpret_default()
+    if gpu is None:
+        gpu = platform.is_gpu()
     sub = 16 if chunk_size % 16 == 0 else 8
-    cfg = Config(scale=float(scale), chunk=int(chunk_size), sub=sub, interpret=bool(interpret))
+    if gpu and sub != 16:
+        raise ValueError(f"gla_pallas on GPU: chunk_size must be a multiple of 16 (Triton's dot "
+                         f"shapes), got {chunk_size}")
+    cfg = Config(scale=float(scale), chunk=int(chunk_size), sub=sub, interpret=bool(interpret),
+                 state_pass="xla" if gpu else "kernel")
+    if gpu and (kd != _gpu_dim(kd) or vd != _gpu_dim(vd)):
+        # zero key dims add nothing to q k^T; zero value dims give zero outputs: exact
+        pk, pv = _gpu_dim(kd) - kd, _gpu_dim(vd) - vd
+        pad = lambda x, p: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, p)])  # noqa: E731
+        h0 = None if initial_state is None else jnp.pad(
+            initial_state, [(0, 0), (0, 0), (0, pk), (0, pv)])
+        o, final = gla_pallas(pad(q, pk), pad(k, pk), pad(v, pv), pad(log_g, pk), scale=scale,
+                              initial_state=h0, output_final_state=output_final_state,
+                              chunk_size=chunk_size, interpret=interpret, gpu=True)
+        return o[..., :vd], (None if final is None else final[:, :, :kd, :vd])
 
     t_pad = -(-t // chunk_size) * chunk_size
 

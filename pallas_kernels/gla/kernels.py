@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import platform
 
@@ -48,6 +49,10 @@ class Config(NamedTuple):
     chunk: int
     sub: int
     interpret: bool
+    # "kernel": the chunk-state recurrence (forward and reverse) as Pallas kernels carrying the
+    # state over a sequential grid axis (TPU); "xla": as associative scans in XLA between the
+    # parallel kernels (GPU, whose lowering has no sequential grid axis)
+    state_pass: str = "kernel"
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -69,10 +74,21 @@ def _mm_tn(a, b):  # a.T @ b
 
 def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
     if not interpret and platform.is_gpu():
-        raise NotImplementedError(
-            "gla_pallas: the kernels carry the chunk state across a sequential grid axis, which "
-            "the Mosaic TPU lowering (and interpret mode) supports but the GPU lowering does not")
+        if "arbitrary" in semantics:
+            raise NotImplementedError(
+                "gla_pallas: this kernel carries the chunk state across a sequential grid axis, "
+                "which the Mosaic TPU lowering (and interpret mode) supports but the GPU lowering "
+                "does not; on GPU the state pass runs in XLA (Config.state_pass='xla', which "
+                "gla_pallas picks there)")
+        return pltr.CompilerParams(num_warps=4, num_stages=2)  # Triton
     return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def _row(x, r: int):
+    """x[r:r + 1] of a value, as a masked sublane sum: lowers everywhere (the Triton lowering has
+    no value slicing)."""
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(rows == r, x, 0.0), axis=0, keepdims=True)
 
 
 def _diag_block_forward(q, k, b):
@@ -168,7 +184,7 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref, *, scale, sub):
         k = k_ref[0, 0, rows, :].astype(_F32)
         v = v_ref[0, 0, rows, :].astype(_F32)
         b = b_ref[0, 0, rows, :]
-        b_first = b[0:1, :]
+        b_first = _row(b, 0)
         o = _mm_nt(q * jnp.exp(b), s_t)  # inter-chunk: (Q e^b) S
         # Keys of earlier sub-chunks, rebased on this sub-chunk's first row. The chunk's other
         # keys would get positive exponents: clamped to 0 (finite) and masked out.
@@ -213,7 +229,7 @@ def _input_grads_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, s_ref, ds_ref,
     v_all = v_ref[0, 0].astype(_F32)
     do_all = do_ref[0, 0].astype(_F32)
     b_all = b_ref[0, 0]
-    b_last = b_all[c - 1:c, :]
+    b_last = b_ref[0, 0, c - 1:c, :]
     key_pos = lax.broadcasted_iota(jnp.int32, (sub, c), 1)
 
     def sub_chunk(j, carry):
@@ -224,7 +240,7 @@ def _input_grads_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, s_ref, ds_ref,
         v = v_ref[0, 0, rows, :].astype(_F32)
         do = do_ref[0, 0, rows, :].astype(_F32)
         b = b_ref[0, 0, rows, :]
-        b_first, b_end = b[0:1, :], b[sub - 1:sub, :]
+        b_first, b_end = _row(b, 0), _row(b, sub - 1)
         # state terms
         dq = jnp.exp(b) * _mm(do, s_t)
         to_end = jnp.exp(b_last - b)
@@ -368,6 +384,44 @@ def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
     )(q, k, v, b, do, states, dstates)
 
 
+# ----------------------------------------------------------------------------- state pass in XLA
+def _affine_scan(decay, x, reverse: bool):
+    """y_i = decay_i * y_(i-1) + x_i over axis 2 from y = 0 (reverse: from the end), as an
+    associative scan (log-depth: what a GPU wants instead of a sequential grid axis). Returns
+    (y [B, H, N, V, K], the product of the decays [B, H, N, 1, K]) at every step."""
+    def combine(a, b):  # a: the steps scanned before b (in scan order)
+        return a[0] * b[0], a[1] * b[0] + b[1]
+    prods, y = lax.associative_scan(combine, (decay, x), reverse=reverse, axis=2)
+    return y, prods
+
+
+def chunk_states_xla(k, v, b, h0, cfg: Config):
+    """chunk_states' results (the states entering each chunk, the final state; transposed,
+    f32) with the recurrence S_[i+1] = S_[i] e^{b_C} + V^T (K e^{b_C - b}) in XLA."""
+    bs, hs, t, kd = k.shape
+    c = cfg.chunk
+    chunks = lambda x: x.astype(_F32).reshape(bs, hs, t // c, c, x.shape[-1])  # noqa: E731
+    kc, vc, bc = chunks(k), chunks(v), chunks(b)
+    b_last = bc[..., c - 1:, :]                                           # [B, H, N, 1, K]
+    u = jnp.einsum("bhncv,bhnck->bhnvk", vc, kc * jnp.exp(b_last - bc), precision=_HI)
+    after, prods = _affine_scan(jnp.exp(b_last), u, reverse=False)
+    after = after + prods * h0[:, :, None]                               # S_[i+1]
+    return jnp.concatenate([h0[:, :, None], after[:, :, :-1]], axis=2), after[:, :, -1]
+
+
+def chunk_state_grads_xla(q, b, do, dfinal, cfg: Config):
+    """chunk_state_grads' results (dS_[i+1] of each chunk, d h0) with the reverse recurrence
+    dS_[i] = dS_[i+1] e^{b_C} + dO^T (Q scale e^b) in XLA."""
+    bs, hs, t, kd = q.shape
+    c = cfg.chunk
+    chunks = lambda x: x.astype(_F32).reshape(bs, hs, t // c, c, x.shape[-1])  # noqa: E731
+    qc, dc, bc = chunks(q), chunks(do), chunks(b)
+    local = jnp.einsum("bhncv,bhnck->bhnvk", dc, qc * (cfg.scale * jnp.exp(bc)), precision=_HI)
+    before, prods = _affine_scan(jnp.exp(bc[..., c - 1:, :]), local, reverse=True)
+    before = before + prods * dfinal[:, :, None]                         # dS_[i]
+    return jnp.concatenate([before[:, :, 1:], dfinal[:, :, None]], axis=2), before[:, :, 0]
+
+
 # ----------------------------------------------------------------------------- custom_vjp
 def _chunk_cumsum(log_g, c):
     """b: cumulative sum of log_g within each chunk (f32), [B, H, T, K]."""
@@ -383,9 +437,17 @@ def gla_core(q, k, v, log_g, h0, cfg: Config):
     return _gla_fwd(q, k, v, log_g, h0, cfg)[0]
 
 
+def _state_passes(cfg):
+    if cfg.state_pass == "kernel":
+        return chunk_states, chunk_state_grads
+    if cfg.state_pass == "xla":
+        return chunk_states_xla, chunk_state_grads_xla
+    raise ValueError(f"Config.state_pass must be 'kernel' or 'xla', got {cfg.state_pass!r}")
+
+
 def _gla_fwd(q, k, v, log_g, h0, cfg):
     b = _chunk_cumsum(log_g, cfg.chunk)
-    states, final = chunk_states(k, v, b, h0, cfg)
+    states, final = _state_passes(cfg)[0](k, v, b, h0, cfg)
     o = chunk_output(q, k, v, b, states, cfg)
     return (o, final), (q, k, v, log_g, h0)
 
@@ -394,8 +456,9 @@ def _gla_bwd(cfg, res, cotangents):
     q, k, v, log_g, h0 = res
     do, dfinal = cotangents
     b = _chunk_cumsum(log_g, cfg.chunk)
-    states, final = chunk_states(k, v, b, h0, cfg)  # recomputed rather than stored
-    dstates, dh0 = chunk_state_grads(q, b, do, dfinal, cfg)
+    state_fwd, state_bwd = _state_passes(cfg)
+    states, final = state_fwd(k, v, b, h0, cfg)  # recomputed rather than stored
+    dstates, dh0 = state_bwd(q, b, do, dfinal, cfg)
     dq, dk, dv, dg_terms = chunk_input_grads(q, k, v, b, do, states, dstates, cfg)
     # With B_t the cumulative sum of log_g over the whole sequence, the loss depends on B through
     # q_t e^{B_t}, k_t e^{-B_t} and the factor e^{B_T} of the final state, so
