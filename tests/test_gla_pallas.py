@@ -149,15 +149,20 @@ F32_CASES = [
 ]
 
 
-@pytest.mark.parametrize("b,t,kd,vd,decay,with_initial,with_final", F32_CASES)
-def test_chunked_kernels_equal_recurrence_f32(b, t, kd, vd, decay, with_initial, with_final):
-    primals, cotangents = make_inputs(t * 7 + kd, b, t, 2, kd, vd, decay)
+def check_f32_against_recurrence(seed, b, t, kd, vd, decay, with_initial, with_final, **options):
+    """gla_pallas(**options) vs the recurrence at f32 tolerances: o, final state, all gradients."""
+    primals, cotangents = make_inputs(seed, b, t, 2, kd, vd, decay)
     flags = dict(with_initial=with_initial, with_final=with_final)
-    got = run_pallas(primals, cotangents, **flags)
+    got = run_pallas(primals, cotangents, **flags, **options)
     want = run_reference(primals, cotangents, **flags)
     assert got[0].dtype == jnp.float32 and got[0].shape == (b, t, 2, vd)
     strong = decay == "strong"
     assert_all_close(got, want, tol=F32_TOL, tol_dlog_g=F32_TOL_DLOG_G_STRONG if strong else None)
+
+
+@pytest.mark.parametrize("b,t,kd,vd,decay,with_initial,with_final", F32_CASES)
+def test_chunked_kernels_equal_recurrence_f32(b, t, kd, vd, decay, with_initial, with_final):
+    check_f32_against_recurrence(t * 7 + kd, b, t, kd, vd, decay, with_initial, with_final)
 
 
 @pytest.mark.parametrize("decay", ["weak", "strong"])
@@ -213,13 +218,8 @@ GPU_CASES = [
 
 @pytest.mark.parametrize("b,t,kd,vd,decay,with_initial,with_final", GPU_CASES)
 def test_gpu_arrangement_equals_recurrence(b, t, kd, vd, decay, with_initial, with_final):
-    primals, cotangents = make_inputs(t * 5 + kd, b, t, 2, kd, vd, decay)
-    flags = dict(with_initial=with_initial, with_final=with_final)
-    got = run_pallas(primals, cotangents, gpu=True, **flags)
-    want = run_reference(primals, cotangents, **flags)
-    assert got[0].shape == (b, t, 2, vd)
-    strong = decay == "strong"
-    assert_all_close(got, want, tol=F32_TOL, tol_dlog_g=F32_TOL_DLOG_G_STRONG if strong else None)
+    check_f32_against_recurrence(t * 5 + kd, b, t, kd, vd, decay, with_initial, with_final,
+                                 gpu=True)
 
 
 def test_gpu_kernels_lower_to_triton():
