@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention.layers import linear
+
 ENCODINGS = ("linear", "abs_log8")
 # added to the logits of padded memory tokens: exp(-1e9 - max) is exactly 0 in float32, and a
 # row whose keys are all padded still gets a finite (uniform) softmax rather than NaN
@@ -101,15 +103,6 @@ class BoxRPB(nnx.Module):
         return bias.reshape(B, Q, H * W, self.num_heads).transpose(0, 3, 1, 2)
 
 
-def _linear(din, dout, logical, *, dtype, rngs):
-    """Linear with bias (as the reference's q, k, v and proj), both carrying logical axis names."""
-    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), logical),
-                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(),
-                                                      logical[1:]),
-                      rngs=rngs)
-
-
 class GlobalCrossAttention(nnx.Module):
     """Decoder queries attend to every token of a single-scale feature map (global, no
     deformable sampling), biased by BoxRPB; rpb=False is plain cross-attention (the paper's
@@ -129,10 +122,10 @@ class GlobalCrossAttention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         with nnx.use_eager_sharding(False):  # logical names only, as in BoxRPB
-            self.q_proj = _linear(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
-            self.k_proj = _linear(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
-            self.v_proj = _linear(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
-            self.o_proj = _linear(d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs)
+            self.q_proj = linear(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
+            self.k_proj = linear(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
+            self.v_proj = linear(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
+            self.o_proj = linear(d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs)
         self.rpb = (BoxRPB(num_heads, hidden=rpb_hidden, encoding=rpb_encoding, rngs=rngs)
                     if rpb else None)
 

@@ -39,7 +39,7 @@ from flax import nnx
 
 from attention.registry import register
 from attention.softmax import SoftmaxAttention, check_mode
-from trainer.sharding import constrain
+from attention.sharding import constrain
 
 
 def polar(x):

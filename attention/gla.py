@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention.layers import dense
 from attention.ops.gla import gla, gla_step
 from attention.registry import register
-from attention.softmax import dense
-from trainer.sharding import constrain
+from attention.sharding import constrain
 
 
 def _field(cfg, name, default):

@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention.layers import dense
 from attention.ops.gla import gla, gla_step
 from attention.ops.rope import apply_rope
 from attention.registry import register
-from attention.softmax import check_mode, dense
-from trainer.sharding import constrain
+from attention.sharding import constrain
+from attention.softmax import check_mode
 
 # added to the normaliser phi(q_i) z_i (> 0 in exact arithmetic; guards f32 underflow)
 _DEN_EPS = 1e-12

@@ -86,7 +86,7 @@ from attention.ops.rope import apply_rope
 from attention.registry import register
 from attention.softmax import SoftmaxAttention, check_mode
 from pallas_kernels import platform
-from trainer.sharding import constrain
+from attention.sharding import constrain
 
 _NEG = -jnp.inf
 

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention.softmax import dense
-from trainer.sharding import constrain
+from attention.layers import dense
+from attention.sharding import constrain
 
 
 class MixedAttention(nnx.Module):

@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention.layers import dense
 from attention.registry import register
-from attention.softmax import SoftmaxAttention, check_mode, dense
+from attention.softmax import SoftmaxAttention, check_mode
 
 
 def load_balance_loss(probs, selected):

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.ops.causal import causal_attention
-from attention.ops.fusion import materialize
 from attention.ops.rope import apply_rope
 from attention.registry import register
-from trainer.sharding import constrain
+from attention.layers import Dense, dense  # noqa: F401  (Dense: re-exported)
+from attention.sharding import constrain
 
 
 MODES = ("train", "prefill", "decode")
@@ -28,21 +28,6 @@ def check_mode(mode: str, cache) -> None:
         raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
     if mode != "train" and cache is None:
         raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
-
-
-class Dense(nnx.Linear):
-    """nnx.Linear whose output (and its cotangent) XLA:CPU materialises rather than fusing into
-    the next matmuls' operands (attention/ops/fusion.py: ~1.5x on the CPU train step)."""
-
-    def __call__(self, x):
-        return materialize(super().__call__(x))
-
-
-def dense(din, dout, logical, *, dtype, rngs, std=0.02):
-    """A bias-free Linear whose kernel carries logical axis names for the sharding rules."""
-    return Dense(din, dout, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), logical),
-                 rngs=rngs)
 
 
 @register("softmax")

@@ -52,11 +52,11 @@ import numpy as np
 from flax import nnx
 
 import attention
+from attention.layers import Mlp, compute_dtype, layer_norm, linear, param
 from attention.ops.fusion import materialize
-from models.vit import (ClassificationTask, Mlp, _DTYPES, layer_norm, linear, param,
-                        token_positions)
+from attention.sharding import constrain
+from models.vit import ClassificationTask, token_positions
 from trainer.config import ConfigError
-from trainer.sharding import constrain
 from trainer.task import register_task
 
 POOLS = ("cls_dist", "mean")
@@ -424,7 +424,7 @@ class ASTTask(ClassificationTask):
     def inputs(self, batch):
         fbank = self.front_end(batch["waveform"].astype(jnp.float32), batch.get("freq_mask"),
                                batch.get("time_mask"))
-        return fbank.astype(_DTYPES[self.config.train.compute_dtype])
+        return fbank.astype(compute_dtype(self.config.train.compute_dtype))
 
     # ---- evaluation pictures
     def eval_outputs(self, model, batch):

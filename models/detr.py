@@ -32,13 +32,13 @@ from flax import nnx
 
 import attention
 from attention.boxrpb import ENCODINGS, GlobalCrossAttention
+from attention.layers import compute_dtype
 from models import detr_loss
 from trainer import coco
 from trainer.config import ConfigError
 from trainer.data import embedded_dir
 from trainer.task import Task, register_task
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CLASS_LOSSES = ("focal", "softmax")
 MATCHERS = ("scipy", "optax")
 
@@ -335,7 +335,7 @@ class DetectionTask(Task):
     # ---- model and data
     def build_model(self, rngs):
         return PlainDETR(self.config.model, class_loss=self.config.loss.class_loss,
-                         dtype=_DTYPES[self.config.train.compute_dtype], rngs=rngs)
+                         dtype=compute_dtype(self.config.train.compute_dtype), rngs=rngs)
 
     def _dataset(self, split):
         p, d = self.paths(), self.config.data

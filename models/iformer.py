@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attention
-from models.vit import (ClassificationTask, Mlp, attention_config, layer_norm, linear, param,
-                        token_positions)
+from attention.layers import Mlp, layer_norm, linear, param
+from attention.sharding import constrain
+from models.vit import ClassificationTask, attention_config, token_positions
 from trainer.config import ConfigError
-from trainer.sharding import constrain
 from trainer.task import register_task
 
 _ACT = ("batch", None, None, "act_embed")  # activations [B, H, W, C]

@@ -20,14 +20,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attention
+from attention.layers import compute_dtype, dense
 from attention.ops.fusion import materialize
-from attention.softmax import dense
+from attention.sharding import constrain
 from trainer.config import ConfigError
 from trainer.data import ByteCorpus, ByteWindows, text_files
-from trainer.sharding import constrain
 from trainer.task import Task, register_task
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 NORMS = ("rmsnorm", "layernorm")
@@ -256,7 +255,7 @@ class LMTask(Task):
 
     def build_model(self, rngs):
         t = self.config.train
-        return LM(self.config.model, dtype=_DTYPES[t.compute_dtype], remat=t.remat, rngs=rngs)
+        return LM(self.config.model, dtype=compute_dtype(t.compute_dtype), remat=t.remat, rngs=rngs)
 
     @property
     def corpus(self) -> ByteCorpus:

@@ -65,16 +65,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from attention.layers import Mlp, compute_dtype, layer_norm, linear, param
 from attention.mixed import MixedAttention
+from attention.sharding import constrain
 from models.detr_loss import EPS, box_area, paired_generalized_box_iou
-from models.vit import Mlp, layer_norm, linear, param, patchify
+from models.vit import patchify
 from trainer import tracking
 from trainer.config import ConfigError
 from trainer.data import embedded_dir
-from trainer.sharding import constrain
 from trainer.task import Task, register_task
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 MODEL_DEFAULTS = dict(d_model=64, num_heads=4, num_layers=4, mlp_dim=256, patch_size=8,
                       template_size=32, search_size=64, num_templates=2, corner_dim=64,
@@ -490,7 +490,7 @@ class TrackingTask(Task):
                               "(loss.score_weight > 0) needs positives and negatives, 0 < ratio < 1")
 
     def build_model(self, rngs):
-        return MixFormer(self.config.model, dtype=_DTYPES[self.config.train.compute_dtype],
+        return MixFormer(self.config.model, dtype=compute_dtype(self.config.train.compute_dtype),
                          rngs=rngs)
 
     def _pairs(self, split: str):

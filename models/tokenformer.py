@@ -19,15 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention.layers import compute_dtype, dense
 from attention.ops.rope import apply_rope
 from attention.pattention import NORMS, PARAM_NAMES, Pattention, grow_param_tokens, grow_pattention
-from attention.softmax import dense
+from attention.sharding import constrain
 from models.lm import LMTask, sample_logits
 from trainer.config import ConfigError
-from trainer.sharding import constrain
 from trainer.task import register_task
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def layer_norm(x, eps: float = 1e-5):
@@ -200,7 +199,7 @@ class TokenFormerTask(LMTask):
 
     def build_model(self, rngs):
         t = self.config.train
-        return TokenFormer(self.config.model, dtype=_DTYPES[t.compute_dtype], remat=t.remat,
+        return TokenFormer(self.config.model, dtype=compute_dtype(t.compute_dtype), remat=t.remat,
                            rngs=rngs)
 
     def on_fit_end(self, model, log):

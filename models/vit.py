@@ -26,52 +26,13 @@ import optax
 from flax import nnx
 
 import attention
-from attention.softmax import Dense
+from attention.layers import Mlp, compute_dtype, layer_norm, linear, param  # noqa: F401  (re-exported)
+from attention.sharding import constrain
 from trainer.config import ConfigError
-from trainer.sharding import constrain
 from trainer.task import Task, register_task
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 POOLS = ("cls", "mean")
 PROBES = ("", "ep", "linear")
-
-
-# ----------------------------------------------------------------------------- layers
-def linear(din: int, dout: int, logical, *, dtype, rngs, std: float | None = 0.02,
-           bias: bool = True):
-    """Linear with a bias whose kernel and bias carry logical axis names; std None: LeCun
-    normal (fan-in), 0: zeros (a classifier head, as in big_vision)."""
-    init = (nnx.initializers.lecun_normal() if std is None else
-            nnx.initializers.zeros if std == 0 else nnx.initializers.normal(std))
-    return Dense(din, dout, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=nnx.with_partitioning(init, logical),
-                 bias_init=nnx.with_partitioning(nnx.initializers.zeros, logical[-1:]),
-                 rngs=rngs)
-
-
-def param(rngs, init, shape, logical):
-    """A float32 nnx.Param drawn from init, carrying logical axis names."""
-    return nnx.Param(nnx.with_partitioning(init, logical)(rngs.params(), shape, jnp.float32))
-
-
-def layer_norm(d: int, *, dtype, rngs):
-    return nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
-                         scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
-                         rngs=rngs)
-
-
-class Mlp(nnx.Module):
-    """MLP(x) = GELU(x W1 + b1) W2 + b2 over the last axis (any leading shape). LeCun-normal
-    weights: at these widths (64) the LM's N(0, 0.02) leaves the blocks near the identity and
-    a tiny ViT on a long plateau (18% -> 25% held-out accuracy after 800 steps with LeCun)."""
-
-    def __init__(self, d: int, hidden: int, *, dtype, rngs):
-        self.fc1 = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, std=None)
-        self.fc2 = linear(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, std=None)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 def attention_config(cfg, **fields):
@@ -307,7 +268,7 @@ class ClassificationTask(Task):
 
     # ---- model
     def build_model(self, rngs):
-        dtype = _DTYPES[self.config.train.compute_dtype]
+        dtype = compute_dtype(self.config.train.compute_dtype)
         return ImageClassifier(self.build_backbone(rngs, dtype), self.config.model, dtype=dtype,
                                rngs=rngs)
 
@@ -341,7 +302,7 @@ class ClassificationTask(Task):
     # ---- loss
     def inputs(self, batch):
         """The model's input from a batch (an audio family computes spectrograms here)."""
-        return batch["image"].astype(_DTYPES[self.config.train.compute_dtype])
+        return batch["image"].astype(compute_dtype(self.config.train.compute_dtype))
 
     def loss(self, model, batch):
         labels = batch["label"]

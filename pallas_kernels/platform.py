@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("pallas_target", default=None)
 
-# mesh axes a batch dimension / a head dimension is split over (trainer/sharding.py's
+# mesh axes a batch dimension / a head dimension is split over (attention/sharding.py's
 # LOGICAL_RULES for the "batch" and "act_heads" activation axes)
 BATCH_MESH_AXES = ("data", "fsdp")
 HEAD_MESH_AXES = ("tensor",)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from attention.boxrpb import ENCODINGS, BoxRPB, GlobalCrossAttention
-from trainer.sharding import LOGICAL_RULES
+from attention.sharding import LOGICAL_RULES
 
 H, W, STRIDE, HEADS = 3, 5, 16, 2  # H != W catches a swapped axis
 

@@ -1,43 +1,21 @@
-"""Mesh and logical-axis sharding.
+"""Mesh and parameter shardings.
 
-Model code names *logical* axes (`embed`, `mlp`, `heads`, `kv`, `vocab`, ...) on parameters
-(`nnx.with_partitioning`) and on activations (`constrain`); one rules table, `LOGICAL_RULES`,
-maps them to the mesh axes `data`, `fsdp`, `tensor` (the MaxText / flax lm1b convention), so
-data parallel, FSDP and tensor parallel are config changes, never model edits.
+The logical axis names and their one rules table live in attention/sharding.py (the layers'
+floor); this module builds the mesh from config.mesh and turns a model's logical names into
+NamedShardings on it (re-exporting the rules, `logical_to_spec` and `constrain`).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from attention.sharding import (  # noqa: F401  (re-exported)
+    BATCH_AXES, LOGICAL_RULES, MESH_AXES, constrain, logical_to_spec)
 from trainer.config import ConfigError
-
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp also shards parameters
-
-# logical axis name -> mesh axes (None: replicated)
-LOGICAL_RULES: dict[str, Any] = {
-    # parameters
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "kv": None,
-    "vocab": "tensor",
-    "norm": None,
-    "param_tokens": "tensor",  # TokenFormer's parameter-token axis (attention/pattention.py)
-    # activations
-    "batch": BATCH_AXES,
-    "length": None,
-    "act_embed": None,
-    "act_mlp": "tensor",
-    "act_heads": "tensor",
-    "act_vocab": "tensor",
-}
 
 
 def mesh_shape(config, num_devices: int | None = None) -> dict[str, int]:
@@ -87,19 +65,6 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def logical_to_spec(logical: Sequence[str | None] | None, rules=None) -> P:
-    """('embed', 'mlp') -> P('fsdp', 'tensor') through the rules table."""
-    rules = LOGICAL_RULES if rules is None else rules
-    if logical is None:
-        return P()
-    out = []
-    for name in logical:
-        if name is not None and name not in rules:
-            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
-        out.append(None if name is None else rules[name])
-    return P(*out)
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -152,16 +117,3 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    """Activation sharding hint by logical names; a no-op outside a mesh (eager, notebooks)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        return x
-    spec = logical_to_spec(logical)
-    axes = [a for a in spec if a is not None]
-    flat = [a for ax in axes for a in ((ax,) if isinstance(ax, str) else ax)]
-    if any(a not in mesh.axis_names for a in flat):
-        return x
-    return jax.lax.with_sharding_constraint(x, spec)

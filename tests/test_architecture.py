@@ -1,0 +1,162 @@
+"""The house rules, checked from the project's import graph (issue 24's floors).
+
+Floors, bottom to top: pallas_kernels <- attention <- the trainer's generic base (config, task
+protocol + registry, data plumbing, mesh) <- models (the families) <- the trainer loop and its
+tools <- configs. A floor imports only from the floors below it; the logical-sharding names
+(attention/sharding.py) and the layer kit (attention/layers.py) import nothing above
+attention/ops; the generic trainer never imports a family (families register their Task;
+trainer.task finds them by name).
+
+The redesign is landing in steps. Imports that still break a rule are listed in KNOWN below,
+each with where it goes; the tests fail on any *new* violation, and also when a listed one is
+gone (so the list only shrinks: delete the entry in the commit that fixes it).
+"""
+from __future__ import annotations
+
+import ast
+import os
+
+from conftest import REPO_ROOT
+
+PACKAGES = ("pallas_kernels", "attention", "models", "trainer", "configs")
+# the generic pieces of trainer/ a family builds on (one floor below the families)
+TRAINER_BASE = ("trainer.config", "trainer.task", "trainer.data", "trainer.sharding")
+
+
+def floor(mod: str) -> int:
+    if mod in TRAINER_BASE:
+        return 2
+    return {"pallas_kernels": 0, "attention": 1, "models": 3, "trainer": 4, "configs": 5}[
+        mod.split(".")[0]]
+
+
+# (importer, imported) pairs that break a floor today, and where each is going.
+KNOWN_FLOOR_BREAKS = {
+    # ACT's head-search CLI and its LM helpers -> models/lm/act_search.py; ACT's option checks
+    # raise trainer.config.ConfigError -> declared options validated by the config pipeline
+    ("attention.act", "models.lm"),
+    ("attention.act", "trainer.config"),
+    ("attention.act", "trainer.main"),
+    ("attention.act", "trainer.prune"),
+    # family code living in trainer/ -> models/<family>/ (vit's shapes generator -> models/shapes.py,
+    # detr/coco.py, mixformer/tracking.py, ast/audio.py)
+    ("models.ast", "trainer.audio"), ("models.detr", "trainer.coco"),
+    ("models.mixformer", "trainer.tracking"), ("models.vit", "trainer.images"),
+}
+# Modules of trainer/ that still name a family -> lm/prune.py and `generate` into models/lm/
+KNOWN_FAMILY_IMPORTS = {
+    ("trainer", "models.lm"),
+    ("trainer.prune", "models.lm"),
+}
+# Modules that must not import anything of the project beyond the listed ones.
+LEAVES = {
+    "attention.sharding": set(),
+    "attention.layers": {"attention.ops.fusion"},
+    "pallas_kernels.platform": set(),
+}
+
+
+def _modules() -> dict[str, str]:
+    out = {}
+    for pkg in PACKAGES:
+        for dirpath, _, files in os.walk(os.path.join(REPO_ROOT, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    mod = os.path.relpath(path, REPO_ROOT)[:-3].replace(os.sep, ".")
+                    out[mod.removesuffix(".__init__")] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str | None:
+    """The project module an imported name lives in (a.b.c -> a.b if a.b.c is a function)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph() -> dict[str, dict[str, bool]]:
+    """{module: {imported project module: imported at module level}} (function-local imports,
+    e.g. optional heavy dependencies or a deferred registry load, are False)."""
+    graph: dict[str, dict[str, bool]] = {}
+    for mod, path in MODULES.items():
+        tree = ast.parse(open(path).read(), path)
+        top_level = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    pkg = mod if path.endswith("__init__.py") else mod.rpartition(".")[0]
+                    for _ in range(node.level - 1):
+                        pkg = pkg.rpartition(".")[0]
+                    base = f"{pkg}.{base}" if base else pkg
+                names = [f"{base}.{a.name}" for a in node.names]
+                if not all(n in MODULES for n in names):  # `from pkg import f`: pkg is imported
+                    names.append(base)
+            for name in names:
+                if name.split(".")[0] not in PACKAGES:
+                    continue
+                target = _resolve(name)
+                if target and target != mod:
+                    edges = graph.setdefault(mod, {})
+                    edges[target] = edges.get(target, False) or id(node) in top_level
+    return graph
+
+
+def test_the_graph_sees_the_imports():
+    g = import_graph()
+    assert g["models.lm"]["attention.sharding"] is True
+    assert g["trainer.task"].get("trainer.config") is False  # a function-local import
+
+
+def test_floors():
+    """No module imports from a floor above its own (beyond the listed, shrinking exceptions)."""
+    breaks = {(mod, t) for mod, edges in import_graph().items() for t in edges
+              if floor(t) > floor(mod)}
+    new = breaks - KNOWN_FLOOR_BREAKS
+    assert not new, ("imports from a higher floor (pallas_kernels <- attention <- trainer base "
+                     f"<- models <- trainer loop <- configs): {sorted(new)}")
+    gone = KNOWN_FLOOR_BREAKS - breaks
+    assert not gone, f"fixed: delete them from KNOWN_FLOOR_BREAKS: {sorted(gone)}"
+
+
+def test_the_generic_trainer_names_no_family():
+    named = {(mod, t) for mod, edges in import_graph().items() if mod.startswith("trainer")
+             for t in edges if t.startswith("models")}
+    new = named - KNOWN_FAMILY_IMPORTS
+    assert not new, f"trainer/ imports a family (register a Task instead): {sorted(new)}"
+    gone = KNOWN_FAMILY_IMPORTS - named
+    assert not gone, f"fixed: delete them from KNOWN_FAMILY_IMPORTS: {sorted(gone)}"
+
+
+def test_pallas_kernels_and_attention_stay_below():
+    g = import_graph()
+    for mod, edges in g.items():
+        top = mod.split(".")[0]
+        if top == "pallas_kernels":
+            assert all(t.startswith("pallas_kernels") for t in edges), (mod, edges)
+    for mod, allowed in LEAVES.items():
+        assert set(g.get(mod, {})) <= allowed, (mod, sorted(g.get(mod, {})))
+
+
+def test_layer_kit_has_one_home():
+    """The compute-dtype table and the shared layers are defined once (attention/layers.py)."""
+    for mod, path in MODULES.items():
+        if mod == "attention.layers":
+            continue
+        tree = ast.parse(open(path).read(), path)
+        for node in tree.body:
+            if isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                assert not any(n.strip("_").upper() == "DTYPES" for n in names), (
+                    f"{mod} defines its own dtype table; use attention.layers.compute_dtype")
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                assert node.name not in ("dense", "linear", "Mlp", "Dense"), (
+                    f"{mod} defines {node.name}; the shared one is in attention/layers.py")
