@@ -326,7 +326,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from trainer.config import ConfigError
-    from trainer.prune import calibration_batches, eval_batches, load_run
+    from models.lm.prune import calibration_batches, eval_batches, load_run
 
     try:
         if args.batches < 1:

@@ -11,7 +11,7 @@ each new search frame only runs `search_with_cache` (`forward_test`). Computed a
 calls over Nt and Nt + Ns keys: no (Nt + Ns)^2 masked score matrix.
 
 This is MixFormer's own mechanism with its own call shape (two streams in, two out), so it is
-imported by models/mixformer.py directly rather than built through attention.registry, whose
+imported by models/mixformer/model.py directly rather than built through attention.registry, whose
 modules share the self-attention shape. Layout [batch, seq, heads, head_dim].
 """
 from __future__ import annotations

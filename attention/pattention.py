@@ -79,7 +79,7 @@ class Pattention(nnx.Module):
         self.zoom = float(zoom) if zoom else default_zoom(norm, num_param_tokens)
         self.dtype = dtype
         init = nnx.initializers.normal
-        # logical names only: the trainer's rules place the tokens on a mesh (models/lm.py), and
+        # logical names only: the trainer's rules place the tokens on a mesh (models/lm/model.py), and
         # the layer also builds outside a mesh (tests, notebooks)
         with nnx.use_eager_sharding(False):
             self.key_param_tokens = nnx.Param(nnx.with_partitioning(

@@ -202,7 +202,7 @@ def eval_time_rows(softmax: dict, landmark: dict | None) -> tuple[list[dict], li
     Landmark LM too, whose landmark keys were learned)."""
     import attention.act as act
     from bench.sparse_quality import _build
-    from trainer.prune import calibration_batches, eval_batches
+    from models.lm.prune import calibration_batches, eval_batches
 
     config, params, task = softmax["config"], softmax["params"], softmax["task"]
     batches = eval_batches(task, config)

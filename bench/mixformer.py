@@ -1,7 +1,7 @@
 """MixFormer on the embedded moving-shapes sequences: a short CPU training run, then tracking.
 
 Trains configs/mixformer.py:tiny (stage 1: the box) and :score (stage 2: the score head only,
-from stage 1), then tracks the held-out sequences with the online loop (trainer/track.py) and
+from stage 1), then tracks the held-out sequences with the online loop (models/mixformer/track.py) and
 prints: success AUC, precision, AO of the tracker against the "stay on the first box" baseline,
 the score head's AUROC on positive / negative crops, and tracking frames/s. Prints, never
 asserts; targets (issue 11): AUC >= 0.5 and >= 0.2 above the baseline, AUROC >= 0.9.
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from trainer import Trainer, load_config, tracking  # noqa: E402
-from trainer.track import OnlineTracker  # noqa: E402
+from models.mixformer.track import OnlineTracker  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
 """PyTorch twin of polyformer's default LM (configs/lm.py:default), for bench/peer.py's
 `--configs default` row: the same architecture, parameter count, optimizer and step as the
-trainer, written from the model's definition in models/lm.py and attention/softmax.py.
+trainer, written from the model's definition in models/lm/model.py and attention/softmax.py.
 
   * byte vocabulary (256), embedding N(0, 1), untied head N(0, 1/sqrt(d)), no position embedding
   * pre-norm blocks: RMSNorm (scale, eps 1e-6); GQA causal softmax attention with RoPE (rotating

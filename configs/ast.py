@@ -1,4 +1,4 @@
-"""Audio Spectrogram Transformer (models/ast.py) and parameter-efficient transfer of a frozen AST.
+"""Audio Spectrogram Transformer (models/ast/model.py) and parameter-efficient transfer of a frozen AST.
 
     python -m trainer.main --config=configs/ast.py:tiny --workdir=runs/ast_tiny
     # PETL: pretrain on half of the classes, then adapt the frozen backbone to the other half
@@ -13,14 +13,14 @@
 Variants: tiny (all 8 synthetic classes from scratch); pretrain (the first half: tonal
 classes); and one per PETL method adapting runs/ast_pretrain to the other half with the same
 budget: full, linear, bitfit, adapter (parallel, MHSA + FFN), adapter_seq (sequential, MHSA +
-FFN: Houlsby), conformer (parallel, MHSA + FFN), lora (W_q, W_v), prompt (deep, gated). The synthetic clips (trainer/audio.py) are written once as an ESC-50 tree under
+FFN: Houlsby), conformer (parallel, MHSA + FFN), lora (W_q, W_v), prompt (deep, gated). The synthetic clips (models/ast/audio.py) are written once as an ESC-50 tree under
 ~/.cache/polyformer and read by the ESC-50 loader. Normalisation statistics of other data:
 `python -m trainer.audio stats --source=/data/ESC-50`.
 """
 from models.ast import PETL_NEW, PETL_TRAINABLE
 from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
 
-# trainer/audio.py SYNTH_CLASSES, split into what the backbone is pretrained on and the
+# models/ast/audio.py SYNTH_CLASSES, split into what the backbone is pretrained on and the
 # transfer task: tonal sounds vs noise-like / modulated ones
 PRETRAIN_CLASSES = ("tone_low", "tone_high", "chirp_up", "chirp_down")
 TRANSFER_CLASSES = ("am_tone", "white_burst", "pink_burst", "click_train")
@@ -54,7 +54,7 @@ VARIANTS = {
 
 
 def petl_fields(c, petl: str) -> None:
-    """What a PETL method trains and adds to the loaded backbone (models/ast.py PETL_*)."""
+    """What a PETL method trains and adds to the loaded backbone (models/ast/model.py PETL_*)."""
     c.model.petl = petl
     c.train.trainable = PETL_TRAINABLE[petl]
     c.init_from_new = PETL_NEW.get(petl, "")

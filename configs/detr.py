@@ -1,4 +1,4 @@
-"""Plain DETR with BoxRPB (models/detr.py) on COCO-format data.
+"""Plain DETR with BoxRPB (models/detr/model.py) on COCO-format data.
 
     python -m trainer.main --config=configs/detr.py:tiny --workdir=runs/detr_tiny
     python -m trainer.main --config=configs/detr.py:tiny --workdir=runs/detr_coco \
@@ -16,7 +16,7 @@ steps, the DETR augmentation). The embedded scenes are written once as a COCO la
 PNG) under ~/.cache/polyformer and read by the same loader as real COCO data.
 
 What the tiny recipe needs (bench/detr.py, tiny, COCO AP50 at steps 1000 / 2000 / 4000):
-- data.augment (train split): "detr" (the default; trainer/coco.py: random crop branch, long
+- data.augment (train split): "detr" (the default; models/detr/coco.py: random crop branch, long
   side resized to 0.6..1 of the canvas, flip) suits real data, but on the 4096 shapes scenes
   shrunken, padded and cropped training scenes are another distribution than the full-canvas
   eval scenes (backbone_depth 1): 0.539 at 4000 with "detr", 0.486 / 0.605 / 0.661 with "flip"

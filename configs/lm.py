@@ -91,7 +91,7 @@ def get_config(variant=None):
     # SwiGLU at ~ the 4x MLP's parameters, rounded to a multiple of 128 (TPU lanes / MXU tiles)
     m.mlp_dim = v.get("mlp_dim", max(int(8 / 3 * v["d_model"] / 128 + 0.5), 1) * 128)
     m.rope_theta = 10000.0
-    # architecture switches (models/lm.py): Llama style by default, GPT-2 style for the peers
+    # architecture switches (models/lm/model.py): Llama style by default, GPT-2 style for the peers
     m.norm = "rmsnorm"
     m.mlp = "swiglu"
     m.position = "rope"

@@ -1,4 +1,4 @@
-"""MixFormer visual object tracking (models/mixformer.py) on GOT-10k-layout sequences.
+"""MixFormer visual object tracking (models/mixformer/model.py) on GOT-10k-layout sequences.
 
     python -m trainer.main --config=configs/mixformer.py:tiny --workdir=runs/mixformer_tiny
     python -m trainer.main --config=configs/mixformer.py:score --workdir=runs/mixformer_score
@@ -79,7 +79,7 @@ def get_config(variant=None):
     # template updates then rates the box, not only the crop
     lo.score_min_iou = 0.5
 
-    c.track = ml_collections.ConfigDict()  # the online tracker (trainer/track.py)
+    c.track = ml_collections.ConfigDict()  # the online tracker (models/mixformer/track.py)
     c.track.update_interval = 10  # swap in the best-scoring candidate template every N frames
     c.track.score_threshold = 0.5
     c.track.margin = 2.0  # pixels the box keeps inside the frame (the reference's clip_box)

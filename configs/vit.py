@@ -5,13 +5,13 @@
 Variants: tiny (a 2-layer ViT on 16 px shapes, well under a minute on a laptop CPU); probe_ep
 and probe_linear: an EP / linear probe trained on the frozen backbone of runs/vit_tiny (train
 tiny first); moh: tiny with Mixture-of-Head attention (75% of the routed heads active). The
-data is the embedded shapes set (trainer/images.py, no download); an ImageFolder tree
+data is the embedded shapes set (models/images.py, no download); an ImageFolder tree
 (root/<class>/<image>) instead, with as many classes as model.num_classes:
     --config.data.paths=/path/to/folder --config.model.num_classes=<classes>
 """
 from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
 
-NUM_SHAPE_CLASSES = 8  # trainer/images.py (the task checks model.num_classes against the data)
+NUM_SHAPE_CLASSES = 8  # models/images.py (the task checks model.num_classes against the data)
 
 VARIANTS = {
     # name: (image size, patch, layers, d_model, heads, MLP, global batch, steps, lr, warmup)

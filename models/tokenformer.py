@@ -54,7 +54,7 @@ class TokenFormerAttention(nnx.Module):
         self.q = pattention(cfg, n, zoom, dtype=dtype, rngs=rngs)
         self.k = pattention(cfg, n, zoom, dtype=dtype, rngs=rngs)
         self.v = pattention(cfg, n, zoom, dtype=dtype, rngs=rngs)
-        # residual-branch outputs start small (GPT-2's 0.02 / sqrt(2 L)), as in models/lm.py
+        # residual-branch outputs start small (GPT-2's 0.02 / sqrt(2 L)), as in models/lm/model.py
         self.o = pattention(cfg, n, zoom, value_std=0.02 / math.sqrt(2 * cfg.num_layers),
                             dtype=dtype, rngs=rngs)
 
@@ -101,7 +101,7 @@ class TokenFormer(nnx.Module):
 
     def __call__(self, tokens, *, positions=None):
         """tokens [B, T] -> (logits [B, T, V] f32, None); positions default to 0..T-1. The None
-        stands for the cache of models/lm.py's call shape (TokenFormer decodes without one)."""
+        stands for the cache of models/lm/model.py's call shape (TokenFormer decodes without one)."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -131,7 +131,7 @@ def grow_tokenformer(state, *, param_tokens: int, ffn_param_tokens: int, fresh=N
 
 @register_task("tokenformer")
 class TokenFormerTask(LMTask):
-    """Next-byte prediction with a TokenFormer: models/lm.py's data, loss and metrics."""
+    """Next-byte prediction with a TokenFormer: models/lm/model.py's data, loss and metrics."""
 
     def validate(self, mesh_sizes):
         m, tp = self.config.model, mesh_sizes["tensor"]

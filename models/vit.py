@@ -173,7 +173,7 @@ class ImageClassifier(nnx.Module):
 
 # ----------------------------------------------------------------------------- task
 class ClassificationTask(Task):
-    """Image classification: procedurally drawn shapes (trainer/images.py) by default, an
+    """Image classification: procedurally drawn shapes (models/images.py) by default, an
     ImageFolder tree when `config.data.paths=(root,)`. A family subclasses it and implements
     build_backbone (and validate_backbone for its own fields).
 
@@ -256,7 +256,7 @@ class ClassificationTask(Task):
         _, _, classes = self.data()
         if m.num_classes != len(classes):
             where = (f"the ImageFolder {c.data.paths[0]!r}" if c.data.paths
-                     else "the shapes data (trainer/images.py SHAPE_KINDS)")
+                     else "the shapes data (models/images.py SHAPE_KINDS)")
             raise ConfigError(f"config.model.num_classes={m.num_classes}, but {where} has "
                               f"{len(classes)} classes ({', '.join(classes[:10])}"
                               f"{', ...' if len(classes) > 10 else ''}); set "
@@ -276,7 +276,7 @@ class ClassificationTask(Task):
     def data(self):
         """(train dataset, eval dataset, class names), built once."""
         if self._data is None:
-            from trainer import images
+            from models import images
 
             d = self.config.data
             if d.paths:

@@ -59,7 +59,7 @@ def test_sink_column_hand_computed():
 def _act_layer(heads, beta=0.4, num_kv_heads=2):
     cfg = make_tiny_config("model.attention=act", f"model.num_kv_heads={num_kv_heads}",
                            f"model.act_beta={beta}", "model.act_heads=" + ",".join(heads)).model
-    with nnx.use_eager_sharding(False):  # as models/lm.py builds its layers
+    with nnx.use_eager_sharding(False):  # as models/lm/model.py builds its layers
         return (attention.build("act", cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), layer=0),
                 SoftmaxAttention(cfg, rngs=nnx.Rngs(0)))
 

@@ -1,4 +1,4 @@
-"""The AST family (models/ast.py): PETL methods keep the frozen model's output at step 0 and
+"""The AST family (models/ast/model.py): PETL methods keep the frozen model's output at step 0 and
 all learn after one step; position embeddings adapt in time; init_from + train.trainable
 leave the frozen backbone bit-identical through the trainer."""
 import re

@@ -1,4 +1,4 @@
-"""trainer/audio.py: the Kaldi fbank front end against an independent numpy reference and
+"""models/ast/audio.py: the Kaldi fbank front end against an independent numpy reference and
 kaldi-native-fbank, SpecAugment / padding / normalisation, WAV reading and its errors, the clip
 collections (synthetic, ESC-50, WAV folder) and the grain dataset."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from trainer import audio
+from models.ast import audio
 from trainer.config import ConfigError
 
 SR = 16000

@@ -1,4 +1,4 @@
-"""trainer/coco.py: the COCO loader, its augmentation, the shapes scenes written as COCO, and
+"""models/detr/coco.py: the COCO loader, its augmentation, the shapes scenes written as COCO, and
 COCO mAP."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import coco
+from models.detr import coco
 from trainer.config import ConfigError
-from trainer.images import SHAPE_KINDS, draw_scene
+from models.images import SHAPE_KINDS, draw_scene
 
 KINDS = ("square", "circle")
 # background, then the colour of contiguous label 0, 1, ...: far apart, so a canvas pixel's

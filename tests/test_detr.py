@@ -1,4 +1,4 @@
-"""Plain DETR (models/detr.py) end to end: the embedded shapes scenes through the COCO loader,
+"""Plain DETR (models/detr/model.py) end to end: the embedded shapes scenes through the COCO loader,
 training (the loss decreases over 20 steps), COCO evaluation with boxes drawn for TensorBoard,
 eval-only runs, the train augmentation switch, the in-graph matcher in a sharded jit, the
 hybrid-matching query groups, the first prediction being the reference box, and clear config
@@ -67,7 +67,7 @@ def test_in_graph_matcher_in_a_sharded_jit():
     batch is split over 8 devices equals the host (scipy) matcher's loss."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from models import detr_loss
+    from models.detr import loss as detr_loss
 
     k = jax.random.split(jax.random.key(2), 3)
     B, Q, M = 8, 10, 4
@@ -94,7 +94,7 @@ def test_train_augmentation_flip_and_none_show_the_whole_image(tmp_path):
         task = get_task("detr")(smoke(tmp_path, f"data.augment={augment}"))
         train = task.train_data()
         examples[augment] = [train[i] for i in range(8)]
-    from trainer import coco
+    from models.detr import coco
     p = task.paths()  # the train split's images as the eval transform shows them
     whole = coco.coco_detection(p["train_json"], p["train_images"], "eval", image_size=64,
                                 max_objects=8)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from models.detr_loss import (MATCHERS, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh,
+from models.detr.loss import (MATCHERS, box_cxcywh_to_xyxy, box_xyxy_to_cxcywh,
                               generalized_box_iou, hungarian_match, match_cost, postprocess,
                               set_loss)
 

@@ -1,4 +1,4 @@
-"""trainer/images.py: the shapes generator (scenes, sequences), its datasets, and ImageFolder."""
+"""models/images.py: the shapes generator (scenes, sequences), its datasets, and ImageFolder."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import images
+from models import images
 from trainer.config import ConfigError
 
 S = 32

@@ -1,6 +1,6 @@
 """MixFormer end to end: the Task trains on the embedded GOT-10k-layout sequences (stage 1,
 then stage 2 on the score head only, from the stage-1 checkpoint), and the online tracker
-(trainer/track.py) writes complete result files, metrics and a success plot."""
+(models/mixformer/track.py) writes complete result files, metrics and a success plot."""
 from __future__ import annotations
 
 import os
@@ -26,7 +26,7 @@ def small(tmp_path, variant, *overrides):
 
 
 def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
-    from trainer.track import main
+    from models.mixformer.track import main
 
     stage1 = run_trainer(small(tmp_path, "tiny"), tmp_path / "stage1")
     assert all(np.isfinite(list(stage1.losses.values())))

@@ -1,4 +1,4 @@
-"""MixFormer's model (models/mixformer.py, attention/mixed.py): the asymmetric mixed attention
+"""MixFormer's model (models/mixformer/model.py, attention/mixed.py): the asymmetric mixed attention
 against a dense masked softmax in numpy, template tokens blind to the search (attention and
 whole backbone) while the search sees every template, the cached-template tracking path equal
 to the full forward, the corner head's soft-argmax and valid boxes, bilinear RoI features, the

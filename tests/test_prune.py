@@ -1,4 +1,4 @@
-"""AMP pruning (trainer/prune.py): per-head contributions add up to o_proj, slicing a head or an
+"""AMP pruning (models/lm/prune.py): per-head contributions add up to o_proj, slicing a head or an
 MLP neuron out equals zeroing its output, and the CLI writes a smaller run the Trainer loads."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""trainer/tracking.py: GOT-10k loading, the embedded shapes sequences, crops, training pairs,
+"""models/mixformer/tracking.py: GOT-10k loading, the embedded shapes sequences, crops, training pairs,
 benchmark metrics and result files."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer import tracking
+from models.mixformer import tracking
 from trainer.config import ConfigError
-from trainer.images import draw_sequence
-from trainer.tracking import (CropTransform, Sequence, TrackingPairs, auc, center_errors, crop,
+from models.images import draw_sequence
+from models.mixformer.tracking import (CropTransform, Sequence, TrackingPairs, auc, center_errors, crop,
                               evaluate_results, iou_xywh, jittered_box, load_got10k, read_result,
                               success_curve, success_plot, tracking_pairs, write_result,
                               write_shapes_got10k, xywh_to_xyxy, xyxy_to_xywh)

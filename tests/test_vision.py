@@ -258,7 +258,7 @@ def trainer_error(config_file, *overrides, tmp_path):
 def test_num_classes_must_match_the_data(tmp_path):
     msg = trainer_error(f"{VIT}:tiny", "model.num_classes=5", tmp_path=tmp_path)
     assert "model.num_classes=5" in msg and "8 classes" in msg
-    from trainer.images import write_image_folder
+    from models.images import write_image_folder
     root = str(tmp_path / "folder")
     for split in ("train", "val"):
         write_image_folder(os.path.join(root, split), num_per_class=1, image_size=16)

@@ -60,7 +60,7 @@ import grain
 import numpy as np
 
 from trainer.config import ConfigError
-from trainer.images import SHAPE_KINDS, _to_float, draw_scene
+from models.images import SHAPE_KINDS, _to_float, draw_scene
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (COCO boxes are float, rounded)
 LONG_SIDE = (0.6, 1.0)  # train: the resized long side, as a fraction of the canvas side S
@@ -487,7 +487,7 @@ def write_shapes_coco(root: str, *, num_train: int, num_eval: int, image_size: i
                                     "category_id": kinds.index(SHAPE_KINDS[c]) + 1,
                                     "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area,
                                     "iscrowd": 0})
-        data = {"info": {"description": "polyformer shapes scenes (trainer.coco)",
+        data = {"info": {"description": "polyformer shapes scenes (models.detr.coco)",
                          "generator": split_params},
                 "images": images, "annotations": annotations, "categories": categories}
 

@@ -1,7 +1,7 @@
 """MixFormer: end-to-end tracking with iterative mixed attention (Cui et al., CVPR 2022;
 MCG-NJU/MixFormer lib/models/mixformer_vit), the MixViT variant, with its score prediction
-module, losses and its Task ("mixformer"; data: trainer/tracking.py; the online tracker:
-trainer/track.py).
+module, losses and its Task ("mixformer"; data: models/mixformer/tracking.py; the online tracker:
+models/mixformer/track.py).
 
     templates [B, n, T, T, 3], search [B, S, S, 3]
       --p x p patches, one shared linear embedding, + template / search learned positions
@@ -68,9 +68,9 @@ from flax import nnx
 from attention.layers import Mlp, compute_dtype, layer_norm, linear, param
 from attention.mixed import MixedAttention
 from attention.sharding import constrain
-from models.detr_loss import EPS, box_area, paired_generalized_box_iou
+from models.detr.loss import EPS, box_area, paired_generalized_box_iou
 from models.vit import patchify
-from trainer import tracking
+from models.mixformer import tracking
 from trainer.config import ConfigError
 from trainer.data import embedded_dir
 from trainer.task import Task, register_task

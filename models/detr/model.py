@@ -15,8 +15,8 @@
     with hybrid matching, a second (one-to-many) group of queries that only trains.
 
 Single scale (Plain DETR's point): one stride-s map, global cross-attention. The loss, matching
-and post-processing live in models/detr_loss.py; data and COCO metrics in trainer/coco.py (the
-train split's augmentation: config.data.augment, trainer/coco.py AUGMENTS).
+and post-processing live in models/detr/loss.py; data and COCO metrics in models/detr/coco.py (the
+train split's augmentation: config.data.augment, models/detr/coco.py AUGMENTS).
 Shapes: images [B, S, S, 3] float32 in [-1, 1] -> logits [B, Q, K], boxes [B, Q, 4] in (0, 1).
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ from flax import nnx
 import attention
 from attention.boxrpb import ENCODINGS, GlobalCrossAttention
 from attention.layers import compute_dtype
-from models import detr_loss
-from trainer import coco
+from models.detr import loss as detr_loss
+from models.detr import coco
 from trainer.config import ConfigError
 from trainer.data import embedded_dir
 from trainer.task import Task, register_task

@@ -75,7 +75,7 @@ import grain
 import numpy as np
 
 from trainer.config import ConfigError
-from trainer.images import IMAGE_EXTENSIONS, _to_float, draw_sequence
+from models.images import IMAGE_EXTENSIONS, _to_float, draw_sequence
 
 OVERLAP_THRESHOLDS = np.linspace(0.0, 1.0, 21)  # pytracking's 0:0.05:1
 PRECISION_PIXELS = 20.0
@@ -278,7 +278,7 @@ def load_got10k(root: str, split: str | None = None, *, first_box_only: bool = F
 
 # ----------------------------------------------------------------------------- embedded default
 def _shapes_params(split: str, **kw) -> dict:
-    return {"generator": "trainer.tracking.write_shapes_got10k", "version": 1, "split": split,
+    return {"generator": "models.mixformer.tracking.write_shapes_got10k", "version": 1, "split": split,
             **kw}
 
 

@@ -1,7 +1,7 @@
 """Audio Spectrogram Transformer (Gong et al., Interspeech 2021) and parameter-efficient
 transfer of a frozen AST (Cappellazzo et al. 2024, "PETL for Audio Spectrogram Transformers").
 
-Task "ast": waveform [B, N] -> (trainer/audio.py `front_end`, inside the jitted step) Kaldi
+Task "ast": waveform [B, N] -> (models/ast/audio.py `front_end`, inside the jitted step) Kaldi
 log-mel filterbank [B, T, F], SpecAugment on training batches, (x - mean) / (2 std) -> AST ->
 logits. The front end lives in the Task, so the model's input is the normalised spectrogram.
 
@@ -282,7 +282,7 @@ def adapt_pos_embed(source, f: int, t_target: int, num_special: int = AST.NUM_SP
 class ASTTask(ClassificationTask):
     """Audio classification with AST (configs/ast.py). Data: `data.paths=(root,)`, an ESC-50
     tree (root/meta/esc50.csv) or a folder of WAVs per class, else the embedded synthetic clips
-    written once as an ESC-50 tree (trainer/audio.py). `data.classes` picks a subset of the
+    written once as an ESC-50 tree (models/ast/audio.py). `data.classes` picks a subset of the
     classes (labels follow its order). Examples: {"waveform", "label", "targets", "freq_mask",
     "time_mask", "id"}; the spectrogram is computed in the step (`inputs`)."""
 
@@ -378,10 +378,10 @@ class ASTTask(ClassificationTask):
 
     # ---- data
     def clips(self, split: str):
-        """The trainer/audio.py Clips of a split (config.data.paths or the embedded set)."""
+        """The models/ast/audio.py Clips of a split (config.data.paths or the embedded set)."""
         import os
 
-        from trainer import audio
+        from models.ast import audio
         from trainer.data import embedded_dir
 
         d = self.config.data
@@ -400,7 +400,7 @@ class ASTTask(ClassificationTask):
 
     def data(self):
         if self._data is None:
-            from trainer import audio
+            from models.ast import audio
 
             d = self.config.data
             kw = dict(seed=self.config.seed, num_samples=round(d.sample_rate * d.clip_seconds),
@@ -414,7 +414,7 @@ class ASTTask(ClassificationTask):
 
     def front_end(self, waveform, freq_mask=None, time_mask=None):
         """waveform [B, N] -> normalised log-mel spectrogram [B, target_length, num_mel_bins]."""
-        from trainer import audio
+        from models.ast import audio
 
         d = self.config.data
         return audio.front_end(waveform, sample_rate=d.sample_rate, num_mel_bins=d.num_mel_bins,
@@ -434,7 +434,7 @@ class ASTTask(ClassificationTask):
     def eval_images(self, outputs, count: int = 4):
         """The first `count` eval spectrograms side by side, named by their true -> predicted
         classes (logged once per eval, so the picture per step stays one image)."""
-        from trainer import audio
+        from models.ast import audio
 
         ds, classes = self.eval_data(), self.data()[2]
         n = min(count, len(outputs["id"]))
