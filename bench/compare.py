@@ -14,7 +14,7 @@ bytes instead of tiny's 64 so that the block-sparse methods have blocks to choos
   which compiles); peak memory: XLA's memory analysis of the compiled train step, arguments +
   outputs - donated (aliased) + temporaries, the bytes live at once.
 - eval-time rows: the trained softmax LM's parameters in a model whose attention is HiP,
-  FlexPrefill, DHSA, Landmark retrieval or ACT (heads chosen by attention.act.search_heads on 4
+  FlexPrefill, DHSA, Landmark retrieval or ACT (heads chosen by models.lm.act_search.search_heads on 4
   calibration batches of training data), run on the same eval batches through mode="prefill"
   (the path a prompt takes; the sparse methods are dense in mode="train"); tokens/s: eval
   throughput of that prefill (compile excluded); peak memory: the compiled prefill's arguments +
@@ -201,6 +201,7 @@ def eval_time_rows(softmax: dict, landmark: dict | None) -> tuple[list[dict], li
     """The eval-time rows on the trained softmax LM (and Landmark retrieval on the trained
     Landmark LM too, whose landmark keys were learned)."""
     import attention.act as act
+    from models.lm.act_search import search_heads
     from bench.sparse_quality import _build
     from models.lm.prune import calibration_batches, eval_batches
 
@@ -216,7 +217,7 @@ def eval_time_rows(softmax: dict, landmark: dict | None) -> tuple[list[dict], li
         note = ""
         if label == "act":
             calib = calibration_batches(task, config, 4)
-            found = act.search_heads(model, calib)
+            found = search_heads(model, calib)
             act.set_heads(model, found["heads"])
             note = (f"heads {','.join(found['heads']) or '(none)'} of "
                     f"{m.num_layers * m.num_heads} (search: {found['tried']} tried)")

@@ -11,6 +11,7 @@ from flax import nnx
 import attention
 
 from attention import act
+from models.lm import act_search
 from attention.softmax import SoftmaxAttention
 from conftest import TINY, jit_apply, make_tiny_config
 from models.lm import LM
@@ -118,14 +119,14 @@ def test_search_returns_subset_and_does_not_raise_the_loss():
     soft = LM(make_tiny_config("model.num_layers=2").model, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)
     batches = [{"tokens": rng.integers(0, 256, (4, 33), dtype=np.int32)} for _ in range(2)]
-    found = act.search_heads(soft, batches, model_config=cfg)
+    found = act_search.search_heads(soft, batches, model_config=cfg)
     every = {f"{l}:{h}" for l in range(2) for h in range(4)}
     assert set(found["heads"]) <= every and found["tried"] == 8
     assert found["loss_after"] <= found["loss_before"]
     assert found["heads"] and found["loss_after"] < found["loss_before"]  # sinks at alpha 0.05
-    lm = act.as_act_model(soft, cfg)
-    np.testing.assert_allclose(act.search_eval(lm, batches, ()), found["loss_before"], rtol=1e-5)
-    np.testing.assert_allclose(act.search_eval(lm, batches, found["heads"]), found["loss_after"],
+    lm = act_search.as_act_model(soft, cfg)
+    np.testing.assert_allclose(act_search.search_eval(lm, batches, ()), found["loss_before"], rtol=1e-5)
+    np.testing.assert_allclose(act_search.search_eval(lm, batches, found["heads"]), found["loss_after"],
                                rtol=1e-5)
 
 
@@ -136,9 +137,9 @@ def test_cli_reports_heads_and_losses(tmp_path, capsys):
     src = tmp_path / "run"  # a run's checkpoint (step 0: the mechanics need no training)
     with Trainer(make_tiny_config(), str(src), quiet=True) as t:
         t.save()
-    assert act.main([f"--config={TINY}", f"--from={src}", "--batches=1"]) == 0
+    assert act_search.main([f"--config={TINY}", f"--from={src}", "--batches=1"]) == 0
     out = capsys.readouterr().out
     assert "heads:" in out and "calibration loss:" in out and "eval loss" in out
     assert "--config.model.act_heads=" in out
-    assert act.main([f"--config={TINY}", f"--from={tmp_path / 'none'}"]) == 2
+    assert act_search.main([f"--config={TINY}", f"--from={tmp_path / 'none'}"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
