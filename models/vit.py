@@ -306,19 +306,12 @@ class ClassificationTask(Task):
 
     def loss(self, model, batch):
         labels = batch["label"]
-        # auxiliary losses sown by attention layers (DESIGN.md: nnx.Intermediate "aux_loss")
-        logits, inter = nnx.capture(model, nnx.Intermediate)(self.inputs(batch))
+        logits = model(self.inputs(batch))
         # soft targets where the data mixes examples (mixup), else one-hot labels
         hard = batch["targets"] if "targets" in batch else jax.nn.one_hot(labels, logits.shape[-1])
         targets = optax.smooth_labels(hard, self.config.train.label_smoothing)
         xent = optax.softmax_cross_entropy(logits, targets).mean()
-        metrics = {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-        aux = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
-               if any(getattr(k, "key", None) == "aux_loss" for k in path)]
-        if not aux:
-            return xent, metrics
-        aux_loss = sum(jnp.mean(a) for a in aux) / len(aux)
-        return xent + aux_loss, dict(metrics, xent=xent, aux_loss=aux_loss)
+        return xent, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), "xent": xent}
 
     def describe(self):
         m = self.config.model

@@ -151,6 +151,16 @@ def test_first_layer_predicts_the_reference_boxes_at_init():
     np.testing.assert_allclose(out["aux"][0]["boxes"], jnp.broadcast_to(ref, (2, 10, 4)), atol=1e-5)
 
 
+def test_a_mechanisms_auxiliary_loss_reaches_the_detr_loss(tmp_path):
+    """MoH in DETR's encoder: its load-balance loss (sown by the layers) is added to the loss
+    and logged by the trainer, as for every family (trainer.task.loss_with_aux)."""
+    config = smoke(tmp_path, "train.steps=2", "eval.every=0", "model.attention=moh",
+                   "model.moh_shared_heads=1", "model.moh_top_k=2")
+    run = run_trainer(config, tmp_path / "run")
+    for m in run.train_metrics.values():
+        assert m["aux_loss"] > 0 and np.isfinite(m["aux_loss"]), m
+
+
 @pytest.mark.parametrize("overrides,fragment", [
     (("model.num_classes=3",), "2 categories"),
     (("model.attention=gla",), "causal only"),

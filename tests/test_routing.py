@@ -15,6 +15,7 @@ from flax import nnx
 import attention
 from attention.routing import RoutingAttention, routed_attention
 from attention.softmax import SoftmaxAttention
+from trainer.task import loss_with_aux
 
 
 def _randn(shape, seed, scale=1.0):
@@ -199,7 +200,8 @@ def test_trains_in_the_lm():
 
     @nnx.jit
     def step(model, tokens):
-        return nnx.value_and_grad(lambda m: task.loss(m, {"tokens": tokens}), has_aux=True)(model)
+        return nnx.value_and_grad(lambda m: loss_with_aux(task, m, {"tokens": tokens}),
+                                  has_aux=True)(model)
 
     (loss, metrics), grads = step(model, tokens)
     assert np.isfinite(loss) and float(metrics["aux_loss"]) > 0

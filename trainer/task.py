@@ -11,10 +11,28 @@ from typing import Any, Iterable
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 _TASKS: dict[str, type["Task"]] = {}
+
+
+AUX_LOSS = "aux_loss"  # what layers sow auxiliary losses as: self.sow(nnx.Intermediate, AUX_LOSS, v)
+
+
+def loss_with_aux(task: "Task", model: nnx.Module, batch) -> tuple[jax.Array, dict[str, Any]]:
+    """task.loss(model, batch) plus the auxiliary losses the model's layers sowed while it ran
+    (MoH's load balance, Routing's commitment, Hedgehog's distillation: DESIGN.md), for every
+    family alike: their mean over the sowing layers is added to the loss and reported as the
+    `aux_loss` metric. Traced inside the trainer's jitted steps."""
+    (loss, metrics), inter = nnx.capture(lambda m: task.loss(m, batch), nnx.Intermediate)(model)
+    aux = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
+           if any(getattr(k, "key", None) == AUX_LOSS for k in path)]
+    if not aux:
+        return loss, metrics
+    aux_loss = sum(jnp.mean(a) for a in aux) / len(aux)  # mean over the layers
+    return loss + aux_loss, dict(metrics, aux_loss=aux_loss)
 
 
 def register_task(name: str):
@@ -45,7 +63,8 @@ class Task(abc.ABC):
       build_model(rngs) -> nnx.Module
       train_data() -> grain.MapDataset of examples, shuffled and repeated (infinite)
       eval_data() -> grain.MapDataset of examples (finite, deterministic)
-      loss(model, batch) -> (scalar loss, {name: scalar metric})  # traced inside jit
+      loss(model, batch) -> (scalar loss, {name: scalar metric})  # traced inside jit; the
+        trainer adds the layers' sown auxiliary losses itself (loss_with_aux)
     and may override validate, eval_summary, units_per_example, on_fit_end; the dataset-level
     evaluation hooks eval_outputs, eval_metrics and eval_images (COCO AP, tracking metrics,
     pictures for TensorBoard); and the two hooks of initialising from another run's checkpoint

@@ -37,7 +37,7 @@ from trainer.data import global_batch, process_batches
 from trainer.logs import Reporter
 from trainer.optim import lr_schedule, make_optimizer
 from trainer.sharding import BATCH_AXES, make_mesh, mesh_shape, replicated, state_shardings
-from trainer.task import get_task
+from trainer.task import get_task, loss_with_aux
 
 
 class Trainer:
@@ -452,7 +452,7 @@ class Trainer:
         def src_loss(state, batch):
             model = nnx.merge(gdef, state)
             model.eval()
-            return src_task.loss(model, batch)[0]
+            return loss_with_aux(src_task, model, batch)[0]
 
         with jax.set_mesh(self.mesh):
             before = float(jax.jit(src_loss)(src_state, batch))
@@ -484,7 +484,7 @@ class Trainer:
 
         def f(p, r, mb):
             m = nnx.merge(gdef, p, r, copy=True)  # fresh Variables: layers may update them here
-            loss, metrics = self.task.loss(m, mb)
+            loss, metrics = loss_with_aux(self.task, m, mb)
             return loss, (metrics, nnx.split(m, self.trainable, ...)[2])
 
         grad_fn = jax.value_and_grad(f, has_aux=True)
@@ -533,7 +533,7 @@ class Trainer:
         """(batch metrics, the Task's per-example eval_outputs) of one eval micro-batch."""
         model, _ = nnx.merge(self.graphdef, state["nnx"])
         model.eval()  # deterministic layers (dropout off, SSA dense, no EMA updates)
-        loss, metrics = self.task.loss(model, batch)
+        loss, metrics = loss_with_aux(self.task, model, batch)
         return dict(metrics, loss=loss), self.task.eval_outputs(model, batch)
 
     def _batch_shardings(self, batch, leading):

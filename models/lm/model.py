@@ -276,17 +276,12 @@ class LMTask(Task):
 
     def loss(self, model, batch):
         tokens = batch["tokens"]
-        # auxiliary losses sown by attention layers (DESIGN.md: nnx.Intermediate "aux_loss")
-        (logits, _), inter = nnx.capture(model, nnx.Intermediate)(tokens[:, :-1])
-        # mean next-token cross entropy, nats per byte
+        logits, _ = model(tokens[:, :-1])
+        # mean next-token cross entropy, nats per byte ("nll": the loss without the auxiliary
+        # losses the trainer adds, loss_with_aux)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
         loss = nll.mean()
-        aux = [v for path, v in jax.tree_util.tree_flatten_with_path(inter)[0]
-               if any(getattr(k, "key", None) == "aux_loss" for k in path)]
-        if not aux:
-            return loss, {}
-        aux_loss = sum(jnp.mean(a) for a in aux) / len(aux)  # mean over the layers
-        return loss + aux_loss, {"nll": loss, "aux_loss": aux_loss}
+        return loss, {"nll": loss}
 
     def eval_summary(self, metrics):
         loss = metrics.get("nll", metrics["loss"])  # without auxiliary (distillation) losses
