@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 from conftest import REPO_ROOT
 
@@ -142,6 +144,13 @@ def test_aliases_are_thin():
     for alias, target in ALIASES.items():
         assert set(g[alias]) == {target}, (alias, sorted(g[alias]))
         assert len(open(MODULES[alias]).read().splitlines()) <= 10, alias
+
+
+def test_aliases_run_their_tools():
+    for alias in ALIASES:
+        p = subprocess.run([sys.executable, "-m", alias, "--help"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "usage: python -m " + alias in p.stdout, (alias, p.stderr)
 
 
 def test_pallas_kernels_and_attention_stay_below():

@@ -12,7 +12,7 @@ from flax import nnx
 
 from conftest import TINY, make_tiny_config
 from models.lm import LM
-from trainer import prune
+from models.lm import prune
 
 
 def test_head_contributions_sum_to_output_projection():
