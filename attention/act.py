@@ -35,9 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention
-from trainer.config import ConfigError
 
 
 # ----------------------------------------------------------------------------- the calibration
@@ -98,12 +97,12 @@ def parse_heads(spec, *, num_layers: int | None = None, num_heads: int | None = 
             else:
                 layer, head = (int(p) for p in item)
         except (TypeError, ValueError):
-            raise ConfigError(f"config.model.act_heads: bad entry {item!r}; allowed: "
+            raise ValueError(f"config.model.act_heads: bad entry {item!r}; allowed: "
                              "'layer:head' strings with 0-based integers, e.g. ('0:1', '1:3')"
                              ) from None
         if layer < 0 or head < 0 or (num_layers is not None and layer >= num_layers) or (
                 num_heads is not None and head >= num_heads):
-            raise ConfigError(f"config.model.act_heads: {item!r} is outside the model "
+            raise ValueError(f"config.model.act_heads: {item!r} is outside the model "
                              f"(layers 0..{(num_layers or 1) - 1}, heads 0..{(num_heads or 1) - 1})")
         out.add((layer, head))
     return tuple(sorted(out))
@@ -122,19 +121,22 @@ class ActHeads(nnx.Variable):
 class ACTAttention(SoftmaxAttention):
     """SoftmaxAttention whose chosen heads attend with the ACT-calibrated map."""
 
+    OPTION_PREFIX = "act"
     CONFIG_DEFAULTS = dict(act_heads=(), act_alpha=0.1, act_beta=0.4)
+
+    @staticmethod
+    def validate_options(opt, cfg):
+        for key in ("act_beta", "act_alpha"):
+            if not 0.0 <= opt[key] <= 1.0:
+                raise ValueError(f"config.model.{key}={opt[key]}: allowed values are in [0, 1]")
+        parse_heads(opt["act_heads"], num_layers=getattr(cfg, "num_layers", None),
+                    num_heads=getattr(cfg, "num_heads", None))
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        d = ACTAttention.CONFIG_DEFAULTS
-        self.alpha = float(getattr(cfg, "act_alpha", d["act_alpha"]))
-        self.beta = float(getattr(cfg, "act_beta", d["act_beta"]))
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"config.model.act_beta={self.beta}: allowed values are in [0, 1]")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"config.model.act_alpha={self.alpha}: allowed values are in [0, 1]")
-        self.all_heads = parse_heads(getattr(cfg, "act_heads", d["act_heads"]),
-                                     num_layers=getattr(cfg, "num_layers", None),
+        opt = read_options(type(self), cfg)
+        self.alpha, self.beta = opt["act_alpha"], opt["act_beta"]
+        self.all_heads = parse_heads(opt["act_heads"], num_layers=getattr(cfg, "num_layers", None),
                                      num_heads=self.num_heads)
         self.set_layer(None)  # the model's attention.build(..., layer=i) sets it
 

@@ -123,13 +123,8 @@ class ComplexFormerAttention(SoftmaxAttention):
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
         check_mode(mode, cache)
-        if not self.causal and mode != "train":
-            raise ValueError(f"mode={mode!r}: bidirectional attention (model.causal=False) has "
-                             "no cache; call it with mode='train'")
         B, T, _ = x.shape
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x, mode)
         qt = constrain(self.rotate_queries(q, positions).astype(q.dtype),
                        ("batch", "length", "act_heads", None))
 

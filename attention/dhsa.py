@@ -101,7 +101,7 @@ def dhsa_block_mask(q, k, *, chunk: int, top_k_tokens: int, block_q: int, block_
 class DHSAAttention(BlockSparsePrefillAttention):
     """Softmax attention whose prefill is DHSA block-sparse attention (module docstring)."""
 
-    PREFIX = "dhsa"
+    OPTION_PREFIX = "dhsa"
     CONFIG_DEFAULTS = {
         "dhsa_chunk_size": 16,    # fixed chunk length (the paper predicts variable boundaries)
         "dhsa_topk": 512,         # tokens (rounded up to key blocks) chosen per query block
@@ -110,16 +110,15 @@ class DHSAAttention(BlockSparsePrefillAttention):
         "dhsa_window": 256,       # most recent tokens always attended
         "dhsa_sink": 0,           # attention-sink tokens at the start, always attended
         "dhsa_in_train": False,   # sparse in mode="train" too (default: dense training)
-        "sparse_impl": "auto",    # block_sparse_attention impl
     }
 
-    def __init__(self, cfg, *, dtype=jnp.float32, rngs):
-        super().__init__(cfg, dtype=dtype, rngs=rngs)
-        c = self.dhsa_chunk_size
-        if c < 1 or self.dhsa_block_q % c or self.dhsa_block_k % c:
+    @staticmethod
+    def validate_options(opt, cfg):
+        c = opt["dhsa_chunk_size"]
+        if c < 1 or opt["dhsa_block_q"] % c or opt["dhsa_block_k"] % c:
             raise ValueError(f"config.model.dhsa_chunk_size={c} must be >= 1 and divide "
-                             f"dhsa_block_q={self.dhsa_block_q} and "
-                             f"dhsa_block_k={self.dhsa_block_k}")
+                             f"dhsa_block_q={opt['dhsa_block_q']} and "
+                             f"dhsa_block_k={opt['dhsa_block_k']}")
 
     def block_mask(self, q, k) -> BlockMask:
         return dhsa_block_mask(q, k, chunk=self.dhsa_chunk_size, top_k_tokens=self.dhsa_topk,

@@ -52,8 +52,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from attention.ops.block_sparse import BlockMask, block_sparse_attention, causal_blocks
-from attention.registry import register
+from attention.ops.block_sparse import (BlockMask, SparseImplOption, block_sparse_attention,
+                                        causal_blocks)
+from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention
 
 _LN2 = math.log(2.0)
@@ -214,32 +215,32 @@ def flexprefill_attention(q, k, v, *, block: int = 128, gamma: float = 0.9, tau:
 
 # ----------------------------------------------------------------------------- the layer
 @register("flexprefill")
-class FlexPrefillAttention(SoftmaxAttention):
+class FlexPrefillAttention(SparseImplOption, SoftmaxAttention):
     """SoftmaxAttention (same parameters) whose prompt self-attention at prefill is FlexPrefill;
     decoding over the cache stays dense, and so does training unless flex_in_train."""
 
+    OPTION_PREFIX = "flex"
     CONFIG_DEFAULTS = {
         "flex_block": 128,        # block size (query and key), tokens
         "flex_gamma": 0.9,        # attention mass to cover
         "flex_tau": 0.1,          # sqrt-JSD threshold: D < tau -> query-aware head
         "flex_min_budget": 512,   # minimum key tokens per query block
         "flex_in_train": False,   # also sparsify mode="train"
-        "sparse_impl": "auto",    # block_sparse_attention impl
     }
+
+    @staticmethod
+    def validate_options(opt, cfg):
+        if opt["flex_block"] < 1 or not 0.0 < opt["flex_gamma"] or opt["flex_min_budget"] < 0:
+            raise ValueError(f"flexprefill: need config.model.flex_block >= 1, flex_gamma > 0, "
+                             f"flex_min_budget >= 0; got {opt['flex_block']}, "
+                             f"{opt['flex_gamma']}, {opt['flex_min_budget']}")
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        d = self.CONFIG_DEFAULTS
-        self.block = int(cfg.get("flex_block", d["flex_block"]))
-        self.gamma = float(cfg.get("flex_gamma", d["flex_gamma"]))
-        self.tau = float(cfg.get("flex_tau", d["flex_tau"]))
-        self.min_budget = int(cfg.get("flex_min_budget", d["flex_min_budget"]))
-        self.in_train = bool(cfg.get("flex_in_train", d["flex_in_train"]))
-        self.impl = str(cfg.get("sparse_impl", d["sparse_impl"]))
-        if self.block < 1 or not 0.0 < self.gamma or self.min_budget < 0:
-            raise ValueError(f"flexprefill: need flex_block >= 1, flex_gamma > 0, "
-                             f"flex_min_budget >= 0; got {self.block}, {self.gamma}, "
-                             f"{self.min_budget}")
+        opt = read_options(type(self), cfg)
+        for name in ("block", "gamma", "tau", "min_budget", "in_train"):
+            setattr(self, name, opt[f"flex_{name}"])  # self.block = flex_block, ...
+        self.impl = opt["sparse_impl"]
 
     def block_mask(self, q, k):
         """The bool [B, H, NB, NB] mask (and info) this layer would use for q, k (see

@@ -19,12 +19,8 @@ from flax import nnx
 
 from attention.layers import dense
 from attention.ops.gla import gla, gla_step
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.sharding import constrain
-
-
-def _field(cfg, name, default):
-    return cfg[name] if name in cfg else default
 
 
 @register("gla")
@@ -32,21 +28,23 @@ class GatedLinearAttention(nnx.Module):
     """x [B, T, D] -> [B, T, D] with num_heads heads of key dim D*expand_k/H, value D*expand_v/H."""
 
     # fla GatedLinearAttention defaults, added to config.model when model.attention = "gla"
+    OPTION_PREFIX = "gla"
     CONFIG_DEFAULTS = dict(gla_expand_k=0.5, gla_expand_v=1.0, gla_gate_rank=16,
                            gla_gate_norm=16.0, gla_chunk=64, gla_impl="auto")
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         d, H = cfg.d_model, cfg.num_heads
-        key_dim = int(d * _field(cfg, "gla_expand_k", 0.5))
-        value_dim = int(d * _field(cfg, "gla_expand_v", 1.0))
+        opt = read_options(type(self), cfg)
+        key_dim = int(d * opt["gla_expand_k"])
+        value_dim = int(d * opt["gla_expand_v"])
         if key_dim % H or value_dim % H:
             raise ValueError(f"gla: key dim {key_dim} and value dim {value_dim} (d_model={d} x "
                              f"expand_k / expand_v) must be divisible by num_heads={H}")
         self.num_heads, self.head_k, self.head_v = H, key_dim // H, value_dim // H
-        self.gate_norm = float(_field(cfg, "gla_gate_norm", 16.0))
-        self.chunk = int(_field(cfg, "gla_chunk", 64))
-        self.impl = str(_field(cfg, "gla_impl", "auto"))
-        rank = int(_field(cfg, "gla_gate_rank", 16))
+        self.gate_norm = opt["gla_gate_norm"]
+        self.chunk = opt["gla_chunk"]
+        self.impl = opt["gla_impl"]
+        rank = opt["gla_gate_rank"]
         out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
         self.q_proj = dense(d, key_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)
         self.k_proj = dense(d, key_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)

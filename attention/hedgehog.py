@@ -27,7 +27,7 @@ from flax import nnx
 from attention.layers import dense
 from attention.ops.gla import gla, gla_step
 from attention.ops.rope import apply_rope
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.sharding import constrain
 from attention.softmax import check_mode
 
@@ -155,13 +155,24 @@ class HedgehogAttention(nnx.Module):
     Cache (prefill/decode): the recurrent state {"S": [B, H, 2f, head_dim], "z": [B, H, 2f]} f32.
     """
 
+    OPTION_PREFIX = "hedgehog"
+    CONFIG_DEFAULTS = dict(hedgehog_feature_dim=0,  # 0: head_dim
+                           hedgehog_distill=False)
+
+    @staticmethod
+    def validate_options(opt, cfg):
+        if opt["hedgehog_feature_dim"] < 0:
+            raise ValueError(f"config.model.hedgehog_feature_dim={opt['hedgehog_feature_dim']} "
+                             "must be >= 0 (0: head_dim)")
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.rope_theta = cfg.rope_theta
-        self.distill = bool(getattr(cfg, "hedgehog_distill", False))
-        self.feature_dim = int(getattr(cfg, "hedgehog_feature_dim", 0) or self.head_dim)
+        opt = read_options(type(self), cfg)
+        self.distill = opt["hedgehog_distill"]
+        self.feature_dim = opt["hedgehog_feature_dim"] or self.head_dim
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")

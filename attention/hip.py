@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attention.ops.block_sparse import (IMPLS, BlockMask, block_sparse_attention,
+from attention.ops.block_sparse import (BlockMask, SparseImplOption, block_sparse_attention,
                                         causal_blocks, local_blocks, sink_blocks)
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention
 
 
@@ -185,33 +185,36 @@ def hip_block_mask(q, k, *, mask_k: int, block_q: int, block_k: int, rep_tokens:
 
 
 # ------------------------------------------------------------------ the layer
-class BlockSparsePrefillAttention(SoftmaxAttention):
+class BlockSparsePrefillAttention(SparseImplOption, SoftmaxAttention):
     """SoftmaxAttention whose prefill (and, if `<prefix>_in_train`, training) attention is
-    block-sparse over a mask built from q and k by `block_mask`; subclasses set PREFIX and
-    CONFIG_DEFAULTS (read into attributes of the same names). On the sparse path it sows
-    "attention_pairs" (SoftmaxAttention.report_cost): the (query, key) pairs per sequence."""
+    block-sparse over a mask built from q and k by `block_mask`; subclasses set OPTION_PREFIX
+    and CONFIG_DEFAULTS (read into attributes of the same names; integers must be >= 0,
+    `<prefix>_block_q` / `_block_k` >= 1). On the sparse path it sows "attention_pairs"
+    (SoftmaxAttention.report_cost): the (query, key) pairs per sequence."""
 
-    PREFIX = ""
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("CONFIG_DEFAULTS", {})
+        then = cls.__dict__.get("validate_options")  # the subclass's own checks, run after
+
+        def validate_options(opt, cfg):
+            for key, default in own.items():
+                if isinstance(default, int) and not isinstance(default, bool) and opt[key] < 0:
+                    raise ValueError(f"config.model.{key}={opt[key]!r}: expected an integer >= 0")
+            for key in (f"{cls.OPTION_PREFIX}_block_q", f"{cls.OPTION_PREFIX}_block_k"):
+                if opt[key] < 1:
+                    raise ValueError(f"config.model.{key}={opt[key]}: must be >= 1")
+            if then is not None:
+                then.__func__(opt, cfg)
+
+        cls.validate_options = staticmethod(validate_options)
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
         # options as plain (static, hashable) attributes named like their config fields
-        for key, default in type(self).CONFIG_DEFAULTS.items():
-            value = cfg.get(key, default)
-            if isinstance(default, bool):
-                value = bool(value)
-            elif isinstance(default, int):
-                if isinstance(value, bool) or int(value) != value or value < 0:
-                    raise ValueError(f"config.model.{key}={value!r}: expected an integer >= 0")
-                value = int(value)
+        for key, value in read_options(type(self), cfg).items():
             setattr(self, key, value)
-        for key in (f"{self.PREFIX}_block_q", f"{self.PREFIX}_block_k"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"config.model.{key}={getattr(self, key)}: must be >= 1")
-        if self.sparse_impl not in IMPLS:
-            raise ValueError(f"config.model.sparse_impl={self.sparse_impl!r}: allowed values "
-                             f"are {', '.join(IMPLS)}")
-        self.in_train = getattr(self, f"{self.PREFIX}_in_train")
+        self.in_train = getattr(self, f"{self.OPTION_PREFIX}_in_train")
 
     def block_mask(self, q, k) -> BlockMask:
         """The prefill mask of q [B, T, H, d] and k [B, T, H_kv, d]: each mechanism's own."""
@@ -229,7 +232,7 @@ class BlockSparsePrefillAttention(SoftmaxAttention):
 class HiPAttention(BlockSparsePrefillAttention):
     """Softmax attention whose prefill is HiP block-sparse attention (module docstring)."""
 
-    PREFIX = "hip"
+    OPTION_PREFIX = "hip"
     CONFIG_DEFAULTS = {
         "hip_mask_k": 512,        # tokens chosen per query block by the tree search (paper k)
         "hip_block_q": 64,        # paper block_size_q; the op's query block
@@ -238,7 +241,6 @@ class HiPAttention(BlockSparsePrefillAttention):
         "hip_window": 256,        # sliding window (tokens), always attended
         "hip_sink": 16,           # attention-sink tokens at the start, always attended
         "hip_in_train": False,    # sparse in mode="train" too (default: dense training)
-        "sparse_impl": "auto",    # block_sparse_attention impl
     }
 
     def block_mask(self, q, k) -> BlockMask:

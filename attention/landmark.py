@@ -83,19 +83,12 @@ from flax import nnx
 
 from attention.ops.block_sparse import BlockMask, block_sparse_attention
 from attention.ops.rope import apply_rope
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention, check_mode
 from pallas_kernels import platform
 from attention.sharding import constrain
 
 _NEG = -jnp.inf
-
-
-def _opt(cfg, name, default):
-    try:
-        return cfg.get(name, default)
-    except AttributeError:
-        return getattr(cfg, name, default)
 
 
 def _masked_softmax(x, mask, axis=-1):
@@ -309,6 +302,7 @@ class LandmarkAttention(SoftmaxAttention):
     Cache: {"k", "v": [B, S, H_kv, d] (RoPE'd), "kl": [B, S / l, H_kv, d] f32}, S = max_len
     rounded up to a multiple of l."""
 
+    OPTION_PREFIX = "landmark"
     CONFIG_DEFAULTS = {
         "landmark_every": 50,          # l, tokens per block (paper's LM experiments)
         "landmark_top_k": 5,           # blocks kept per query block (prefill) / token ("topk")
@@ -317,23 +311,26 @@ class LandmarkAttention(SoftmaxAttention):
         "landmark_impl": "auto",       # block_sparse_attention impl at prefill
     }
 
+    @staticmethod
+    def validate_options(opt, cfg):
+        if opt["landmark_every"] < 1:
+            raise ValueError("config.model.landmark_every must be >= 1, got "
+                             f"{opt['landmark_every']}")
+        if opt["landmark_top_k"] < 0:
+            raise ValueError("config.model.landmark_top_k must be >= 0, got "
+                             f"{opt['landmark_top_k']}")
+        if opt["landmark_inference"] not in ("grouped", "standard"):
+            raise ValueError(f"config.model.landmark_inference must be 'grouped' or 'standard', "
+                             f"got {opt['landmark_inference']!r}")
+        if opt["landmark_decode"] not in ("dense", "topk"):
+            raise ValueError(f"config.model.landmark_decode must be 'dense' or 'topk', got "
+                             f"{opt['landmark_decode']!r}")
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        d = self.CONFIG_DEFAULTS
-        self.block = int(_opt(cfg, "landmark_every", d["landmark_every"]))
-        self.top_k = int(_opt(cfg, "landmark_top_k", d["landmark_top_k"]))
-        self.inference = str(_opt(cfg, "landmark_inference", d["landmark_inference"]))
-        self.decode = str(_opt(cfg, "landmark_decode", d["landmark_decode"]))
-        self.impl = str(_opt(cfg, "landmark_impl", d["landmark_impl"]))
-        if self.block < 1:
-            raise ValueError(f"landmark_every must be >= 1, got {self.block}")
-        if self.top_k < 0:
-            raise ValueError(f"landmark_top_k must be >= 0, got {self.top_k}")
-        if self.inference not in ("grouped", "standard"):
-            raise ValueError(f"landmark_inference must be 'grouped' or 'standard', got "
-                             f"{self.inference!r}")
-        if self.decode not in ("dense", "topk"):
-            raise ValueError(f"landmark_decode must be 'dense' or 'topk', got {self.decode!r}")
+        opt = read_options(type(self), cfg)
+        self.block, self.top_k, self.inference, self.decode, self.impl = (
+            opt[f"landmark_{k}"] for k in ("every", "top_k", "inference", "decode", "impl"))
         shape = (self.num_kv_heads, self.head_dim)
         init = nnx.with_partitioning(nnx.initializers.zeros, ("kv_heads", None))
         self.landmark_pool = nnx.Param(init(None, shape, jnp.float32))

@@ -18,7 +18,7 @@ probability of head i; a perfectly balanced top-k routing gives f_i = k / E, P_i
 l_aux = k. `moh_aux_weight` * l_aux (the paper's beta = 0.01) is sown as nnx.Intermediate
 "aux_loss" in mode="train" (the Task adds it to the loss).
 
-Config (config.model, merged by add_mechanism_defaults): moh_shared_heads (int, 0 <= h_s < H),
+Config (config.model, attention.registry.read_options): moh_shared_heads (int, 0 <= h_s < H),
 moh_top_k (an int head count, 1 <= k <= E, rather than a fraction: exact, as the official code's
 number of activated heads), moh_aux_weight (float).
 
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.layers import dense
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention, check_mode
 
 
@@ -88,19 +88,23 @@ class MoHAttention(SoftmaxAttention):
     docstring). Parameters: SoftmaxAttention's + router [D, E], shared_router [D, h_s] (when
     h_s > 1), group_router [D, 2] (when h_s > 0)."""
 
+    OPTION_PREFIX = "moh"
     CONFIG_DEFAULTS = dict(moh_shared_heads=1, moh_top_k=2, moh_aux_weight=0.01)
     BIDIRECTIONAL = True
 
+    @staticmethod
+    def validate_options(opt, cfg):
+        if not 0 <= opt["moh_shared_heads"] < cfg.num_heads:
+            raise ValueError(f"config.model.moh_shared_heads={opt['moh_shared_heads']} must be in "
+                             f"[0, num_heads={cfg.num_heads}) (at least one routed head)")
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        defaults = MoHAttention.CONFIG_DEFAULTS
+        opt = read_options(type(self), cfg)
         H = self.num_heads
-        self.shared_heads = int(getattr(cfg, "moh_shared_heads", defaults["moh_shared_heads"]))
-        self.top_k = int(getattr(cfg, "moh_top_k", defaults["moh_top_k"]))
-        self.aux_weight = float(getattr(cfg, "moh_aux_weight", defaults["moh_aux_weight"]))
-        if not 0 <= self.shared_heads < H:
-            raise ValueError(f"model.moh_shared_heads={self.shared_heads} must be in [0, "
-                             f"num_heads={H}) (at least one routed head)")
+        self.shared_heads = opt["moh_shared_heads"]
+        self.top_k = opt["moh_top_k"]
+        self.aux_weight = opt["moh_aux_weight"]
         E = H - self.shared_heads
         self.routed_heads = E
         if not 1 <= self.top_k <= E:

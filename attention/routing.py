@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.ops.block_sparse import BlockMask, block_sparse_attention, local_blocks
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention
 
 _LN_EPS = 1e-6
@@ -180,6 +180,7 @@ class RoutingAttention(SoftmaxAttention):
     Config (config.model): the softmax fields, plus CONFIG_DEFAULTS (a config without them gets
     these values)."""
 
+    OPTION_PREFIX = "routing"
     CONFIG_DEFAULTS = {
         "routing_num_clusters": 4,       # C (paper: ~sqrt(T))
         "routing_cluster_size": 0,       # w tokens per cluster; 0: ceil(T / C)
@@ -191,27 +192,29 @@ class RoutingAttention(SoftmaxAttention):
         "routing_impl": "auto",          # block_sparse_attention impl
     }
 
+    @staticmethod
+    def validate_options(opt, cfg):
+        if opt["routing_membership"] not in ("topw", "causal"):
+            raise ValueError(f"config.model.routing_membership={opt['routing_membership']!r}; "
+                             "allowed: 'topw', 'causal'")
+        local = opt["routing_local_heads"]
+        if not (local == -1 or 0 <= local <= cfg.num_heads):
+            raise ValueError(f"config.model.routing_local_heads={local} must be in "
+                             f"[0, num_heads={cfg.num_heads}] (or -1: half the heads)")
+        if (opt["routing_num_clusters"] < 1 or opt["routing_local_window"] < 1
+                or opt["routing_cluster_size"] < 0):
+            raise ValueError(f"config.model.routing_num_clusters={opt['routing_num_clusters']} and "
+                             f"routing_local_window={opt['routing_local_window']} must be >= 1, "
+                             f"routing_cluster_size={opt['routing_cluster_size']} >= 0")
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        # config.model (a ConfigDict) or any namespace; absent fields take the defaults
-        opt = {k: getattr(cfg, k, v) for k, v in self.CONFIG_DEFAULTS.items()}
-        self.num_clusters = int(opt["routing_num_clusters"])
-        self.cluster_size = int(opt["routing_cluster_size"])
-        local = int(opt["routing_local_heads"])
+        opt = read_options(type(self), cfg)
+        for name in ("num_clusters", "cluster_size", "local_window", "ema_decay", "commitment",
+                     "impl", "membership"):
+            setattr(self, name, opt[f"routing_{name}"])  # self.num_clusters = routing_..., ...
+        local = opt["routing_local_heads"]
         self.local_heads = self.num_heads // 2 if local < 0 else local
-        self.local_window = int(opt["routing_local_window"])
-        self.ema_decay = float(opt["routing_ema_decay"])
-        self.commitment = float(opt["routing_commitment"])
-        self.impl = str(opt["routing_impl"])
-        self.membership = str(opt["routing_membership"])
-        if self.membership not in ("topw", "causal"):
-            raise ValueError(f"routing_membership={self.membership!r}; allowed: 'topw', 'causal'")
-        if not 0 <= self.local_heads <= self.num_heads:
-            raise ValueError(f"routing_local_heads={self.local_heads} must be in "
-                             f"[0, num_heads={self.num_heads}] (or -1: half the heads)")
-        if self.num_clusters < 1 or self.local_window < 1 or self.cluster_size < 0:
-            raise ValueError(f"routing_num_clusters={self.num_clusters} and routing_local_window="
-                             f"{self.local_window} must be >= 1, routing_cluster_size >= 0")
         self.routed_heads = self.num_heads - self.local_heads
         # drawn after the projections: q/k/v/o initialise exactly as SoftmaxAttention's
         self.centroids = Centroids(jax.random.normal(

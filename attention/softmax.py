@@ -13,7 +13,7 @@ from flax import nnx
 
 from attention.ops.causal import causal_attention
 from attention.ops.rope import apply_rope
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.layers import Dense, dense  # noqa: F401  (Dense: re-exported)
 from attention.sharding import constrain
 
@@ -35,7 +35,8 @@ class SoftmaxAttention(nnx.Module):
     """x [B, T, D] -> [B, T, D]. Heads: num_heads query, num_kv_heads key/value (GQA)."""
 
     # config.model fields (attention/ops/causal.py), also of the mechanisms built on this layer
-    # (add_mechanism_defaults merges CONFIG_DEFAULTS along the class hierarchy)
+    # (attention.registry.read_options merges CONFIG_DEFAULTS along the class hierarchy)
+    OPTION_PREFIX = "softmax"
     CONFIG_DEFAULTS = dict(softmax_impl="auto", softmax_block=64)
     # honours model.causal=False (bidirectional attention, mode="train" only). A subclass
     # computes its scores its own way (sparse masks, routing), so it is causal-only unless its
@@ -57,10 +58,9 @@ class SoftmaxAttention(nnx.Module):
                              "mechanism whose class sets BIDIRECTIONAL = True")
         # attention/ops/causal.py: "auto" = query blocks skipping the masked half on CPU, the
         # dense (cuDNN / XLA) form elsewhere
-        defaults = SoftmaxAttention.CONFIG_DEFAULTS
-        # getattr: cfg is a ConfigDict or any namespace with the fields (tests, notebooks)
-        self.softmax_impl = getattr(cfg, "softmax_impl", defaults["softmax_impl"])
-        self.softmax_block = int(getattr(cfg, "softmax_block", defaults["softmax_block"]))
+        opts = read_options(type(self), cfg)  # this class's options and its subclass's
+        self.softmax_impl = opts["softmax_impl"]
+        self.softmax_block = opts["softmax_block"]
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                              f"num_kv_heads={self.num_kv_heads}")
@@ -97,9 +97,9 @@ class SoftmaxAttention(nnx.Module):
         B, T = x.shape[:2]
         return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim)), cache
 
-    def head_outputs(self, x, *, positions, cache=None, mode: str = "train"):
-        """Every head's attention output before o_proj: x [B, T, D] -> (y [B, T, H, hd],
-        cache). A mechanism that weighs heads (MoH) uses it and applies o_proj itself."""
+    def project(self, x, mode: str):
+        """x [B, T, D] -> q [B, T, H, hd], k, v [B, T, H_kv, hd] (before any rotation); a
+        bidirectional layer refuses the cached modes."""
         if not self.causal and mode != "train":
             raise ValueError(f"mode={mode!r}: bidirectional attention (model.causal=False) has "
                              "no cache; call it with mode='train'")
@@ -107,6 +107,13 @@ class SoftmaxAttention(nnx.Module):
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def head_outputs(self, x, *, positions, cache=None, mode: str = "train"):
+        """Every head's attention output before o_proj: x [B, T, D] -> (y [B, T, H, hd],
+        cache). A mechanism that weighs heads (MoH) uses it and applies o_proj itself."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, mode)
         q = constrain(apply_rope(q, positions, theta=self.rope_theta),
                       ("batch", "length", "act_heads", None))
         k = apply_rope(k, positions, theta=self.rope_theta)

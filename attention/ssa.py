@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from attention.ops.block_sparse import BlockMask, block_sparse_attention
-from attention.registry import register
+from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention
 
 
@@ -74,6 +74,7 @@ class SSAAttention(SoftmaxAttention):
     training. Config (config.model): the softmax fields plus CONFIG_DEFAULTS (a config without
     them gets these values)."""
 
+    OPTION_PREFIX = "ssa"
     CONFIG_DEFAULTS = {
         "ssa_keep_ratio": 0.25,    # fraction of the causal key blocks each query block keeps
         "ssa_block_size": 64,      # tokens per query / key block
@@ -83,21 +84,20 @@ class SSAAttention(SoftmaxAttention):
         "ssa_impl": "auto",        # block_sparse_attention impl
     }
 
+    @staticmethod
+    def validate_options(opt, cfg):
+        if not 0.0 < opt["ssa_keep_ratio"] <= 1.0:
+            raise ValueError(f"config.model.ssa_keep_ratio={opt['ssa_keep_ratio']} must be in (0, 1]")
+        if opt["ssa_block_size"] < 1 or opt["ssa_ensemble"] < 1 or opt["ssa_locality"] < 0:
+            raise ValueError(f"config.model.ssa_block_size={opt['ssa_block_size']} and ssa_ensemble="
+                             f"{opt['ssa_ensemble']} must be >= 1, ssa_locality="
+                             f"{opt['ssa_locality']} >= 0")
+
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        # config.model (a ConfigDict) or any namespace; absent fields take the defaults
-        opt = {k: getattr(cfg, k, v) for k, v in self.CONFIG_DEFAULTS.items()}
-        self.keep_ratio = float(opt["ssa_keep_ratio"])
-        self.block_size = int(opt["ssa_block_size"])
-        self.locality = float(opt["ssa_locality"])
-        self.keep_first = bool(opt["ssa_keep_first"])
-        self.ensemble = int(opt["ssa_ensemble"])
-        self.impl = str(opt["ssa_impl"])
-        if not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"ssa_keep_ratio={self.keep_ratio} must be in (0, 1]")
-        if self.block_size < 1 or self.ensemble < 1 or self.locality < 0:
-            raise ValueError(f"ssa_block_size={self.block_size} and ssa_ensemble={self.ensemble} "
-                             f"must be >= 1, ssa_locality={self.locality} >= 0")
+        opt = read_options(type(self), cfg)
+        for name in ("keep_ratio", "block_size", "locality", "keep_first", "ensemble", "impl"):
+            setattr(self, name, opt[f"ssa_{name}"])  # self.keep_ratio = ssa_keep_ratio, ...
         # forked after the projections (which initialise exactly as SoftmaxAttention's)
         self.rngs = rngs["ssa"].fork()
         self.deterministic = False  # True (model.eval() / nnx.view): dense in mode="train"

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from trainer import Trainer, load_config, tracking  # noqa: E402
+from models.mixformer import tracking  # noqa: E402
+from trainer import Trainer, load_config  # noqa: E402
 from models.mixformer.track import OnlineTracker  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

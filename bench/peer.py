@@ -69,7 +69,7 @@ def run_polyformer(a) -> dict:
     import jax
     import optax
 
-    from trainer.config import load_config
+    from trainer.cli import load_config
     from trainer.trainer import Trainer
 
     shapes = [f"model.num_layers={a.layers}", f"model.d_model={a.d_model}",

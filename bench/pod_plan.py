@@ -28,7 +28,7 @@ MARK = "POD_PLAN_JSON "
 def plan_one(config: str, topology: str, overrides: list[str]) -> dict:
     """Runs in a child process: the dry run's figures (Trainer.plan) for one config on one slice."""
     import attention  # noqa: F401  (environment before jax starts)
-    from trainer.config import load_config
+    from trainer.cli import load_config
     from trainer.sharding import topology_devices
     from trainer.trainer import Trainer
 

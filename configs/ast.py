@@ -18,7 +18,7 @@ FFN: Houlsby), conformer (parallel, MHSA + FFN), lora (W_q, W_v), prompt (deep, 
 `python -m trainer.audio stats --source=/data/ESC-50`.
 """
 from models.ast import PETL_NEW, PETL_TRAINABLE
-from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
+from trainer.config import base_config, schedule_from, variant_fields
 
 # models/ast/audio.py SYNTH_CLASSES, split into what the backbone is pretrained on and the
 # transfer task: tonal sounds vs noise-like / modulated ones
@@ -123,5 +123,4 @@ def get_config(name=None):
     m.lora_alpha = 8.0
     m.prompt_length = 8
     petl_fields(c, v["petl"])
-    add_mechanism_defaults(m)
     return c

@@ -13,7 +13,7 @@ given to attention grows with depth (1/3, 1/2, 2/3 -> 5/6 here; 1/3 ... 11/12 in
 attention runs on 2x average-pooled maps in the early stages and at full resolution late.
 """
 from configs.vit import classification_base
-from trainer.config import add_mechanism_defaults, variant_fields
+from trainer.config import variant_fields
 
 VARIANTS = {
     # name: per-stage channels, blocks, heads (head_dim 16), pooling; per-block attention heads
@@ -31,11 +31,9 @@ def get_config(name=None):
     v = variant_fields(VARIANTS, name, "tiny", "configs/iformer.py")
     c = classification_base("iformer", v)
     m = c.model
-    m.dims = v["dims"]
-    m.depths = v["depths"]
-    m.num_heads = v["num_heads"]
-    m.attention_heads = v["attention_heads"]  # per block: C_l / head_dim
-    m.pool = v["pool"]  # per stage: the low-frequency mixer's average pooling
+    # per stage: channels, blocks, heads and the low-frequency mixer's average pooling; per
+    # block: attention heads (C_l / head_dim)
+    for field in ("dims", "depths", "num_heads", "attention_heads", "pool"):
+        m[field] = v[field]
     m.mlp_ratio = 4.0
-    add_mechanism_defaults(m)
     return c

@@ -11,7 +11,7 @@ gla_1b, gla_8b: pod-scale shapes for planning (`--dry_run --topology=v5p:4x4x4`,
 """
 import ml_collections
 
-from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
+from trainer.config import base_config, schedule_from, variant_fields
 
 VARIANTS = {
     # name: (layers, d_model, heads, kv_heads, seq_len, global batch, steps, lr, warmup)
@@ -116,7 +116,6 @@ def get_config(variant=None):
         c.mesh.data, c.mesh.fsdp = 1, -1
         c.checkpoint.every = 1000
         c.eval.every = 1000
-    add_mechanism_defaults(m)
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = "def "
     c.sample.max_new_tokens = 32 if variant.endswith("tiny") else 200

@@ -17,6 +17,9 @@ stored, not derived from the current counts at build time: a run grown from this
 param_tokens / ffn_param_tokens) keeps them, which is what makes growth with zero-initialised
 tokens preserve the function (attention/pattention.py).
 """
+import ml_collections
+
+from attention.pattention import default_zoom
 from configs.lm import byte_lm_base
 from trainer.config import variant_fields
 
@@ -36,10 +39,6 @@ VARIANTS = {
 
 
 def get_config(variant=None):
-    import ml_collections
-
-    from attention.pattention import default_zoom
-
     variant = variant or "tiny"
     v = variant_fields(VARIANTS, variant, "tiny", "configs/tokenformer.py")
     stages = v.pop("stages", ())

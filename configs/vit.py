@@ -9,7 +9,7 @@ data is the embedded shapes set (models/images.py, no download); an ImageFolder 
 (root/<class>/<image>) instead, with as many classes as model.num_classes:
     --config.data.paths=/path/to/folder --config.model.num_classes=<classes>
 """
-from trainer.config import add_mechanism_defaults, base_config, schedule_from, variant_fields
+from trainer.config import base_config, schedule_from, variant_fields
 
 NUM_SHAPE_CLASSES = 8  # models/images.py (the task checks model.num_classes against the data)
 
@@ -68,15 +68,11 @@ def get_config(name=None):
     v = variant_fields(VARIANTS, name, "tiny", "configs/vit.py")
     c = classification_base("vit", v)
     m = c.model
-    m.patch_size = v["patch_size"]
-    m.num_layers = v["num_layers"]
-    m.d_model = v["d_model"]
-    m.num_heads = v["num_heads"]
+    for field in ("patch_size", "num_layers", "d_model", "num_heads", "mlp_dim"):
+        m[field] = v[field]
     m.num_kv_heads = v["num_heads"]
     m.head_dim = 0  # 0: d_model // num_heads
-    m.mlp_dim = v["mlp_dim"]
     m.pool = "mean"  # "cls": a learned CLS token feeds the classifier
-    add_mechanism_defaults(m)
     for field, value in v.get("model", {}).items():  # a variant's mechanism fields
         m[field] = value
     return c

@@ -28,6 +28,7 @@ from flax import nnx
 import attention
 from attention.layers import Mlp, compute_dtype, layer_norm, linear, param  # noqa: F401  (re-exported)
 from attention.sharding import constrain
+from models import images
 from trainer.config import ConfigError
 from trainer.task import Task, register_task
 
@@ -35,14 +36,9 @@ POOLS = ("cls", "mean")
 PROBES = ("", "ep", "linear")
 
 
-def attention_config(cfg, **fields):
-    """A copy of config.model with some fields replaced: the registry's attention modules read
-    their sizes (d_model, num_heads, ...) from it, and a hierarchical backbone builds each
-    stage's attention at that stage's width."""
-    import ml_collections
-
-    base = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-    return ml_collections.ConfigDict({**base, **fields})
+# a copy of config.model with some fields replaced (a hierarchical backbone builds each stage's
+# attention at that stage's width)
+attention_config = attention.registry.layer_config
 
 
 def token_positions(batch: int, n: int):
@@ -217,13 +213,8 @@ class ClassificationTask(Task):
     # ---- checks
     def validate(self, mesh_sizes):
         c, m = self.config, self.config.model
-        try:
-            cls = attention.get(m.attention)
-        except KeyError as e:
-            raise ConfigError(f"config.model.attention: {e.args[0]}") from None
-        if not m.causal and not getattr(cls, "BIDIRECTIONAL", False):
-            allowed = [n for n in attention.names()
-                       if getattr(attention.get(n), "BIDIRECTIONAL", False)]
+        allowed = attention.names(bidirectional=True)
+        if not m.causal and m.attention not in allowed:
             raise ConfigError(
                 f"config.model.attention={m.attention!r} is causal only, and a vision encoder "
                 f"attends bidirectionally (model.causal=False); allowed: {', '.join(allowed)}")
@@ -276,8 +267,6 @@ class ClassificationTask(Task):
     def data(self):
         """(train dataset, eval dataset, class names), built once."""
         if self._data is None:
-            from models import images
-
             d = self.config.data
             if d.paths:
                 train, classes = images.image_folder(d.paths[0], "train", image_size=d.image_size,

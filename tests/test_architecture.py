@@ -22,7 +22,7 @@ from conftest import REPO_ROOT
 
 PACKAGES = ("pallas_kernels", "attention", "models", "trainer", "configs")
 # the generic pieces of trainer/ a family builds on (one floor below the families)
-TRAINER_BASE = ("trainer.config", "trainer.task", "trainer.data", "trainer.sharding")
+TRAINER_BASE = ("trainer.config", "trainer.cli", "trainer.task", "trainer.data", "trainer.sharding")
 # a family's command-line tools drive a trained run through the loop: they live with their
 # family (models/<family>/) but stand on the loop's floor
 TOOLS = ("models.lm.prune", "models.lm.act_search", "models.mixformer.track")
@@ -41,15 +41,13 @@ def floor(mod: str) -> int:
 
 
 # (importer, imported) pairs that break a floor today, and where each is going.
-KNOWN_FLOOR_BREAKS = {
-    # ACT's option checks raise trainer.config.ConfigError -> mechanism options declared once and
-    # validated by the config pipeline
-    ("attention.act", "trainer.config"),
-}
-# Modules of trainer/ that still name a family: trainer.generate -> the LM's own API
-KNOWN_FAMILY_IMPORTS = {
-    ("trainer", "models.lm"),
-}
+KNOWN_FLOOR_BREAKS: set[tuple[str, str]] = set()
+# Modules of trainer/ that still import a family
+KNOWN_FAMILY_IMPORTS: set[tuple[str, str]] = set()
+# Where trainer/ may name a family at all (a string, not an import): `trainer.generate`, the
+# public API since the first release (issue 24 rule 7), is the LM family's sampling, found by
+# name on first use
+FAMILY_NAMES_ALLOWED = {("trainer/__init__.py", "models.lm")}
 # Modules that must not import anything of the project beyond the listed ones.
 LEAVES = {
     "attention.sharding": set(),
@@ -115,7 +113,7 @@ def import_graph() -> dict[str, dict[str, bool]]:
 def test_the_graph_sees_the_imports():
     g = import_graph()
     assert g["models.lm.model"]["attention.sharding"] is True
-    assert g["trainer.task"].get("trainer.config") is False  # a function-local import
+    assert g["trainer.main"].get("trainer.trainer") is False  # a function-local import
 
 
 def test_floors():
@@ -177,3 +175,115 @@ def test_layer_kit_has_one_home():
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 assert node.name not in ("dense", "linear", "Mlp", "Dense"), (
                     f"{mod} defines {node.name}; the shared one is in attention/layers.py")
+
+
+def test_the_trainer_names_no_family_even_in_strings():
+    families = sorted({m.split(".")[1] for m in MODULES if m.startswith("models.")} - {"images"})
+    found = set()
+    for mod, path in MODULES.items():
+        if not mod.startswith("trainer") or mod in ALIASES:
+            continue
+        text = open(path).read()
+        rel = os.path.relpath(path, REPO_ROOT)
+        for fam in families:
+            if f"models.{fam}" in text or f"models/{fam}" in text:
+                found.add((rel, f"models.{fam}"))
+    assert found == FAMILY_NAMES_ALLOWED, sorted(found ^ FAMILY_NAMES_ALLOWED)
+
+
+def _mechanism_classes():
+    import attention
+
+    seen = {}
+    for name in attention.names():
+        for klass in attention.get(name).__mro__:
+            if "CONFIG_DEFAULTS" in klass.__dict__:
+                seen[klass] = name
+    return seen
+
+
+def test_mechanism_options_are_declared_once_and_namespaced():
+    """Each class declaring options has its own OPTION_PREFIX; every key starts with it; no two
+    classes share a prefix or a key (so two mechanisms cannot collide in config.model)."""
+    prefixes, keys = {}, {}
+    for klass in _mechanism_classes():
+        prefix = klass.__dict__.get("OPTION_PREFIX")
+        assert prefix, f"{klass.__name__} declares CONFIG_DEFAULTS without its own OPTION_PREFIX"
+        assert prefix not in prefixes, (klass.__name__, prefixes[prefix])
+        prefixes[prefix] = klass.__name__
+        for key in klass.__dict__["CONFIG_DEFAULTS"]:
+            assert key.startswith(prefix + "_"), (klass.__name__, key)
+            assert key not in keys, (key, klass.__name__, keys[key])
+            keys[key] = klass.__name__
+    assert {"softmax_impl", "sparse_impl", "act_heads", "gla_chunk", "hedgehog_distill"} <= set(keys)
+
+
+def test_mechanisms_read_their_options_only_through_the_registry():
+    """No mechanism re-reads a declared option with its own default (cfg.get / getattr):
+    attention.registry.read_options is the one reader."""
+    import re
+
+    keys = {k for klass in _mechanism_classes() for k in klass.__dict__["CONFIG_DEFAULTS"]}
+    pattern = re.compile(r"""(?:\.get\(|getattr\(\w+,\s*)["'](\w+)["']""")
+    for mod, path in MODULES.items():
+        if mod.startswith(("attention", "models")):
+            hits = set(pattern.findall(open(path).read())) & keys
+            assert not hits, f"{mod} reads {sorted(hits)} itself; use read_options"
+
+
+def test_the_registry_answers_capabilities():
+    import attention
+
+    both = attention.names(bidirectional=True)
+    causal = attention.names(bidirectional=False)
+    assert "softmax" in both and "moh" in both and "hip" in causal
+    assert sorted(both + causal) == attention.names()
+    for name in both:
+        assert attention.get(name).BIDIRECTIONAL
+
+
+def test_importing_the_config_starts_no_trainer():
+    """trainer/__init__ is lazy: the config and the attention library load without orbax,
+    grain or tensorboardX (a notebook that builds one layer pays for nothing else)."""
+    code = ("import sys, trainer.config, trainer.cli, attention.softmax; "
+            "heavy = [m for m in ('orbax', 'grain', 'tensorboardX', 'trainer.trainer') "
+            "if m in sys.modules]; print(heavy); assert not heavy")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+# Function-local project imports, each for an optional or heavy dependency (issue 24 rule 1: no
+# local import dodges a cycle). {(module, imported): why}
+LOCAL_IMPORTS = {
+    ("attention.landmark", "pallas_kernels.block_sparse"): "optional Pallas kernel",
+    ("attention.ops.block_sparse", "pallas_kernels.block_sparse"): "optional Pallas kernel",
+    ("attention.ops.gla", "pallas_kernels.gla"): "optional Pallas kernel",
+    # `python -m trainer.main --help` and bad flags answer before jax / orbax start
+    ("trainer.main", "trainer.stages"): "heavy (jax, orbax)",
+    ("trainer.main", "trainer.trainer"): "heavy (jax, orbax)",
+    ("trainer.main", "trainer.sharding"): "heavy (jax)",
+}
+
+
+def test_no_import_cycles_and_local_imports_only_for_heavy_or_optional_ones():
+    g = import_graph()
+    local = {(m, t) for m, edges in g.items() for t, top in edges.items() if not top}
+    assert local == set(LOCAL_IMPORTS), sorted(local ^ set(LOCAL_IMPORTS))
+    # a cycle among module-level imports (packages' __init__ re-exports aside)
+    top = {m: {t for t, at_top in edges.items() if at_top and not m.startswith(t + ".")}
+           for m, edges in g.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for t in top.get(m, ()):
+            if state.get(t) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(t):] + [t]))
+            if t not in state:
+                visit(t, path + [t])
+        state[m] = 2
+
+    for m in sorted(top):
+        if m not in state:
+            visit(m, [m])

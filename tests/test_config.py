@@ -1,6 +1,8 @@
 """Bad configs fail early (before anything compiles) with a ConfigError naming the field."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from conftest import TINY
@@ -105,7 +107,8 @@ BAD_CONFIGS = [
     (("init_from=/nonexistent/run",), ("init_from",)),
     (("init_from_carry=everything",), ("init_from_carry", "'params+optimizer+step'")),
     (("train.schedule_steps=-1",), ("train.schedule_steps",)),
-    (("stages=({'train.stepz': 3},)",), ("config.stages[0]", "train.stepz", "train.steps")),
+    (("model.attention=act", "model.act_beta=1.5"), ("model.act_beta", "[0, 1]")),
+    (("model.attention=hip", "model.sparse_impl=fast"), ("model.sparse_impl", "'fast'", "pallas")),
     # the embedding dimension 36 is not divisible by mesh.fsdp=8 (head_dim is set explicitly,
     # so the head checks pass): the parameters cannot be sharded
     (("model.d_model=36", "model.head_dim=16", "mesh.data=1", "mesh.fsdp=8"),
@@ -135,3 +138,33 @@ def test_eval_split_too_small_fails_before_compiling(tiny_config, tmp_path, no_c
     # times the micro-batch of 8; the train split (540 bytes) holds 16 windows
     (corpus / "a.txt").write_bytes(bytes(range(32, 122)) * 6 + b"\n" * 60)
     assert_config_error(tiny_config(f"data.paths={corpus}"), tmp_path / "run", "eval")
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def test_the_pipeline_checks_every_stage_up_front_and_the_trainer_never_sees_stages(
+        tiny_config, tmp_path):
+    from trainer.stages import runs
+
+    staged = tiny_config("stages=({'train.steps': 2}, {'train.stepz': 3})")
+    with pytest.raises(ConfigError, match=r"config.stages\[1\].*train.stepz.*train.steps"):
+        runs(staged, str(tmp_path))
+    ok = tiny_config("stages=({'train.steps': 2}, {'model.attention': 'moh', 'train.steps': 3})")
+    (c1, d1), (c2, d2) = runs(ok, str(tmp_path))
+    assert not c1.stages and not c2.stages and d1.endswith("stage_1") and c2.init_from == d1
+    assert c2.model.moh_top_k == 2  # a stage's new mechanism brings its options
+    assert_config_error(ok, tmp_path, "config.stages", "fit_stages")  # not a Trainer's input
+    trainer_py = open(os.path.join(os.path.dirname(__file__), "..", "trainer", "trainer.py")).read()
+    assert "stages" not in trainer_py
+
+
+def test_mechanism_options_are_checked_once_before_anything_is_built(tiny_config, monkeypatch):
+    """trainer.cli.check reports a bad mechanism option without building a model (the same
+    check a directly built layer runs), and the CLI prints it without a traceback."""
+    from trainer import cli
+
+    with pytest.raises(ConfigError, match=r"model.landmark_decode must be 'dense' or 'topk'"):
+        cli.check(tiny_config("model.attention=landmark", "model.landmark_decode=sparse"))
+    from trainer.main import main
+    code = main(["--config=" + TINY, "--config.model.attention=ssa",
+                 "--config.model.ssa_keep_ratio=0", "--dry_run"])
+    assert code == 2

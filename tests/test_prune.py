@@ -13,6 +13,7 @@ from flax import nnx
 from conftest import TINY, make_tiny_config
 from models.lm import LM
 from models.lm import prune
+from trainer.api import run_config
 
 
 def test_head_contributions_sum_to_output_projection():
@@ -91,7 +92,7 @@ def test_cli_prunes_a_run_and_refuses_bad_input(tmp_path, capsys):
     assert prune.main(base + ["--ratio=0.3", f"--out={out}"]) == 0
     printed = capsys.readouterr().out
     assert "parameters:" in printed and "eval loss:" in printed and "heads per layer 4 -> 3" in printed
-    config = prune.load_run_config(TINY, ["train.steps=0"], str(out), 0)
+    config = run_config(str(out), 0, spec=TINY, overrides=["train.steps=0"])
     assert (config.model.num_heads, config.model.head_dim) == (3, 16)
     with Trainer(config, str(out), quiet=True) as t:  # `--config.train.steps=0`: evaluate it
         result = t.fit()

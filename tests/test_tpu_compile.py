@@ -27,7 +27,8 @@ import pallas_kernels  # noqa: E402
 from attention.ops.block_sparse import BlockMask, block_sparse_attention  # noqa: E402
 from attention.ops.gla import gla  # noqa: E402
 from pallas_kernels import platform  # noqa: E402
-from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.cli import load_config  # noqa: E402
+from trainer.config import ConfigError  # noqa: E402
 from trainer.sharding import topology_devices  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
 

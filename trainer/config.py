@@ -1,6 +1,6 @@
-"""Configs: ml_collections files with named variants, command-line overrides, validation.
+"""Configs: the fields every family shares, typed command-line values, generic validation.
 
-A config file is a Python module with `get_config(variant: str | None) -> ConfigDict`
+(Loading a config file, its mechanism's options and overrides: trainer/cli.py.) A config file is a Python module with `get_config(variant: str | None) -> ConfigDict`
 (big_vision style); `configs/lm.py:tiny` names the file and the variant. Configs are locked
 after construction so a misspelt override fails, naming the valid keys.
 
@@ -11,7 +11,6 @@ mesh.data/fsdp/tensor, data.paths, model.attention, init_from).
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import re
@@ -119,54 +118,7 @@ def schedule_from(c: ConfigDict, v: dict, *, evals: int = 4) -> ConfigDict:
     return c
 
 
-# ----------------------------------------------------------------------------- loading
-def _load_module(path: str):
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: no such config file {path!r}")
-    name = "polyformer_config_" + os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {path} defines no get_config(variant)")
-    return module
-
-
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
-    """Loads `path/to/file.py[:variant]`, locks it and applies `a.b=value` overrides."""
-    path, _, variant = spec.partition(":")
-    config = _load_module(path).get_config(variant or None)
-    config.lock()
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not of the form field.path=value")
-        key = key.removeprefix("--config.").removeprefix("config.")
-        set_field(config, key, value)
-        if key == "model.attention":  # the new mechanism's own options become fields too
-            with config.unlocked():
-                add_mechanism_defaults(config.model)
-    return config
-
-
-def add_mechanism_defaults(model_config: ConfigDict) -> None:
-    """Adds the fields an attention mechanism declares (the CONFIG_DEFAULTS of its class and its
-    base classes, e.g. gla_chunk, hip_mask_k, softmax_block) to config.model, keeping values already set; an unknown mechanism is
-    left for the task's validation to report."""
-    import attention  # the registry; imported here so loading a config stays light otherwise
-
-    try:
-        cls = attention.get(model_config.attention)
-    except KeyError:
-        return
-    defaults = {}
-    for klass in reversed(cls.__mro__):  # a subclass's own fields, then its bases'
-        defaults.update(klass.__dict__.get("CONFIG_DEFAULTS", {}))
-    for name, value in defaults.items():
-        if name not in model_config:
-            model_config[name] = value
-
-
+# ----------------------------------------------------------------------------- fields
 def _leaf_keys(config: ConfigDict, prefix: str = "") -> list[str]:
     out = []
     for k, v in config.items():
@@ -263,6 +215,10 @@ def validate(config: ConfigDict) -> None:
     """Checks the family-independent fields (the Task checks its own); raises ConfigError."""
     t = config.train
     require(bool(config.task), "task", "no task set; the family config must set config.task")
+    require(not config.stages, "stages",
+            "is a schedule of runs, not one run: train it with python -m trainer.main or "
+            "trainer.stages.fit_stages(config, workdir); trainer.stages.runs(config, workdir) gives "
+            "one checked (config, workdir) per stage for a Trainer each")
     # 0: evaluate only (with init_from, or a workdir to resume)
     require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     require(t.global_batch_size >= 1, "train.global_batch_size",

@@ -15,6 +15,9 @@ import argparse
 import os
 import sys
 
+from trainer.cli import load_config, parse_with_overrides
+from trainer.config import ConfigError
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
@@ -50,19 +53,6 @@ def parse_args(argv):
     return args, overrides
 
 
-def parse_with_overrides(parser: argparse.ArgumentParser, argv):
-    """(args, ["a.b=v", ...]): the parser's flags and the --config.<field>=<value> overrides;
-    anything else is a usage error naming it (the command-line tools share this)."""
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for a in rest:
-        if not a.startswith("--config."):
-            parser.error(f"unrecognised argument {a!r}; config fields are set with "
-                         "--config.<field>=<value>")
-        overrides.append(a[len("--config."):])
-    return args, overrides
-
-
 def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else None
@@ -88,36 +78,38 @@ def init_distributed(args) -> None:
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     init_distributed(args)
-    # import after argument parsing: --help stays fast and bad flags fail before jax starts
-    from trainer.config import ConfigError, load_config
+    # imported after argument parsing (jax, orbax): --help stays fast and bad flags fail
+    # before jax starts
+    from trainer.stages import fit_stages, runs
+    from trainer.trainer import Trainer
 
     try:
+        # the one pipeline (trainer/cli.py): load -> mechanism options -> overrides -> check
+        # every run (every stage of config.stages) -> a Trainer per run
         config = load_config(args.config, overrides)
         path, _, variant = args.config.partition(":")
         workdir = args.workdir or os.path.join(
             "runs", os.path.splitext(os.path.basename(path))[0] + (f"_{variant}" if variant else ""))
-        from trainer.trainer import Trainer
+        planned = runs(config, workdir)
         devices = None
         if args.topology:
             from trainer.sharding import topology_devices
             devices = topology_devices(args.topology)
-        if config.stages:  # a schedule of runs (trainer/stages.py)
-            from trainer.stages import fit_stages, stage_configs, stage_dir
-            if args.dry_run:
-                bad = 0
-                for i, c in enumerate(stage_configs(config), 1):
+        if args.dry_run:
+            bad = 0
+            for i, (c, d) in enumerate(planned, 1):
+                if len(planned) > 1:
                     print(f"stage {i}:")
-                    with Trainer(c, stage_dir(workdir, i), dry_run=True, devices=devices) as t:
-                        print(t.dry_run())
-                        bad += bool(t.problems)
-                return 1 if bad else 0
+                with Trainer(c, d, dry_run=True, devices=devices, checked=True) as t:
+                    print(t.dry_run())
+                    bad += bool(t.problems)
+            return 1 if bad else 0
+        if config.stages:  # a schedule of runs (trainer/stages.py)
             result = fit_stages(config, workdir, devices=devices, max_steps=args.max_steps)[-1]
             where = os.path.join(result["workdir"], "checkpoints")
         else:
-            with Trainer(config, workdir, dry_run=args.dry_run, devices=devices) as trainer:
-                if args.dry_run:
-                    print(trainer.dry_run())
-                    return 1 if trainer.problems else 0
+            (c, d), = planned
+            with Trainer(c, d, devices=devices, checked=True) as trainer:
                 result = trainer.fit(max_steps=args.max_steps)
                 where = trainer.checkpoints.directory
     except ConfigError as e:

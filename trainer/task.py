@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trainer.config import ConfigError
+
 _TASKS: dict[str, type["Task"]] = {}
 
 
@@ -51,7 +53,6 @@ def get_task(name: str) -> type["Task"]:
             if e.name != f"models.{name}":
                 raise
     if name not in _TASKS:
-        from trainer.config import ConfigError
         raise ConfigError(f"config.task: unknown task {name!r}; registered: {', '.join(sorted(_TASKS)) or '(none)'}")
     return _TASKS[name]
 

@@ -32,7 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pallas_kernels import platform as kernel_platform
 from trainer import perf
 from trainer.checkpoint import Checkpoints, UnreadableCheckpoint, by_name, path_name
-from trainer.config import ConfigError, to_json, validate
+from trainer.cli import check
+from trainer.config import ConfigError, to_json
 from trainer.data import global_batch, process_batches
 from trainer.logs import Reporter
 from trainer.optim import lr_schedule, make_optimizer
@@ -42,17 +43,12 @@ from trainer.task import get_task, loss_with_aux
 
 class Trainer:
     def __init__(self, config, workdir: str, *, devices=None, quiet: bool = False,
-                 dry_run: bool = False):
+                 dry_run: bool = False, checked: bool = False):
         """dry_run: collect divisibility problems in self.problems instead of raising, and
-        touch nothing on disk (see `dry_run()`)."""
-        validate(config)
-        if config.stages:
-            from trainer.stages import stage_configs
-            stage_configs(config)  # a bad stage is reported as such
-            raise ConfigError(
-                "config.stages is a schedule of runs: train it with trainer.stages.fit_stages("
-                "config, workdir) (what `python -m trainer.main` does), or build one Trainer per "
-                "config of trainer.stages.stage_configs(config)")
+        touch nothing on disk (see `dry_run()`). checked: the config already passed
+        trainer.cli.check (trainer.cli.runs does it for every run of a command)."""
+        if not checked:
+            check(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.quiet = quiet

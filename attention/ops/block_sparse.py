@@ -31,6 +31,20 @@ import numpy as np
 from pallas_kernels import platform
 
 IMPLS = ("auto", "pallas", "xla", "reference")
+
+
+class SparseImplOption:
+    """The config.model option of the mechanisms that run block_sparse_attention at prefill
+    (HiP, DHSA, FlexPrefill): declared once here, inherited by each (attention.registry)."""
+
+    OPTION_PREFIX = "sparse"
+    CONFIG_DEFAULTS = {"sparse_impl": "auto"}  # block_sparse_attention impl
+
+    @staticmethod
+    def validate_options(opt, cfg):
+        if opt["sparse_impl"] not in IMPLS:
+            raise ValueError(f"config.model.sparse_impl={opt['sparse_impl']!r}: allowed values "
+                             f"are {', '.join(IMPLS)}")
 _MASK_ARRAYS = ("counts", "indices", "t_counts", "t_indices")
 
 

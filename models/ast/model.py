@@ -55,8 +55,10 @@ import attention
 from attention.layers import Mlp, compute_dtype, layer_norm, linear, param
 from attention.ops.fusion import materialize
 from attention.sharding import constrain
+from models.ast import audio
 from models.vit import ClassificationTask, token_positions
 from trainer.config import ConfigError
+from trainer.data import embedded_dir
 from trainer.task import register_task
 
 POOLS = ("cls_dist", "mean")
@@ -381,9 +383,6 @@ class ASTTask(ClassificationTask):
         """The models/ast/audio.py Clips of a split (config.data.paths or the embedded set)."""
         import os
 
-        from models.ast import audio
-        from trainer.data import embedded_dir
-
         d = self.config.data
         classes = tuple(d.classes) or None
         kw = dict(sample_rate=d.sample_rate, classes=classes, skip_bad=d.skip_bad)
@@ -400,8 +399,6 @@ class ASTTask(ClassificationTask):
 
     def data(self):
         if self._data is None:
-            from models.ast import audio
-
             d = self.config.data
             kw = dict(seed=self.config.seed, num_samples=round(d.sample_rate * d.clip_seconds),
                       num_frames=d.target_length, num_mel_bins=d.num_mel_bins)
@@ -414,8 +411,6 @@ class ASTTask(ClassificationTask):
 
     def front_end(self, waveform, freq_mask=None, time_mask=None):
         """waveform [B, N] -> normalised log-mel spectrogram [B, target_length, num_mel_bins]."""
-        from models.ast import audio
-
         d = self.config.data
         return audio.front_end(waveform, sample_rate=d.sample_rate, num_mel_bins=d.num_mel_bins,
                                target_length=d.target_length, mean=d.norm_mean, std=d.norm_std,
@@ -434,8 +429,6 @@ class ASTTask(ClassificationTask):
     def eval_images(self, outputs, count: int = 4):
         """The first `count` eval spectrograms side by side, named by their true -> predicted
         classes (logged once per eval, so the picture per step stays one image)."""
-        from models.ast import audio
-
         ds, classes = self.eval_data(), self.data()[2]
         n = min(count, len(outputs["id"]))
         if not n:

@@ -115,12 +115,9 @@ class Backbone(nnx.Module):
 
 def _encoder_attention_config(m):
     """The registry's self-attention fields for the encoder: bidirectional, no RoPE (positions
-    are the added sine embeddings)."""
-    c = ml_collections.ConfigDict()
-    c.attention, c.d_model, c.num_heads = m.attention, m.d_model, m.num_heads
-    c.num_kv_heads, c.head_dim, c.rope_theta = m.num_heads, 0, 0.0
-    c.causal, c.num_layers = False, m.enc_layers
-    return c
+    are the added sine embeddings); the mechanism's options (config.model) are kept."""
+    return attention.registry.layer_config(m, num_kv_heads=m.num_heads, head_dim=0,
+                                           rope_theta=0.0, causal=False, num_layers=m.enc_layers)
 
 
 class EncoderLayer(nnx.Module):
@@ -319,12 +316,8 @@ class DetectionTask(Task):
         if lo.one_to_many_k and not m.num_queries_one2many:
             raise ConfigError("config.loss.one_to_many_k > 0 needs model.num_queries_one2many > 0 "
                               "(the second query group hybrid matching trains)")
-        try:
-            cls = attention.get(m.attention)
-        except KeyError as e:
-            raise ConfigError(f"config.model.attention: {e.args[0]}") from None
-        if not getattr(cls, "BIDIRECTIONAL", False):
-            ok = [n for n in attention.names() if getattr(attention.get(n), "BIDIRECTIONAL", False)]
+        ok = attention.names(bidirectional=True)
+        if m.attention not in ok:
             raise ConfigError(f"config.model.attention={m.attention!r} is causal only; the DETR "
                               f"encoder needs a bidirectional mechanism: {', '.join(ok)}")
         num = coco.num_classes(self.paths()["train_json"])

@@ -21,9 +21,11 @@ from flax import nnx
 from attention.act import (ActHeads, act_layers, assign_layers, format_heads, parse_heads,
                            set_heads)
 from models.lm.model import LM
-from models.lm.prune import calibration_batches, eval_batches, load_run
-from trainer.config import ConfigError, add_mechanism_defaults
-from trainer.main import parse_with_overrides
+from models.lm.prune import calibration_batches, eval_batches
+from attention.registry import add_options
+from trainer.api import open_run
+from trainer.config import ConfigError
+from trainer.cli import parse_with_overrides
 
 
 def lm_loss(model, batch):
@@ -40,7 +42,7 @@ def act_model_config(model_config):
         model_config, "copy_and_resolve_references") else model_config
     with cfg.unlocked():
         cfg.attention = "act"
-        add_mechanism_defaults(cfg)
+        add_options(cfg)
     return cfg
 
 
@@ -155,13 +157,14 @@ def main(argv=None) -> int:
     try:
         if args.batches < 1:
             raise ConfigError(f"--batches={args.batches}: must be >= 1")
-        run = load_run(args.config, overrides, args.source)
+        run = open_run(args.config, overrides, args.source)
         if run.config.task != "lm":
             raise ConfigError(f"config.task={run.config.task!r}: ACT calibrates causal language "
                               "models; allowed: 'lm'")
         model = as_act_model(run.model, run.config.model)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: --from: {e}" if isinstance(e, FileNotFoundError) else f"error: {e}",
+              file=sys.stderr)
         return 2
     calib = calibration_batches(run.task, run.config, args.batches)
     print(f"searching ACT heads of {args.source} (step {run.step}) on {len(calib)} calibration "

@@ -42,130 +42,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from ml_collections import ConfigDict
 
+import attention
+from attention.act import format_heads, parse_heads
+from attention.softmax import SoftmaxAttention
+from models.lm.model import LM
+from trainer.api import as_tuples, open_run
+from trainer.checkpoint import path_name
+from trainer.cli import load_config, parse_with_overrides
 from trainer.config import ConfigError
+from trainer.data import process_batches
+from trainer.trainer import Trainer
 
 ATTN_PARAMS = {"q_proj/kernel", "k_proj/kernel", "v_proj/kernel", "o_proj/kernel"}
 MLP_LAYERS = {"swiglu": (("w1", "w3"), "w2"), "gelu": (("fc",), "proj")}  # (up/gate, down)
 
 
-# ----------------------------------------------------------------------------- loading a run
-@dataclasses.dataclass
-class LoadedRun:
-    config: object  # the run's config (ConfigDict, locked)
-    trainer: object  # a Trainer on the run's workdir (restored)
-    model: nnx.Module
-    step: int
-    workdir: str
-
-    @property
-    def task(self):
-        return self.trainer.task
-
-
-def run_dir(source: str) -> str:
-    """The workdir of --from: a workdir, or its checkpoints/ (or a step) directory."""
-    source = os.path.abspath(source.rstrip("/"))
-    for d in (source, os.path.dirname(source), os.path.dirname(os.path.dirname(source))):
-        if os.path.isdir(os.path.join(d, "checkpoints")):
-            return d
-    raise ConfigError(f"--from: no checkpoint in {source!r} (expected a run's workdir, holding "
-                      "checkpoints/)")
-
-
-def _tuples(value):
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
-def _overlay(config, saved: dict, prefix: str = "") -> None:
-    """Sets every field of the saved (JSON) config on `config`, adding those it lacks."""
-    from ml_collections import ConfigDict
-
-    for key, value in saved.items():
-        if isinstance(value, dict):
-            if key not in config or not isinstance(config[key], ConfigDict):
-                with config.unlocked():
-                    config[key] = ConfigDict()
-            _overlay(config[key], value, f"{prefix}{key}.")
-            continue
-        value = _tuples(value)
-        try:
-            if key in config:
-                config[key] = value
-            else:
-                with config.unlocked():
-                    config[key] = value
-        except TypeError as e:
-            raise ConfigError(f"config.{prefix}{key}: the run's saved value {value!r} does not fit "
-                              f"the config file's field ({e})") from None
-
-
-def load_run_config(spec: str, overrides, workdir: str, step: int):
-    """--config's defaults, overlaid with the config saved in checkpoint `step` of `workdir`,
-    then the --config.<field> overrides."""
-    from trainer.checkpoint import Checkpoints
-    from trainer.config import add_mechanism_defaults, load_config, set_field
-
-    config = load_config(spec)
-    ck = Checkpoints(workdir, async_save=False)
-    try:
-        saved = ck.restore_config(step)
-    finally:
-        ck.close()
-    _overlay(config, saved)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r} is not of the form field.path=value")
-        set_field(config, key, value)
-        if key == "model.attention":
-            with config.unlocked():
-                add_mechanism_defaults(config.model)
-    return config
-
-
-def latest_run_step(source: str) -> tuple[str, int]:
-    """(workdir, newest step) of --from; a ConfigError when it has no checkpoint."""
-    from trainer.checkpoint import Checkpoints
-
-    workdir = run_dir(source)
-    ck = Checkpoints(workdir, async_save=False)
-    step = ck.latest_step()
-    ck.close()
-    if step is None:
-        raise ConfigError(f"--from: no checkpoint in {workdir!r}")
-    return workdir, step
-
-
-def load_run(spec: str, overrides, source: str, *, quiet: bool = True, check=None) -> LoadedRun:
-    """A trained run: its config (see load_run_config) and its newest checkpoint, restored by a
-    Trainer on its workdir (nothing is written there). check(config), if given, runs before
-    anything is restored."""
-    from trainer.trainer import Trainer
-
-    workdir, step = latest_run_step(source)
-    config = load_run_config(spec, overrides, workdir, step)
-    if check is not None:
-        check(config)
-    trainer = Trainer(config, workdir, quiet=quiet)
-    return LoadedRun(config=config, trainer=trainer, model=trainer.model, step=trainer.step,
-                     workdir=workdir)
-
-
 def calibration_batches(task, config, n: int) -> list[dict]:
     """The first n train batches (numpy, train.global_batch_size examples each)."""
-    from trainer.data import process_batches
-
     it = iter(process_batches(task.train_data(), config.train.global_batch_size, prefetch=0))
     return [next(it) for _ in range(n)]
 
 
 def eval_batches(task, config) -> list[dict]:
     """The eval batches the Trainer evaluates on (eval.batches, train.global_batch_size each)."""
-    from trainer.data import process_batches
-
     out = []
     for b in process_batches(task.eval_data(), config.train.global_batch_size, prefetch=0):
         if len(out) >= max(config.eval.batches, 1):
@@ -254,9 +155,6 @@ def n_removed(ratio: float, n: int) -> int:
 
 def check_prunable(config, ratio: float) -> None:
     """Clear errors for what pruning cannot do (before anything is computed)."""
-    import attention
-    from attention.softmax import SoftmaxAttention
-
     if not (isinstance(ratio, (int, float)) and 0.0 < ratio < 1.0):
         raise ConfigError(f"--ratio={ratio}: allowed values are in (0, 1), the share of heads and "
                           "MLP neurons removed per layer")
@@ -316,8 +214,6 @@ def choose(scores: list[dict], model_config, ratio: float) -> list[dict]:
 def pruned_config(config, keep: list[dict]):
     """The config of the pruned model: fewer heads (head_dim explicit), smaller mlp_dim, ACT
     heads renumbered (removed ones dropped), no init_from."""
-    from ml_collections import ConfigDict
-
     c = ConfigDict(config.to_dict())  # a copy, unlocked
     m = c.model
     hd = m.head_dim or m.d_model // m.num_heads
@@ -325,8 +221,7 @@ def pruned_config(config, keep: list[dict]):
     m.num_heads = len(keep[0]["heads"])
     m.num_kv_heads = len(keep[0]["kv"])
     m.mlp_dim = len(keep[0]["mlp"])
-    if m.get("act_heads"):
-        from attention.act import format_heads, parse_heads
+    if "act_heads" in m and m.act_heads:  # ACT's chosen heads follow the renumbering
         new = [(l, int(np.flatnonzero(keep[l]["heads"] == h)[0]))
                for l, h in parse_heads(m.act_heads) if h in keep[l]["heads"]]
         m.act_heads = format_heads(new)
@@ -381,8 +276,6 @@ def prune(model, config, ratio: float, batches, *, scores=None) -> tuple[object,
 
 def build_lm(config, params: dict | None = None):
     """config's LM (f32), with `params` loaded when given."""
-    from models.lm import LM
-
     if params is None:
         return LM(config.model, rngs=nnx.Rngs(config.seed))
     model = nnx.eval_shape(lambda: LM(config.model, rngs=nnx.Rngs(config.seed)))
@@ -414,9 +307,6 @@ def forward_tokens_per_s(model, tokens, reps: int = 5) -> float:
 def write_run(config, params: dict, out: str, *, quiet: bool = True):
     """A normal run directory `out` at step 0 (fresh optimizer and data position) holding
     `params`; returns the Trainer on it (for evaluation)."""
-    from trainer.checkpoint import path_name
-    from trainer.trainer import Trainer
-
     t = Trainer(config, out, quiet=quiet)
     state = t.initial_state()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
@@ -451,8 +341,6 @@ def _cli_value(v) -> str:
 
 def overrides_for(config, spec: str) -> list[str]:
     """--config.<field>=<value> flags that turn --config's file into `config` (its leaves)."""
-    from trainer.config import load_config
-
     base = load_config(spec).to_dict()
     flags = []
 
@@ -460,7 +348,7 @@ def overrides_for(config, spec: str) -> list[str]:
         for k, v in ours.items():
             if isinstance(v, dict):
                 walk(v, theirs.get(k, {}) if isinstance(theirs.get(k), dict) else {}, f"{prefix}{k}.")
-            elif k not in theirs or _tuples(theirs[k]) != _tuples(v):
+            elif k not in theirs or as_tuples(theirs[k]) != as_tuples(v):
                 flags.append(f"--config.{prefix}{k}={_cli_value(v)}")
     walk(config.to_dict(), base, "")
     return flags
@@ -478,7 +366,6 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="the new run directory (must not exist or be empty)")
     p.add_argument("--batches", type=int, default=8,
                    help="calibration batches of train data for the importances")
-    from trainer.main import parse_with_overrides
     return parse_with_overrides(p, argv)
 
 
@@ -493,7 +380,7 @@ def main(argv=None) -> int:
         if not 0.0 < args.ratio < 1.0:  # before loading anything
             raise ConfigError(f"--ratio={args.ratio}: allowed values are in (0, 1), the share "
                               "of heads and MLP neurons removed per layer")
-        run = load_run(args.config, overrides, args.source,
+        run = open_run(args.config, overrides, args.source,  # trainer.api: reopening a run
                        check=lambda c: check_prunable(c, args.ratio))
         before = run.trainer.evaluate()
         n_before = run.trainer.num_params()
@@ -502,8 +389,9 @@ def main(argv=None) -> int:
         trainer = write_run(new_config, params, args.out)
         after = trainer.evaluate()
         n_after = trainer.num_params()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: --from: {e}" if isinstance(e, FileNotFoundError) else f"error: {e}",
+              file=sys.stderr)
         return 2
     m0, m1 = run.config.model, new_config.model
     tokens = eval_batches(run.task, run.config)[0]["tokens"][:, :-1]

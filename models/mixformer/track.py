@@ -21,6 +21,17 @@ import os
 import sys
 import time
 
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from models.mixformer import tracking
+from trainer.api import checkpoint_step, load_checkpoint, run_dir
+from trainer.cli import load_config, parse_with_overrides
+from trainer.config import ConfigError
+from trainer.task import get_task
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m trainer.track", description=__doc__.split("\n\n")[0])
@@ -34,7 +45,6 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=0, help="track only the first N sequences")
     p.add_argument("--skip_bad", action="store_true",
                    help="skip sequences with bad annotations (counted) instead of failing")
-    from trainer.main import parse_with_overrides
     return parse_with_overrides(p, argv)
 
 
@@ -43,9 +53,6 @@ class OnlineTracker:
 
     def __init__(self, model, config, *, update: bool = True):
         """update=False: track with the initial template only (no online template update)."""
-        import jax
-        from flax import nnx
-
         self.config, self.update = config, update
         graphdef, state = nnx.split(model)
         self.state = state
@@ -54,10 +61,6 @@ class OnlineTracker:
 
     def run(self, sequence):
         """sequence (models.mixformer.tracking.Sequence) -> predicted boxes [F, 4] xywh (frame 0 = GT)."""
-        import numpy as np
-
-        from models.mixformer import tracking
-
         d, m, tr = self.config.data, self.config.model, self.config.track
         first = sequence.frame(0)
         H, W = first.shape[:2]
@@ -87,44 +90,19 @@ class OnlineTracker:
 
 
 def load_model(config, source: str):
-    """The config's model with the parameters of `source`'s newest checkpoint."""
-    import jax
-    from flax import nnx
-
-    from trainer.checkpoint import Checkpoints
-    from trainer.config import ConfigError
-    from trainer.task import get_task
-
-    ck_dir = source if os.path.isdir(os.path.join(source, "checkpoints")) else os.path.dirname(
-        os.path.abspath(source).rstrip("/"))
-    ck = Checkpoints(ck_dir, async_save=False)
-    step = ck.latest_step()
-    if step is None:
-        raise ConfigError(f"--from: no checkpoint in {source!r}")
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:1])
-    params = ck.restore_params(step, mesh)
-    ck.close()
-    task = get_task(config.task)(config)
-    model = task.build_model(nnx.Rngs(config.seed))
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    missing = ["/".join(map(str, p)) for p, _ in flat if "/".join(map(str, p)) not in params]
-    if missing:
-        raise ConfigError(f"--from: {source} (step {step}) is not a run of this model: it lacks "
-                          f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}")
-    for path, var in flat:
-        var.set_value(jax.device_get(params["/".join(map(str, path))]))
-    return task, model, step
+    """(task, model, step): the config's model with the parameters of `source`'s newest
+    checkpoint (trainer.api, the one way to reopen a run)."""
+    workdir = run_dir(source)
+    step = checkpoint_step(workdir)
+    try:
+        model, _ = load_checkpoint(workdir, step, config=config)
+    except ValueError as e:
+        raise ConfigError(f"--from: {source} (step {step}) is not a run of this model: {e}") from None
+    return get_task(config.task)(config), model, step
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    import numpy as np
-    from tqdm import tqdm
-
-    from models.mixformer import tracking
-    from trainer.config import ConfigError, load_config
-
     try:
         config = load_config(args.config, overrides)
         task, model, step = load_model(config, args.source)
@@ -132,7 +110,7 @@ def main(argv=None) -> int:
             sequences = tracking.load_got10k(args.sequences, args.split, skip_bad=args.skip_bad)
         else:
             sequences = task.sequences(config.data.eval_split)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.limit:

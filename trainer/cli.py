@@ -1,0 +1,100 @@
+"""The one config pipeline, shared by `python -m trainer.main`, the family tools and Python:
+
+    load_config(spec, overrides)   the config file's variant -> the attention mechanism's
+                                   options (attention.registry.add_options) -> --config.<field>
+                                   overrides (one parser: parse_overrides / apply_overrides)
+    check(config)                  validate once, before anything is built: the generic fields
+                                   (trainer.config.validate), then the mechanism's options
+                                   (attention.registry.check_options)
+
+then trainer.stages.runs(config, workdir) expands config.stages into one checked (config,
+workdir) per run (a Trainer never sees `stages`). The task's own checks against the mesh
+(Task.validate) need the devices, so the Trainer runs them when it builds the mesh. This module
+stays light (no jax): command-line tools parse and check before anything heavy starts.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from typing import Any, Sequence
+
+from ml_collections import ConfigDict
+
+from attention import registry
+from trainer.config import ConfigError, set_field, validate
+
+
+# ----------------------------------------------------------------------------- overrides
+def parse_with_overrides(parser: argparse.ArgumentParser, argv):
+    """(args, ["a.b=v", ...]): the parser's flags and the --config.<field>=<value> overrides;
+    anything else is a usage error naming it (every command-line tool shares this)."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for a in rest:
+        if not a.startswith("--config."):
+            parser.error(f"unrecognised argument {a!r}; config fields are set with "
+                         "--config.<field>=<value>")
+        overrides.append(a[len("--config."):])
+    return args, overrides
+
+
+def apply_overrides(config: ConfigDict, overrides: Sequence[str] | dict[str, Any]) -> ConfigDict:
+    """Sets `a.b=value` strings (or a {field: value} dict) on a locked config, parsing each string
+    to its field's type; a new model.attention brings in that mechanism's options. Unknown
+    fields and bad values raise ConfigError naming them. Returns config."""
+    items = overrides.items() if isinstance(overrides, dict) else [
+        _split(item) for item in overrides]
+    for key, value in items:
+        key = key.removeprefix("--config.").removeprefix("config.")
+        set_field(config, key, value)
+        if key == "model.attention":  # the new mechanism's own options become fields too
+            registry.add_options(config.model)
+    return config
+
+
+def _split(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} is not of the form field.path=value")
+    return key, value
+
+
+# ----------------------------------------------------------------------------- loading
+def _load_module(path: str):
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such config file {path!r}")
+    name = "polyformer_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {path} defines no get_config(variant)")
+    return module
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path/to/file.py[:variant]`, adds its attention mechanism's options, locks it and
+    applies `a.b=value` overrides."""
+    path, _, variant = spec.partition(":")
+    config = _load_module(path).get_config(variant or None)
+    if "model" in config and "attention" in config.model:
+        registry.add_options(config.model)
+    config.lock()
+    return apply_overrides(config, overrides)
+
+
+# ----------------------------------------------------------------------------- checks
+def check(config: ConfigDict) -> None:
+    """The checks every run passes before anything is built: the generic fields, then the
+    registered attention mechanism's options (ConfigError naming the field)."""
+    validate(config)
+    # a name the registry does not hold is the family's to judge (MixFormer's "mixed" is its own
+    # block; an unknown name fails in the Task's checks, listing the registry)
+    if "model" in config and config.model.get("attention") in registry.names():
+        try:
+            registry.check_options(config.model)
+        except ValueError as e:
+            msg = str(e)
+            raise ConfigError(msg.removeprefix("config.") if msg.startswith("config.") else
+                              f"model.attention={config.model.attention!r}: {msg}") from None
