@@ -54,7 +54,7 @@ import jax.numpy as jnp
 
 from attention.ops.block_sparse import (BlockMask, SparseImplOption, block_sparse_attention,
                                         causal_blocks)
-from attention.registry import read_options, register
+from attention.registry import register, set_options
 from attention.softmax import SoftmaxAttention
 
 _LN2 = math.log(2.0)
@@ -237,10 +237,7 @@ class FlexPrefillAttention(SparseImplOption, SoftmaxAttention):
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        opt = read_options(type(self), cfg)
-        for name in ("block", "gamma", "tau", "min_budget", "in_train"):
-            setattr(self, name, opt[f"flex_{name}"])  # self.block = flex_block, ...
-        self.impl = opt["sparse_impl"]
+        self.impl = set_options(self, cfg, "flex")["sparse_impl"]  # self.block = flex_block, ...
 
     def block_mask(self, q, k):
         """The bool [B, H, NB, NB] mask (and info) this layer would use for q, k (see

@@ -139,6 +139,16 @@ def read_options(cls: type, cfg) -> dict:
     return opts
 
 
+def set_options(module, cfg, prefix: str) -> dict:
+    """read_options(type(module), cfg), and each option `<prefix>_<name>` set as module.<name>
+    (e.g. ssa_keep_ratio -> module.keep_ratio); returns all the options."""
+    opts = read_options(type(module), cfg)
+    for key, value in opts.items():
+        if key.startswith(prefix + "_"):
+            setattr(module, key[len(prefix) + 1:], value)
+    return opts
+
+
 def add_options(model_config) -> None:
     """Adds the options of model_config.attention's mechanism to model_config (an unlocked or
     locked ConfigDict), keeping values already set; an unknown mechanism is left for

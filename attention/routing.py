@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.ops.block_sparse import BlockMask, block_sparse_attention, local_blocks
-from attention.registry import read_options, register
+from attention.registry import register, set_options
 from attention.softmax import SoftmaxAttention
 
 _LN_EPS = 1e-6
@@ -209,12 +209,9 @@ class RoutingAttention(SoftmaxAttention):
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
-        opt = read_options(type(self), cfg)
-        for name in ("num_clusters", "cluster_size", "local_window", "ema_decay", "commitment",
-                     "impl", "membership"):
-            setattr(self, name, opt[f"routing_{name}"])  # self.num_clusters = routing_..., ...
-        local = opt["routing_local_heads"]
-        self.local_heads = self.num_heads // 2 if local < 0 else local
+        set_options(self, cfg, "routing")  # self.num_clusters = routing_num_clusters, ...
+        if self.local_heads < 0:
+            self.local_heads = self.num_heads // 2
         self.routed_heads = self.num_heads - self.local_heads
         # drawn after the projections: q/k/v/o initialise exactly as SoftmaxAttention's
         self.centroids = Centroids(jax.random.normal(

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from attention.ops.block_sparse import BlockMask, block_sparse_attention
-from attention.registry import read_options, register
+from attention.registry import register, set_options
 from attention.softmax import SoftmaxAttention
 
 
@@ -84,6 +84,13 @@ class SSAAttention(SoftmaxAttention):
         "ssa_impl": "auto",        # block_sparse_attention impl
     }
 
+    def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, rngs=rngs)
+        set_options(self, cfg, "ssa")  # self.keep_ratio = ssa_keep_ratio, ...
+        # forked after the projections (which initialise exactly as SoftmaxAttention's)
+        self.rngs = rngs["ssa"].fork()
+        self.deterministic = False  # True (model.eval() / nnx.view): dense in mode="train"
+
     @staticmethod
     def validate_options(opt, cfg):
         if not 0.0 < opt["ssa_keep_ratio"] <= 1.0:
@@ -92,15 +99,6 @@ class SSAAttention(SoftmaxAttention):
             raise ValueError(f"config.model.ssa_block_size={opt['ssa_block_size']} and ssa_ensemble="
                              f"{opt['ssa_ensemble']} must be >= 1, ssa_locality="
                              f"{opt['ssa_locality']} >= 0")
-
-    def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        super().__init__(cfg, dtype=dtype, rngs=rngs)
-        opt = read_options(type(self), cfg)
-        for name in ("keep_ratio", "block_size", "locality", "keep_first", "ensemble", "impl"):
-            setattr(self, name, opt[f"ssa_{name}"])  # self.keep_ratio = ssa_keep_ratio, ...
-        # forked after the projections (which initialise exactly as SoftmaxAttention's)
-        self.rngs = rngs["ssa"].fork()
-        self.deterministic = False  # True (model.eval() / nnx.view): dense in mode="train"
 
     def _sampled(self, q, k, v, key):
         B, T, H, _ = q.shape

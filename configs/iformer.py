@@ -33,7 +33,6 @@ def get_config(name=None):
     m = c.model
     # per stage: channels, blocks, heads and the low-frequency mixer's average pooling; per
     # block: attention heads (C_l / head_dim)
-    for field in ("dims", "depths", "num_heads", "attention_heads", "pool"):
-        m[field] = v[field]
+    m.update({f: v[f] for f in ("dims", "depths", "num_heads", "attention_heads", "pool")})
     m.mlp_ratio = 4.0
     return c

@@ -68,8 +68,7 @@ def get_config(name=None):
     v = variant_fields(VARIANTS, name, "tiny", "configs/vit.py")
     c = classification_base("vit", v)
     m = c.model
-    for field in ("patch_size", "num_layers", "d_model", "num_heads", "mlp_dim"):
-        m[field] = v[field]
+    m.update({f: v[f] for f in ("patch_size", "num_layers", "d_model", "num_heads", "mlp_dim")})
     m.num_kv_heads = v["num_heads"]
     m.head_dim = 0  # 0: d_model // num_heads
     m.pool = "mean"  # "cls": a learned CLS token feeds the classifier

@@ -122,6 +122,28 @@ def test_model_is_a_snapshot_that_survives_training(tiny_config, tmp_path):
         assert any(np.any(a != b) for a, b in zip(param_arrays(t.model).values(), initial.values()))
 
 
+def test_hooks_run_on_their_cadence_and_the_state_is_typed(tiny_config, tmp_path):
+    """The loop's logging, checkpoints and evaluation are hooks (in that order); one added from
+    Python runs every `every` steps and once at the end unless it just ran; the loop state is a
+    TrainState pytree."""
+    from trainer.state import TrainState
+
+    config = tiny_config("train.steps=5", "train.log_every=1", "eval.every=2",
+                         "checkpoint.every=0")
+    calls, finals = [], []
+    with Trainer(config, str(tmp_path), quiet=True) as t:
+        assert [h.name for h in t.hooks] == ["log", "checkpoint", "eval"]
+        t.add_hook(lambda tr, ev: calls.append((ev.step, ev.final, sorted(ev.metrics))), every=2)
+        t.add_hook(lambda tr, ev: finals.append(ev.step), every=0, name="only_at_the_end")
+        result = t.fit()
+        assert isinstance(t.state, TrainState) and int(t.state.step) == 5
+        assert t.checkpoints.all_steps() == [5]  # checkpoint.every=0: only at the end
+    assert [c[:2] for c in calls] == [(2, False), (4, False), (5, True)]
+    assert "loss" in calls[0][2] and calls[-1][2] == []
+    assert finals == [5]
+    assert result["step"] == 5 and "loss" in result["eval"] and np.isfinite(result["loss"])
+
+
 # ----------------------------------------------------------------------------- init_from
 @pytest.mark.parametrize("source", ["workdir", "checkpoints"])
 def test_init_from_copies_parameters_of_another_run(reference, tiny_config, tmp_path, source):
@@ -132,7 +154,7 @@ def test_init_from_copies_parameters_of_another_run(reference, tiny_config, tmp_
     with Trainer(config, str(tmp_path), quiet=True) as t:
         assert t.step == 0
         assert_params_close(param_arrays(t.model), reference.params, rtol=0, atol=0)
-        _, opt = nnx.merge(t.graphdef, t.state["nnx"])
+        _, opt = nnx.merge(t.graphdef, t.state.nnx)
         assert int(opt.step[...]) == 0
         mu = [x for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if getattr(x, "ndim", 0) >= 2]
         assert mu and all(not np.any(np.asarray(x)) for x in mu), "optimizer moments start at 0"
@@ -285,7 +307,7 @@ def test_nan_skip_leaves_params_unchanged(tiny_config, tmp_path, monkeypatch):
         initial = param_arrays(t.model)
         r = t.fit()
         final = param_arrays(t.model)
-        _, opt = nnx.merge(t.graphdef, t.state["nnx"])
+        _, opt = nnx.merge(t.graphdef, t.state.nnx)
         assert int(opt.step[...]) == 0, "no optimizer update may be applied"
         assert int(t.state["first_nonfinite"]) == 1
     assert r["step"] == 3
@@ -301,9 +323,9 @@ def test_nan_skip_skips_only_the_bad_step(tiny_config, tmp_path, monkeypatch):
     assert np.isfinite(run.losses[1]) and np.isnan(run.losses[2]) and np.isfinite(run.losses[3])
     assert [run.train_metrics[s]["nonfinite_steps"] for s in (1, 2, 3)] == [0, 1, 1]
     with Trainer(config, str(tmp_path), quiet=True) as t:  # restores the final checkpoint
-        _, opt = nnx.merge(t.graphdef, t.initial_state()["nnx"])
+        _, opt = nnx.merge(t.graphdef, t.initial_state().nnx)
         assert int(opt.step[...]) == 2, "steps 1 and 3 update, step 2 does not"
-        assert int(t.state["nonfinite"]) == 1
+        assert int(t.state.nonfinite) == 1
         assert int(t.state["first_nonfinite"]) == 2
 
 

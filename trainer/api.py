@@ -35,10 +35,11 @@ def run_dir(source: str) -> str:
     for d in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
         if os.path.isdir(os.path.join(d, "checkpoints")):
             return d
-    what = "does not exist" if not os.path.exists(path) else "is not a run directory"
-    raise FileNotFoundError(f"no checkpoint at {source!r} (it {what}): expected a run's workdir "
-                            "holding checkpoints/ "
-                            "(written by Trainer(config, workdir).fit() or python -m trainer.main "
+    what = (f"{source!r} does not exist; expected a run's workdir holding checkpoints/"
+            if not os.path.exists(path) else
+            f"{source!r} is not a run directory: expected {os.path.join(path, 'checkpoints')}")
+    raise FileNotFoundError(f"{what} (no checkpoint there; a run's checkpoints are written by "
+                            "Trainer(config, workdir).fit() or python -m trainer.main "
                             "--workdir=...)")
 
 

@@ -39,6 +39,32 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv):
     return args, overrides
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def tool_parser(prog: str, description: str, *, example: str = "configs/lm.py:tiny",
+                from_help: str = "the trained run's workdir (its newest checkpoint and saved "
+                                 "config)", batches: int | None = None,
+                batches_help: str = "calibration batches (train data, train.global_batch_size "
+                                    "each)") -> argparse.ArgumentParser:
+    """The parser every tool working on a trained run starts from: --config (whose fields the
+    --config.<field> flags set), --from (the run, reopened through trainer.api) and, given a
+    default, --batches (>= 1)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help=f"config file and variant, e.g. {example}")
+    p.add_argument("--from", dest="source", required=True, help=from_help)
+    if batches is not None:
+        p.add_argument("--batches", type=_at_least_one, default=batches, help=batches_help)
+    return p
+
+
 def apply_overrides(config: ConfigDict, overrides: Sequence[str] | dict[str, Any]) -> ConfigDict:
     """Sets `a.b=value` strings (or a {field: value} dict) on a locked config, parsing each string
     to its field's type; a new model.attention brings in that mechanism's options. Unknown

@@ -146,6 +146,17 @@ class BlockMask:
         return cls.from_dense(dense, block_q, block_k, q_len=q_len, k_len=k_len,
                               max_blocks=min(indices.shape[-1], num_k_blocks))
 
+    def check_fits(self, batch: int, heads: int, q_len: int, k_len: int, who: str) -> None:
+        """ValueError naming `who` unless this mask was built for q_len x k_len and its batch /
+        head dims are 1 or (batch, heads)."""
+        if (self.q_len, self.k_len) != (q_len, k_len):
+            raise ValueError(f"{who}: the mask was built for q_len={self.q_len}, "
+                             f"k_len={self.k_len}; got T={q_len}, S={k_len}")
+        mb, mh = self.counts.shape[:2]
+        if mb not in (1, batch) or mh not in (1, heads):
+            raise ValueError(f"{who}: mask batch/head dims ({mb}, {mh}) must be 1 or "
+                             f"({batch}, {heads})")
+
     def to_dense(self) -> jax.Array:
         """bool [Bm, Hm, NQ, NK] from the forward layout."""
         slot = jnp.arange(self.max_blocks) < self.counts[..., None]
@@ -229,13 +240,7 @@ def _check(q, k, v, mask):
                          f"{k.shape[2]} key/value heads")
     if not isinstance(mask, BlockMask):
         raise TypeError(f"block_sparse_attention: mask must be a BlockMask, got {type(mask).__name__}")
-    if (mask.q_len, mask.k_len) != (T, k.shape[1]):
-        raise ValueError(f"block_sparse_attention: the mask was built for q_len={mask.q_len}, "
-                         f"k_len={mask.k_len}; got T={T}, S={k.shape[1]}")
-    mb, mh = mask.counts.shape[:2]
-    if mb not in (1, B) or mh not in (1, H):
-        raise ValueError(f"block_sparse_attention: mask batch/head dims ({mb}, {mh}) must be 1 or "
-                         f"({B}, {H})")
+    mask.check_fits(B, H, T, k.shape[1], "block_sparse_attention")
 
 
 def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, scale=None,

@@ -26,7 +26,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -248,12 +247,7 @@ class DetectionTask(Task):
     """Object detection on COCO-format data (embedded: shapes scenes written as COCO once)."""
 
     throughput_unit = "images"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._paths = None
-        self._eval_dataset = None
-        self._eval_index = None
+    _paths = _eval_dataset = _eval_index = None  # built on first use
 
     # ---- data locations
     def paths(self) -> dict:

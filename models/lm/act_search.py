@@ -10,7 +10,6 @@ selects the heads in a run (--config.model.attention=act --config.model.act_head
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -25,7 +24,7 @@ from models.lm.prune import calibration_batches, eval_batches
 from attention.registry import add_options
 from trainer.api import open_run
 from trainer.config import ConfigError
-from trainer.cli import parse_with_overrides
+from trainer.cli import parse_with_overrides, tool_parser
 
 
 def lm_loss(model, batch):
@@ -141,22 +140,14 @@ def search_heads(model_or_trainer, batches, *, loss_fn=None, model_config=None, 
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m models.lm.act_search",
-                                description="Choose ACT heads for a trained LM and report the "
-                                            "loss before/after calibration.")
-    p.add_argument("--config", required=True, help="config file and variant, e.g. configs/lm.py:tiny")
-    p.add_argument("--from", dest="source", required=True,
-                   help="the trained run's workdir (its newest checkpoint and saved config)")
-    p.add_argument("--batches", type=int, default=4,
-                   help="calibration batches (train data, train.global_batch_size each)")
+    p = tool_parser("python -m models.lm.act_search", "Choose ACT heads for a trained LM and "
+                    "report the loss before/after calibration.", batches=4)
     return parse_with_overrides(p, argv)
 
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.batches < 1:
-            raise ConfigError(f"--batches={args.batches}: must be >= 1")
         run = open_run(args.config, overrides, args.source)
         if run.config.task != "lm":
             raise ConfigError(f"config.task={run.config.task!r}: ACT calibrates causal language "

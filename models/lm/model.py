@@ -208,10 +208,7 @@ class LMTask(Task):
     """Next-byte prediction on a byte corpus (embedded: the Python stdlib's source)."""
 
     throughput_unit = "tokens"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._corpus = None
+    _corpus = None  # read on first use
 
     def validate(self, mesh_sizes):
         m, tp = self.config.model, mesh_sizes["tensor"]

@@ -31,8 +31,6 @@ layer has parameters besides the q/k/v/o projections (its per-head slicing is un
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -50,7 +48,7 @@ from attention.softmax import SoftmaxAttention
 from models.lm.model import LM
 from trainer.api import as_tuples, open_run
 from trainer.checkpoint import path_name
-from trainer.cli import load_config, parse_with_overrides
+from trainer.cli import load_config, parse_with_overrides, tool_parser
 from trainer.config import ConfigError
 from trainer.data import process_batches
 from trainer.trainer import Trainer
@@ -356,16 +354,11 @@ def overrides_for(config, spec: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m trainer.prune",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file and variant, e.g. configs/lm.py:tiny")
-    p.add_argument("--from", dest="source", required=True,
-                   help="the trained run's workdir (its newest checkpoint and saved config)")
+    p = tool_parser("python -m trainer.prune", __doc__.split("\n\n")[0], batches=8,
+                    batches_help="calibration batches of train data for the importances")
     p.add_argument("--ratio", type=float, required=True,
                    help="share of each layer's heads and MLP neurons to remove, in (0, 1)")
     p.add_argument("--out", required=True, help="the new run directory (must not exist or be empty)")
-    p.add_argument("--batches", type=int, default=8,
-                   help="calibration batches of train data for the importances")
     return parse_with_overrides(p, argv)
 
 
@@ -375,8 +368,6 @@ def main(argv=None) -> int:
         if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise ConfigError(f"--out={args.out!r} exists and is not empty; pruning never "
                               "overwrites a directory: name a new one")
-        if args.batches < 1:
-            raise ConfigError(f"--batches={args.batches}: must be >= 1")
         if not 0.0 < args.ratio < 1.0:  # before loading anything
             raise ConfigError(f"--ratio={args.ratio}: allowed values are in (0, 1), the share "
                               "of heads and MLP neurons removed per layer")

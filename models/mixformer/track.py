@@ -16,7 +16,6 @@ precision, AO, SR0.5 / SR0.75 against the ground truth where it exists, with a s
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -28,16 +27,15 @@ from tqdm import tqdm
 
 from models.mixformer import tracking
 from trainer.api import checkpoint_step, load_checkpoint, run_dir
-from trainer.cli import load_config, parse_with_overrides
+from trainer.cli import load_config, parse_with_overrides, tool_parser
 from trainer.config import ConfigError
 from trainer.task import get_task
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m trainer.track", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file and variant, e.g. configs/mixformer.py:score")
-    p.add_argument("--from", dest="source", required=True,
-                   help="the trained run's workdir (its newest checkpoint)")
+    p = tool_parser("python -m trainer.track", __doc__.split("\n\n")[0],
+                    example="configs/mixformer.py:score",
+                    from_help="the trained run's workdir (its newest checkpoint)")
     p.add_argument("--sequences", default=None,
                    help="a GOT-10k root (list.txt) or split folder; default: the config's eval split")
     p.add_argument("--split", default=None, help="the split folder under --sequences (e.g. val)")

@@ -47,17 +47,11 @@ def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
     if k.ndim != 4 or v.shape != k.shape or hs % k.shape[2]:
         raise ValueError(f"block_sparse_pallas: q {q.shape}, k {k.shape}, v {v.shape} do not "
                          f"fit [B, T, H, D] / [B, S, H_kv, D] with H a multiple of H_kv")
-    if (mask.q_len, mask.k_len) != (t, s):
-        raise ValueError(f"block_sparse_pallas: the mask was built for q_len={mask.q_len}, "
-                         f"k_len={mask.k_len}; got T={t}, S={s}")
+    mask.check_fits(bs, hs, t, s, "block_sparse_pallas")
     bq, bk = mask.block_q, mask.block_k
     if bq % 8 or bk % 8:
         raise ValueError(f"block_sparse_pallas: block_q={bq} and block_k={bk} must be multiples "
                          f"of 8 (of 128 to compile for TPU)")
-    mb, mh = mask.counts.shape[:2]
-    if mb not in (1, bs) or mh not in (1, hs):
-        raise ValueError(f"block_sparse_pallas: mask batch/head dims ({mb}, {mh}) must be 1 or "
-                         f"({bs}, {hs})")
     if interpret is None:
         interpret = platform.interpret_default()
     if not interpret and bq % 128:

@@ -105,6 +105,14 @@ def _flat(cfg: Config, b, h, row, n_rows: int, width: int):
     return ((mb * cfg.mask_h + mh) * n_rows + row) * width
 
 
+def _grid_step(cfg: Config, cnt_ref, idx_ref, n_rows: int, width: int):
+    """This grid step (b, h, r, t) of a kernel over rows r (query blocks forward and for dq,
+    key blocks for dk/dv): (r, t, how many blocks row r lists, its t-th listed block)."""
+    b, h, r, t = (pl.program_id(a) for a in range(4))
+    row = _flat(cfg, b, h, r, n_rows, 1)
+    return r, t, cnt_ref[row], idx_ref[row * width + t]
+
+
 def _allowed(cfg: Config, q_block, k_block, shape, transposed: bool):
     """bool [block_q, block_k] (or its transpose): key < k_len, and key <= query if causal."""
     bq, bk = cfg.block_q, cfg.block_k
@@ -129,10 +137,7 @@ def _fwd_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_
                 cfg: Config, n_q: int, width: int):
     """One (b, h, i, j) step. Refs: q [bq, D], k / v [bk, D], o [bq, D], lse [1, bq];
     scratch m, l [bq, 128] (lane-broadcast), acc [bq, D], all f32."""
-    b, h, i, j = (pl.program_id(a) for a in range(4))
-    row = _flat(cfg, b, h, i, n_q, 1)
-    count = cnt_ref[row]
-    k_block = idx_ref[row * width + j]
+    i, j, count, k_block = _grid_step(cfg, cnt_ref, idx_ref, n_q, width)
 
     @pl.when(j == 0)
     def _():
@@ -209,6 +214,18 @@ def _forward_layout(q, k, indices, cfg: Config):
     return (bs, hs, n_q, width), q_map, kv_map, row_map
 
 
+def _sparse_call(kernel, cfg: Config, *, grid, in_specs, out_specs, scratch_shapes, out_shape,
+                 name: str, cost):
+    """pl.pallas_call of one of the three kernels: the two mask arrays scalar-prefetched, the
+    last grid axis (the listed blocks of a row) sequential, the others parallel."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
+                                             out_specs=out_specs, scratch_shapes=scratch_shapes)
+    return pl.pallas_call(
+        kernel, grid_spec=grid_spec, out_shape=out_shape,
+        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
+        interpret=cfg.interpret, name=name, cost_estimate=cost)
+
+
 def forward(q, k, v, counts, indices, cfg: Config):
     """q [B, H, Tp, D]; k, v [B, H_kv, Sp, D]; counts int32 [Bm*Hm*NQ], indices int32
     [Bm*Hm*NQ*MK] (flattened BlockMask forward layout).
@@ -217,23 +234,15 @@ def forward(q, k, v, counts, indices, cfg: Config):
     bq, bk = cfg.block_q, cfg.block_k
     grid, q_map, kv_map, lse_map = _forward_layout(q, k, indices, cfg)
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=grid,
+    return _sparse_call(
+        functools.partial(_fwd_kernel, cfg=cfg, n_q=grid[2], width=grid[3]), cfg, grid=grid,
         in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map)],
         out_specs=[_seq_block(bq, d, q_map), _row_block(bq, lse_map)],
         scratch_shapes=[pltpu.VMEM((bq, _LANES), _F32), pltpu.VMEM((bq, _LANES), _F32),
                         pltpu.VMEM((bq, d), _F32)],
-    )
-    return pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=cfg, n_q=grid[2], width=grid[3]),
-        grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((*q.shape[:2], 1, q.shape[2]), _F32)],
-        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
-        interpret=cfg.interpret,
-        name="block_sparse_fwd",
-        cost_estimate=_cost(grid, cfg, d, 2, (q, k, v, q)),
+        name="block_sparse_fwd", cost=_cost(grid, cfg, d, 2, (q, k, v, q)),
     )(counts, indices, q, k, v)
 
 
@@ -242,10 +251,7 @@ def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
                cfg: Config, n_q: int, width: int):
     """One (b, h, i, j) step. Refs: q, do [bq, D]; k, v [bk, D]; lse, di [1, bq] rows (lse = +inf
     for rows that see nothing); dq [bq, D]; scratch dq [bq, D] f32."""
-    b, h, i, j = (pl.program_id(a) for a in range(4))
-    row = _flat(cfg, b, h, i, n_q, 1)
-    count = cnt_ref[row]
-    k_block = idx_ref[row * width + j]
+    i, j, count, k_block = _grid_step(cfg, cnt_ref, idx_ref, n_q, width)
 
     @pl.when(j == 0)
     def _():
@@ -253,10 +259,7 @@ def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
 
     @pl.when(jnp.logical_and(j < count, _block_live(cfg, i, k_block)))
     def _():
-        q = q_ref[...]
-        k = k_ref[...]
-        v = v_ref[...]
-        do = do_ref[...]
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         lse = jnp.expand_dims(lse_ref[0], -1)                          # [bq, 1]
         di = jnp.expand_dims(di_ref[0], -1)
         s = _mm_nt(q, k) * cfg.scale
@@ -277,22 +280,13 @@ def backward_dq(q, k, v, do, lse, di, counts, indices, cfg: Config):
     bq, bk = cfg.block_q, cfg.block_k
     grid, q_map, kv_map, row_map = _forward_layout(q, k, indices, cfg)
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=grid,
+    return _sparse_call(
+        functools.partial(_dq_kernel, cfg=cfg, n_q=grid[2], width=grid[3]), cfg, grid=grid,
         in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map),
                   _seq_block(bq, d, q_map), _row_block(bq, row_map), _row_block(bq, row_map)],
-        out_specs=_seq_block(bq, d, q_map),
-        scratch_shapes=[pltpu.VMEM((bq, d), _F32)],
-    )
-    return pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg, n_q=grid[2], width=grid[3]),
-        grid_spec=grid_spec,
+        out_specs=_seq_block(bq, d, q_map), scratch_shapes=[pltpu.VMEM((bq, d), _F32)],
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
-        interpret=cfg.interpret,
-        name="block_sparse_bwd_dq",
-        cost_estimate=_cost(grid, cfg, d, 3, (q, k, v, do, q)),
+        name="block_sparse_bwd_dq", cost=_cost(grid, cfg, d, 3, (q, k, v, do, q)),
     )(counts, indices, q, k, v, do, lse, di)
 
 
@@ -301,10 +295,7 @@ def _dkv_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, 
                 dk_scr, dv_scr, *, cfg: Config, n_k: int, width: int):
     """One (b, h, j, t) step for key block j and its t-th query block. Refs: q, do [bq, D];
     k, v [bk, D]; lse, di [1, bq] rows; dk, dv [bk, D]; scratch dk, dv [bk, D] f32."""
-    b, h, j, t = (pl.program_id(a) for a in range(4))
-    row = _flat(cfg, b, h, j, n_k, 1)
-    count = cnt_ref[row]
-    q_block = idx_ref[row * width + t]
+    j, t, count, q_block = _grid_step(cfg, cnt_ref, idx_ref, n_k, width)
 
     @pl.when(t == 0)
     def _():
@@ -313,10 +304,7 @@ def _dkv_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, 
 
     @pl.when(jnp.logical_and(t < count, _block_live(cfg, q_block, j)))
     def _():
-        q = q_ref[...]
-        k = k_ref[...]
-        v = v_ref[...]
-        do = do_ref[...]
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s_t = _mm_nt(k, q) * cfg.scale                                 # S^T [bk, bq]
         allowed = _allowed(cfg, q_block, j, s_t.shape, True)
         # lse / di are rows [1, bq]: they broadcast along sublanes of the transposed tile
@@ -354,23 +342,15 @@ def backward_dkv(q, k, v, do, lse, di, t_counts, t_indices, cfg: Config, dk_dtyp
     def out_map(b, h, j, t, cnt_ref, idx_ref):
         return b, h, j, 0
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(bs, hs, n_k, width),
+    shape, grid = (bs, hs, sp, d), (bs, hs, n_k, width)
+    return _sparse_call(
+        functools.partial(_dkv_kernel, cfg=cfg, n_k=n_k, width=width), cfg, grid=grid,
         in_specs=[_seq_block(bq, d, q_map), _seq_block(bk, d, kv_map), _seq_block(bk, d, kv_map),
                   _seq_block(bq, d, q_map), _row_block(bq, row_map), _row_block(bq, row_map)],
         out_specs=[_seq_block(bk, d, out_map), _seq_block(bk, d, out_map)],
         scratch_shapes=[pltpu.VMEM((bk, d), _F32), pltpu.VMEM((bk, d), _F32)],
-    )
-    shape = (bs, hs, sp, d)
-    return pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, n_k=n_k, width=width),
-        grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(shape, dk_dtype), jax.ShapeDtypeStruct(shape, dv_dtype)],
-        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3 + ("arbitrary",)),
-        interpret=cfg.interpret,
-        name="block_sparse_bwd_dkv",
-        cost_estimate=_cost((bs, hs, n_k, width), cfg, d, 4, (q, k, v, do, k, v)),
+        name="block_sparse_bwd_dkv", cost=_cost(grid, cfg, d, 4, (q, k, v, do, k, v)),
     )(t_counts, t_indices, q, k, v, do, lse, di)
 
 

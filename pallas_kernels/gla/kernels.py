@@ -148,25 +148,41 @@ def _diag_block_backward(q, k, v, do, b):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _chunk_states_kernel(k_ref, v_ref, b_ref, h0_ref, states_ref, final_ref, s_scr):
-    """Sequential over chunks: writes the state entering each chunk; the last one's successor
-    is the final state."""
+def _carry_over_chunks(first_ref, each_ref, last_ref, carry_scr, step):
+    """One step of a recurrence sequential over the chunk grid axis (2): the carry starts as
+    first_ref, each chunk's incoming carry is written to each_ref, then carry <- step(carry);
+    the carry left after the last chunk goes to last_ref."""
     i = pl.program_id(2)
-    c = k_ref.shape[2]
 
     @pl.when(i == 0)
     def _():
-        s_scr[...] = h0_ref[0, 0]
+        carry_scr[...] = first_ref[0, 0]
 
-    states_ref[0, 0, 0] = s_scr[...]
-    b = b_ref[0, 0]
-    b_last = b_ref[0, 0, c - 1:c, :]
-    k_decayed = k_ref[0, 0].astype(_F32) * jnp.exp(b_last - b)  # K * e^{b_C - b}
-    s_scr[...] = s_scr[...] * jnp.exp(b_last) + _mm_tn(v_ref[0, 0].astype(_F32), k_decayed)
+    each_ref[0, 0, 0] = carry_scr[...]
+    carry_scr[...] = step(carry_scr[...])
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _():
-        final_ref[0, 0] = s_scr[...]
+        last_ref[0, 0] = carry_scr[...]
+
+
+def _chunk_states_kernel(k_ref, v_ref, b_ref, h0_ref, states_ref, final_ref, s_scr):
+    """Sequential over chunks: writes the state entering each chunk; the last one's successor
+    is the final state."""
+    c = k_ref.shape[2]
+    b = b_ref[0, 0]
+    b_last = b_ref[0, 0, c - 1:c, :]
+    k_decayed = k_ref[0, 0].astype(_F32) * jnp.exp(b_last - b)  # K * e^{b_C - b}
+    _carry_over_chunks(h0_ref, states_ref, final_ref, s_scr, lambda s: (
+        s * jnp.exp(b_last) + _mm_tn(v_ref[0, 0].astype(_F32), k_decayed)))
+
+
+def _sub_chunk(j, sub: int, scale, q_ref, k_ref, v_ref, b_ref):
+    """Sub-chunk j of this chunk: (first row i0, its rows slice, q * scale, k, v in f32, b)."""
+    i0 = pl.multiple_of(j * sub, sub)
+    rows = pl.ds(i0, sub)
+    q, k, v = (r[0, 0, rows, :].astype(_F32) for r in (q_ref, k_ref, v_ref))
+    return i0, rows, q * scale, k, v, b_ref[0, 0, rows, :]
 
 
 def _output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref, *, scale, sub):
@@ -178,12 +194,7 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref, *, scale, sub):
     key_pos = lax.broadcasted_iota(jnp.int32, (sub, c), 1)
 
     def sub_chunk(j, carry):
-        i0 = pl.multiple_of(j * sub, sub)
-        rows = pl.ds(i0, sub)
-        q = q_ref[0, 0, rows, :].astype(_F32) * scale
-        k = k_ref[0, 0, rows, :].astype(_F32)
-        v = v_ref[0, 0, rows, :].astype(_F32)
-        b = b_ref[0, 0, rows, :]
+        i0, rows, q, k, v, b = _sub_chunk(j, sub, scale, q_ref, k_ref, v_ref, b_ref)
         b_first = _row(b, 0)
         o = _mm_nt(q * jnp.exp(b), s_t)  # inter-chunk: (Q e^b) S
         # Keys of earlier sub-chunks, rebased on this sub-chunk's first row. The chunk's other
@@ -201,22 +212,11 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, s_ref, o_ref, *, scale, sub):
 def _state_grads_kernel(q_ref, b_ref, do_ref, dfinal_ref, ds_ref, dh0_ref, ds_scr, *, scale):
     """Reverse over chunks (index maps run backwards): writes dS_[i+1], the gradient w.r.t. the
     state leaving each chunk; what is left at the end is d initial_state."""
-    i = pl.program_id(2)
     c = q_ref.shape[2]
-
-    @pl.when(i == 0)
-    def _():
-        ds_scr[...] = dfinal_ref[0, 0]
-
-    ds_ref[0, 0, 0] = ds_scr[...]
     b = b_ref[0, 0]
     q_decayed = q_ref[0, 0].astype(_F32) * (scale * jnp.exp(b))
-    ds_scr[...] = (ds_scr[...] * jnp.exp(b_ref[0, 0, c - 1:c, :])
-                   + _mm_tn(do_ref[0, 0].astype(_F32), q_decayed))
-
-    @pl.when(i == pl.num_programs(2) - 1)
-    def _():
-        dh0_ref[0, 0] = ds_scr[...]
+    _carry_over_chunks(dfinal_ref, ds_ref, dh0_ref, ds_scr, lambda ds: (
+        ds * jnp.exp(b_ref[0, 0, c - 1:c, :]) + _mm_tn(do_ref[0, 0].astype(_F32), q_decayed)))
 
 
 def _input_grads_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, s_ref, ds_ref,
@@ -233,13 +233,8 @@ def _input_grads_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, s_ref, ds_ref,
     key_pos = lax.broadcasted_iota(jnp.int32, (sub, c), 1)
 
     def sub_chunk(j, carry):
-        i0 = pl.multiple_of(j * sub, sub)
-        rows = pl.ds(i0, sub)
-        q = q_ref[0, 0, rows, :].astype(_F32) * scale
-        k = k_ref[0, 0, rows, :].astype(_F32)
-        v = v_ref[0, 0, rows, :].astype(_F32)
+        i0, rows, q, k, v, b = _sub_chunk(j, sub, scale, q_ref, k_ref, v_ref, b_ref)
         do = do_ref[0, 0, rows, :].astype(_F32)
-        b = b_ref[0, 0, rows, :]
         b_first, b_end = _row(b, 0), _row(b, sub - 1)
         # state terms
         dq = jnp.exp(b) * _mm(do, s_t)
@@ -296,26 +291,36 @@ def _bh_spec(kd, vd):
     return pl.BlockSpec((1, 1, vd, kd), lambda b, h, i: (b, h, 0, 0))
 
 
+def _gla_call(kernel, cfg: Config, *, grid, in_specs, out_specs, out_shape, name: str, cost,
+              sequential: bool = False, scratch_shapes=()):
+    """pl.pallas_call of one of the four kernels over (batch, head, chunk); `sequential`: the
+    chunk axis carries a recurrence (arbitrary order), else every axis is parallel."""
+    semantics = ("parallel", "parallel", "arbitrary" if sequential else "parallel")
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=scratch_shapes, compiler_params=_compiler_params(cfg.interpret, semantics),
+        interpret=cfg.interpret, name=name, cost_estimate=cost)
+
+
+def _state_pass_shapes(bs, hs, n, kd, vd):
+    """(n, the outputs of a sequential state pass: one [V, K] f32 state per chunk [B, H, N, V, K]
+    and the one left at the end [B, H, V, K])."""
+    return n, [jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
+               jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)]
+
+
 def chunk_states(k, v, b, h0, cfg: Config):
     """k, b: [B, H, T, K]; v: [B, H, T, V]; h0: [B, H, V, K] f32 (transposed state).
     Returns (states entering each chunk [B, H, N, V, K], final state [B, H, V, K]), f32."""
-    bs, hs, t, kd = k.shape
-    vd = v.shape[-1]
-    c = cfg.chunk
-    n = t // c
-    out_shapes = [jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
-                  jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)]
-    return pl.pallas_call(
-        _chunk_states_kernel,
-        grid=(bs, hs, n),
+    (bs, hs, t, kd), vd, c = k.shape, v.shape[-1], cfg.chunk
+    n, out_shapes = _state_pass_shapes(bs, hs, t // c, kd, vd)
+    return _gla_call(
+        _chunk_states_kernel, cfg, grid=(bs, hs, n),
         in_specs=[_seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd), _bh_spec(kd, vd)],
-        out_specs=[_state_spec(kd, vd), _bh_spec(kd, vd)],
-        out_shape=out_shapes,
-        scratch_shapes=[pltpu.VMEM((vd, kd), _F32)],
-        compiler_params=_compiler_params(cfg.interpret, ("parallel", "parallel", "arbitrary")),
-        interpret=cfg.interpret,
+        out_specs=[_state_spec(kd, vd), _bh_spec(kd, vd)], out_shape=out_shapes,
+        scratch_shapes=[pltpu.VMEM((vd, kd), _F32)], sequential=True,
         name="gla_chunk_states",
-        cost_estimate=_cost((k, v, b, h0), out_shapes, 2 * kd * vd, kd, bs * hs * t),
+        cost=_cost((k, v, b, h0), out_shapes, 2 * kd * vd, kd, bs * hs * t),
     )(k, v, b, h0)
 
 
@@ -324,41 +329,30 @@ def chunk_output(q, k, v, b, states, cfg: Config):
     vd = v.shape[-1]
     c = cfg.chunk
     out_shapes = jax.ShapeDtypeStruct((bs, hs, t, vd), v.dtype)
-    return pl.pallas_call(
-        functools.partial(_output_kernel, scale=cfg.scale, sub=cfg.sub),
+    return _gla_call(
+        functools.partial(_output_kernel, scale=cfg.scale, sub=cfg.sub), cfg,
         grid=(bs, hs, t // c),
         in_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd),
                   _state_spec(kd, vd)],
-        out_specs=_seq_spec(c, vd),
-        out_shape=out_shapes,
-        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3),
-        interpret=cfg.interpret,
+        out_specs=_seq_spec(c, vd), out_shape=out_shapes,
         name="gla_chunk_output",
-        cost_estimate=_cost((q, k, v, b, states), out_shapes, 2 * kd * vd + c * (kd + vd),
-                            2 * kd, bs * hs * t),
+        cost=_cost((q, k, v, b, states), out_shapes, 2 * kd * vd + c * (kd + vd), 2 * kd,
+                   bs * hs * t),
     )(q, k, v, b, states)
 
 
 def chunk_state_grads(q, b, do, dfinal, cfg: Config):
     """Returns (dS of the state leaving each chunk [B, H, N, V, K], d h0 [B, H, V, K]), f32."""
-    bs, hs, t, kd = q.shape
-    vd = do.shape[-1]
-    c = cfg.chunk
-    n = t // c
-    out_shapes = [jax.ShapeDtypeStruct((bs, hs, n, vd, kd), _F32),
-                  jax.ShapeDtypeStruct((bs, hs, vd, kd), _F32)]
-    return pl.pallas_call(
-        functools.partial(_state_grads_kernel, scale=cfg.scale),
-        grid=(bs, hs, n),
+    (bs, hs, t, kd), vd, c = q.shape, do.shape[-1], cfg.chunk
+    n, out_shapes = _state_pass_shapes(bs, hs, t // c, kd, vd)
+    return _gla_call(
+        functools.partial(_state_grads_kernel, scale=cfg.scale), cfg, grid=(bs, hs, n),
         in_specs=[_seq_spec(c, kd, n), _seq_spec(c, kd, n), _seq_spec(c, vd, n),
                   _bh_spec(kd, vd)],
-        out_specs=[_state_spec(kd, vd, n), _bh_spec(kd, vd)],
-        out_shape=out_shapes,
-        scratch_shapes=[pltpu.VMEM((vd, kd), _F32)],
-        compiler_params=_compiler_params(cfg.interpret, ("parallel", "parallel", "arbitrary")),
-        interpret=cfg.interpret,
+        out_specs=[_state_spec(kd, vd, n), _bh_spec(kd, vd)], out_shape=out_shapes,
+        scratch_shapes=[pltpu.VMEM((vd, kd), _F32)], sequential=True,
         name="gla_chunk_state_grads",
-        cost_estimate=_cost((q, b, do, dfinal), out_shapes, 2 * kd * vd, kd, bs * hs * t),
+        cost=_cost((q, b, do, dfinal), out_shapes, 2 * kd * vd, kd, bs * hs * t),
     )(q, b, do, dfinal)
 
 
@@ -369,18 +363,16 @@ def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
     c = cfg.chunk
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape, _F32)]
-    return pl.pallas_call(
-        functools.partial(_input_grads_kernel, scale=cfg.scale, sub=cfg.sub),
+    return _gla_call(
+        functools.partial(_input_grads_kernel, scale=cfg.scale, sub=cfg.sub), cfg,
         grid=(bs, hs, t // c),
         in_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd),
                   _seq_spec(c, vd), _state_spec(kd, vd), _state_spec(kd, vd)],
         out_specs=[_seq_spec(c, kd), _seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd)],
         out_shape=out_shapes,
-        compiler_params=_compiler_params(cfg.interpret, ("parallel",) * 3),
-        interpret=cfg.interpret,
         name="gla_chunk_input_grads",
-        cost_estimate=_cost((q, k, v, b, do, states, dstates), out_shapes,
-                            6 * kd * vd + 2 * c * (kd + vd), 2 * kd, bs * hs * t),
+        cost=_cost((q, k, v, b, do, states, dstates), out_shapes,
+                   6 * kd * vd + 2 * c * (kd + vd), 2 * kd, bs * hs * t),
     )(q, k, v, b, do, states, dstates)
 
 
