@@ -50,6 +50,8 @@ KNOWN_FAMILY_IMPORTS: set[tuple[str, str]] = set()
 FAMILY_NAMES_ALLOWED = {("trainer/__init__.py", "models.lm")}
 # Modules that must not import anything of the project beyond the listed ones.
 LEAVES = {
+    "trainer.config": set(),  # the config fields and checks: ml_collections only
+    "trainer.sharding": {"trainer.config", "attention.sharding"},  # the mesh over the rules table
     "attention.sharding": set(),
     "attention.layers": {"attention.ops.fusion"},
     "pallas_kernels.platform": set(),
@@ -287,3 +289,25 @@ def test_no_import_cycles_and_local_imports_only_for_heavy_or_optional_ones():
     for m in sorted(top):
         if m not in state:
             visit(m, [m])
+
+
+# A family's own attention blocks (not registry mechanisms): DETR's BoxRPB cross-attention,
+# MixFormer's mixed attention, TokenFormer's Pattention
+FAMILY_BLOCKS = {"attention.boxrpb", "attention.mixed", "attention.pattention"}
+
+
+def test_families_choose_mechanisms_only_from_the_registry():
+    """A family's model imports no mechanism module: the self-attention is
+    attention.build(config.model.attention, ...), so every mechanism works in every family.
+    (The LM's tools, which act on one mechanism's layers, stand on the loop's floor.)"""
+    import attention
+
+    mechanisms = {f"attention.{n}" for n in attention.names()}
+    for mod, edges in import_graph().items():
+        if mod.startswith("models") and mod not in TOOLS:
+            named = {t for t in edges if t in mechanisms and t not in FAMILY_BLOCKS}
+            assert not named, f"{mod} imports mechanism modules {sorted(named)}; use the registry"
+            allowed = {t for t in edges if t.startswith("attention")} - named
+            assert allowed <= ({"attention", "attention.registry", "attention.layers",
+                                "attention.sharding"} | FAMILY_BLOCKS
+                               | {t for t in edges if t.startswith("attention.ops")}), (mod, allowed)

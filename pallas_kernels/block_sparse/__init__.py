@@ -48,6 +48,7 @@ def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
         raise ValueError(f"block_sparse_pallas: q {q.shape}, k {k.shape}, v {v.shape} do not "
                          f"fit [B, T, H, D] / [B, S, H_kv, D] with H a multiple of H_kv")
     mask.check_fits(bs, hs, t, s, "block_sparse_pallas")
+    mb, mh = mask.counts.shape[:2]
     bq, bk = mask.block_q, mask.block_k
     if bq % 8 or bk % 8:
         raise ValueError(f"block_sparse_pallas: block_q={bq} and block_k={bk} must be multiples "
