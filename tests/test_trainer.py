@@ -309,7 +309,7 @@ def test_nan_skip_leaves_params_unchanged(tiny_config, tmp_path, monkeypatch):
         final = param_arrays(t.model)
         _, opt = nnx.merge(t.graphdef, t.state.nnx)
         assert int(opt.step[...]) == 0, "no optimizer update may be applied"
-        assert int(t.state["first_nonfinite"]) == 1
+        assert int(t.state.first_nonfinite) == 1
     assert r["step"] == 3
     assert r["metrics"]["nonfinite_steps"] == 3
     for k in initial:
@@ -326,7 +326,7 @@ def test_nan_skip_skips_only_the_bad_step(tiny_config, tmp_path, monkeypatch):
         _, opt = nnx.merge(t.graphdef, t.initial_state().nnx)
         assert int(opt.step[...]) == 2, "steps 1 and 3 update, step 2 does not"
         assert int(t.state.nonfinite) == 1
-        assert int(t.state["first_nonfinite"]) == 2
+        assert int(t.state.first_nonfinite) == 2
 
 
 def test_nan_stop_raises_with_step(tiny_config, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ def report(trainer) -> str:
     analysis and FLOPs."""
     lines = [f"dry run: task {trainer.config.task}, mesh {trainer.mesh_sizes} over "
              f"{trainer.mesh.size} {trainer.mesh.devices.flat[0].platform} devices"]
-    model_state, opt_state = trainer.abstract_state.nnx
+    model_state, opt_state = trainer.abstract_state.nnx[0], trainer.abstract_state.nnx[1]
     shardings = trainer.state_shardings.nnx
 
     def per_device(abstract, sharding) -> int:
