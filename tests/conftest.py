@@ -1,16 +1,43 @@
-"""Shared set-up: 8 simulated CPU devices, absolute config paths, tiny configs, run helpers.
+"""Shared set-up: 8 simulated CPU devices, a compile-light XLA:CPU, one compilation cache per
+test run, absolute config paths, tiny configs, run helpers.
 
-XLA_FLAGS must be set before jax is first imported (it fixes the device count for the
-process), so it is set here at import time, before anything imports jax.
+XLA_FLAGS and the cache directory must be set before jax is first imported (they are read when
+the backend starts), so they are set here at import time, before anything imports jax; the
+subprocesses a test starts inherit them.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
-_DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICE_FLAG}".strip()
+
+def xla_flags(devices: int = 8) -> str:
+    """XLA_FLAGS for a test process with `devices` simulated CPU devices: the environment's
+    flags with the device count replaced, and LLVM optimisation level 1 unless one is set. The
+    suite compiles hundreds of programs and runs each a few tiny steps: level 1 cuts XLA
+    compile time by about 30% against the default 2 (tokenformer growth test: 51.6 s -> 36.4 s of
+    compiles) with no slower training at these sizes (ViT shapes test 54 s -> 50 s); level 0
+    halves compiles but makes the longer training tests 40% slower."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if "xla_force_host_platform_device_count" not in f]
+    if not any("xla_backend_optimization_level" in f for f in flags):
+        flags.append("--xla_backend_optimization_level=1")
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
+os.environ["XLA_FLAGS"] = xla_flags(8)
+
+# One persistent XLA compilation cache for the whole run, shared by the pytest-xdist workers
+# (they inherit this process's environment) and by the CLI subprocesses the tests start, which
+# compile the same train step again and again (resume, kill -9, two processes). It starts empty
+# (a run measures cold compiles, as CI does) and is removed at the end; a cache the user set
+# (JAX_COMPILATION_CACHE_DIR) is used and kept.
+_RUN_CACHE = None
+if "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _RUN_CACHE = tempfile.mkdtemp(prefix="polyformer-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
+
 import attention  # noqa: E402,F401  (sets its XLA:CPU workaround flag before jax starts)
 
 import dataclasses  # noqa: E402
@@ -50,6 +77,11 @@ def make_tiny_config(*overrides: str):
 def tiny_config():
     """Factory: tiny_config("mesh.data=2", "train.steps=4") -> a locked ConfigDict."""
     return make_tiny_config
+
+
+def pytest_unconfigure(config):
+    if _RUN_CACHE is not None:  # the controller (or the only process), after every worker
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, TEST_OVERRIDES, TINY, make_tiny_config, run_trainer
+from conftest import REPO_ROOT, TEST_OVERRIDES, TINY, make_tiny_config, run_trainer, xla_flags
 from trainer import ConfigError, Trainer
 from trainer.checkpoint import Checkpoints
 
@@ -35,7 +35,7 @@ def cli(workdir, *args: str, devices: int = 8) -> list[str]:
 
 def env(devices: int = 8) -> dict[str, str]:
     e = dict(os.environ)
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["XLA_FLAGS"] = xla_flags(devices)
     e["PYTHONPATH"] = REPO_ROOT
     return e
 

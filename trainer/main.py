@@ -105,7 +105,8 @@ def main(argv=None) -> int:
                     bad += bool(t.problems)
             return 1 if bad else 0
         if config.stages:  # a schedule of runs (trainer/stages.py)
-            result = fit_stages(config, workdir, devices=devices, max_steps=args.max_steps)[-1]
+            result = fit_stages(config, workdir, devices=devices, max_steps=args.max_steps,
+                                planned=planned)[-1]
             where = os.path.join(result["workdir"], "checkpoints")
         else:
             (c, d), = planned

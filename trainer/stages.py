@@ -78,12 +78,12 @@ def runs(config: ConfigDict, workdir: str) -> list[tuple[ConfigDict, str]]:
     return out
 
 
-
 def fit_stages(config, workdir: str, *, devices=None, quiet: bool = False,
-               max_steps: int | None = None) -> list[dict]:
+               max_steps: int | None = None, planned=None) -> list[dict]:
     """Trains the stages in order (skipping finished ones); returns each stage's fit() result.
-    max_steps stops (with a checkpoint) inside the stage that reaches it; a rerun goes on."""
-    stages = runs(config, workdir)
+    max_steps stops (with a checkpoint) inside the stage that reaches it; a rerun goes on.
+    planned: runs(config, workdir) when the caller already expanded and checked them."""
+    stages = runs(config, workdir) if planned is None else planned
     results = []
     for i, (c, d) in enumerate(stages, 1):
         with Trainer(c, d, devices=devices, quiet=quiet, checked=True) as t:

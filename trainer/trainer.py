@@ -476,9 +476,7 @@ class Trainer:
                     break
             if stop.signal is not None and step < until:  # preempted: checkpoint and leave
                 self._check_finite(state)
-                saved = any(h.fn == self._checkpoint_hook and h.last_step == step
-                            for h in self.hooks)
-                if not saved and self.checkpoints.latest_step() != step:
+                if self.checkpoints.latest_step() != step:  # (an in-memory lookup)
                     self.save()
                 self.checkpoints.wait()
                 report.print(f"stopped by {stop.signal} at step {step}; checkpoint "
