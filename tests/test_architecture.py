@@ -264,6 +264,7 @@ LOCAL_IMPORTS = {
     # `python -m trainer.main --help` and bad flags answer before jax / orbax start
     ("trainer.main", "trainer.stages"): "heavy (jax, orbax)",
     ("trainer.main", "trainer.trainer"): "heavy (jax, orbax)",
+    ("trainer.main", "trainer.checkpoint"): "heavy (jax, orbax)",
     ("trainer.main", "trainer.sharding"): "heavy (jax)",
 }
 

@@ -56,8 +56,9 @@ def test_chunked_equals_recurrence_outputs_and_gradients(T, K, V, decay, with_h0
     for name, gx, gr in zip(("dq", "dk", "dv", "dlog_g", "dh0"), vjp_x(cot), vjp_r(cot)):
         assert np.all(np.isfinite(np.asarray(gx))), name
         # dlog_g sums, within a chunk, terms that cancel pairwise (each (r, s) pair adds +x to
-        # b_r and -x to b_s); with strong decay their f32 rounding shows at ~1e-4 of the scale
-        tol = 2e-4 if (name == "dlog_g" and decay == "strong") else 1e-5
+        # b_r and -x to b_s); with strong decay their f32 rounding shows at 1e-4 to 3e-4 of the
+        # scale, depending on how XLA fuses and contracts the sums (its optimisation level)
+        tol = 4e-4 if (name == "dlog_g" and decay == "strong") else 1e-5
         assert rel_err(gx, gr) < tol, (name, rel_err(gx, gr))
 
 

@@ -323,6 +323,12 @@ def test_workdir_of_a_different_model_names_parameters_and_suggests_init_from(re
     config = make_tiny_config(f"train.steps={STEPS}", "mesh.data=8", "model.mlp_dim=256")
     with pytest.raises(ConfigError) as e:
         Trainer(config, str(tmp_path), quiet=True).initial_state()
+    assert "\n  model.mlp_dim: 128 -> 256\n" in str(e.value)  # the config's change first
+    # allowed on purpose, the arrays still cannot resume: each one named
+    config = make_tiny_config(f"train.steps={STEPS}", "mesh.data=8", "model.mlp_dim=256",
+                              "checkpoint.allow_changes=model.mlp_dim")
+    with pytest.raises(ConfigError) as e:
+        Trainer(config, str(tmp_path), quiet=True).initial_state()
     message = str(e.value)
     assert "mlp/w1/kernel" in message and "(64, 128) in the checkpoint" in message
     assert "init_from" in message and "attn/q_proj" not in message

@@ -23,12 +23,69 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 class UnreadableCheckpoint(RuntimeError):
-    """A step directory that exists but cannot be restored (truncated, corrupted, partial)."""
+    """A step whose files fail verification (missing, empty or unparsable files, data that
+    does not decode): retrying cannot help. `step`, `path`, and `why` (one line)."""
+
+    def __init__(self, step: int, path: str, why: str):
+        super().__init__(f"checkpoint {step} ({path}): {why}")
+        self.step, self.path, self.why = step, path, why
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint the run needs and cannot read for a reason other than its files (storage
+    I/O after retries), or a workdir none of whose checkpoints is readable: the run stops with
+    this message and nothing in the workdir is moved."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """'Type: first line of the message', at most `limit` characters (TensorStore errors carry
+    a whole JSON spec after the first line)."""
+    text = str(e).strip().splitlines()
+    line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+# TensorStore / absl status codes that a retry may clear (the rest, e.g. DATA_LOSS, NOT_FOUND,
+# INVALID_ARGUMENT, FAILED_PRECONDITION, say the files themselves are wrong)
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED",
+                     "CANCELLED", "UNKNOWN: Connection", "Connection reset", "timed out")
+
+
+def is_data_error(e: BaseException) -> bool:
+    """Whether a read error says the checkpoint's data itself is bad (it does not decode, a
+    file or key is missing, TensorStore reports DATA_LOSS / NOT_FOUND / INVALID_ARGUMENT...)
+    rather than the storage: retrying will not help."""
+    return (isinstance(e, (ValueError, KeyError, EOFError, FileNotFoundError, NotADirectoryError))
+            and not is_transient(e))
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a read error is of the storage rather than the files: an OSError other than a
+    missing file or directory (EIO, ESTALE, EACCES on a flaky mount...), a timeout or a broken
+    connection, or a TensorStore status a retry may clear. Looks down the exception chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (TimeoutError, ConnectionError, InterruptedError)):
+            return True
+        if isinstance(e, OSError) and not isinstance(
+                e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            return True
+        if any(s in str(e) for s in _TRANSIENT_STATUS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Checkpoints:
-    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+    """retries, retry_seconds: a read that fails is tried again `retries` times, waiting
+    retry_seconds * 2**i before try i + 1 (a storage hiccup clears; corrupt files do not)."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True,
+                 retries: int = 3, retry_seconds: float = 1.0):
         self.workdir = os.path.abspath(workdir)
+        self.retries, self.retry_seconds = retries, retry_seconds
+        self.retried: list[str] = []  # 'checkpoint N: error' of every read that needed a retry
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -52,25 +109,83 @@ class Checkpoints:
         return sorted(os.path.join(self.directory, d) for d in os.listdir(self.directory)
                       if TMP_MARKER in d)
 
-    def save(self, step: int, state, data_iter, config_json: str) -> None:
+    def save(self, step: int, state, data_position: dict | None, config_json: str) -> None:
+        """data_position: the input's position (Trainer.data_position: the iterator's state, the
+        examples consumed and the global batch size)."""
         args = {"state": ocp.args.StandardSave(state),
                 "config": ocp.args.JsonSave(json.loads(config_json))}
-        if data_iter is not None:
-            args["data"] = ocp.args.JsonSave({"iterator": data_iter.get_state(),
-                                              "process_count": jax.process_count()})
+        if data_position is not None:
+            args["data"] = ocp.args.JsonSave(dict(data_position,
+                                                  process_count=jax.process_count()))
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def verify(self, step: int) -> list[str]:
+        """What is wrong with checkpoint `step`'s files, without reading its arrays: a missing
+        step, item or metadata file, metadata that is not JSON, empty files in state/ (a
+        truncated write). [] when nothing is found (or the storage cannot be listed: that is not
+        the files' fault)."""
+        d = self.step_dir(step)
+        try:
+            if not os.path.isdir(d):
+                return [f"{d} does not exist"]
+            problems = [f"{item}/ is missing" for item in ("state", "config")
+                        if not os.path.isdir(os.path.join(d, item))]
+            meta = os.path.join(d, "state", "_METADATA")
+            if not problems:
+                if not os.path.isfile(meta):
+                    problems.append("state/_METADATA is missing")
+                else:
+                    try:
+                        with open(meta) as f:
+                            json.load(f)
+                    except ValueError:
+                        problems.append("state/_METADATA is not valid JSON")
+            empty = [os.path.relpath(os.path.join(root, f), d)
+                     for root, _, files in os.walk(os.path.join(d, "state")) for f in files
+                     if os.path.getsize(os.path.join(root, f)) == 0]
+            if empty:
+                problems.append(f"{len(empty)} empty file(s), e.g. {empty[0]}")
+            return problems
+        except OSError as e:
+            if is_transient(e):
+                return []
+            raise
+
+    def read(self, step: int, fn):
+        """fn() (a read of checkpoint `step`). A failure whose step fails verification, or whose
+        error says the data does not decode, raises UnreadableCheckpoint at once; any other
+        (storage I/O, a timeout, an error of unknown kind) is retried with exponential backoff
+        and, if every try fails, raises CheckpointError: nothing is moved for those."""
+        for attempt in range(self.retries + 1):
+            try:
+                out = fn()
+                if attempt:
+                    self.retried.append(f"checkpoint {step}: {first_line(error)}")
+                return out
+            except (UnreadableCheckpoint, CheckpointError):
+                raise
+            except Exception as e:  # noqa: BLE001 - classified here
+                error = e
+            problems = self.verify(step)
+            if not problems and is_data_error(error):
+                problems = [first_line(error)]
+            if problems:
+                raise UnreadableCheckpoint(step, self.step_dir(step), "; ".join(problems)) \
+                    from error
+            if attempt < self.retries:
+                time.sleep(self.retry_seconds * 2 ** attempt)
+        raise CheckpointError(
+            f"could not read checkpoint {step} ({self.step_dir(step)}) after {self.retries + 1} "
+            f"tries: {first_line(error)}. Its files look complete, so this is taken for a "
+            "storage problem: nothing was moved or skipped; rerun when the storage is back") \
+            from error
 
     def mismatches(self, step: int, abstract_state) -> list[str]:
         """Arrays of `abstract_state` whose shape or presence differs in checkpoint `step`
-        ('path: shape A in the checkpoint, B here'); raises UnreadableCheckpoint when the
-        checkpoint's metadata cannot be read."""
-        try:
-            meta = self.manager.item_metadata(step)["state"]
-            saved = by_name(meta)
-        except Exception as e:  # noqa: BLE001 - any failure to read means the same to the caller
-            raise UnreadableCheckpoint(f"{self.step_dir(step)}: {type(e).__name__}: {e}") from e
+        ('path: shape A in the checkpoint, B here'); reading the metadata fails as read() says."""
+        saved = self.read(step, lambda: by_name(self.manager.item_metadata(step)["state"]))
         if not saved:
-            raise UnreadableCheckpoint(f"{self.step_dir(step)}: no state metadata")
+            raise UnreadableCheckpoint(step, self.step_dir(step), "no state metadata")
         ours = by_name(abstract_state)
         problems = []
         for name, a in ours.items():
@@ -83,22 +198,19 @@ class Checkpoints:
                      for name in saved if name not in ours]
         return problems
 
-    def restore(self, step: int, abstract_state, shardings, data_iter=None):
-        """Restores the state into `shardings` (the current mesh) and the iterator in place;
-        raises UnreadableCheckpoint when the step's files cannot be read."""
+    def restore(self, step: int, abstract_state, shardings) -> tuple[dict, dict | None]:
+        """(state restored into `shardings` (the current mesh), the saved data position or None);
+        a failing read is retried, then raises as read() says."""
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
         args = {"state": ocp.args.StandardRestore(target)}
-        if data_iter is not None:
+        if os.path.isdir(os.path.join(self.step_dir(step), "data")):
             args["data"] = ocp.args.JsonRestore()
-        try:
+
+        def restore():
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-            if data_iter is not None:
-                data_iter.set_state(restored["data"]["iterator"])
-            jax.block_until_ready(restored["state"])
-        except Exception as e:  # noqa: BLE001
-            raise UnreadableCheckpoint(f"{self.step_dir(step)}: {type(e).__name__}: {e}") from e
-        return restored["state"]
+            return jax.block_until_ready(restored["state"]), restored.get("data")
+        return self.read(step, restore)
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -129,27 +241,31 @@ class Checkpoints:
         flat = self.restore_flat(step, lambda name, shape: rep)
         return {name[len("nnx/0/"):]: a for name, a in flat.items() if name.startswith("nnx/0/")}
 
-    def restore_flat(self, step: int, sharding_for, data_iter=None) -> dict[str, "jax.Array"]:
+    def restore_flat(self, step: int, sharding_for, on_data_position=None
+                     ) -> dict[str, "jax.Array"]:
         """Every array of checkpoint `step`, whatever the model was, as {name: array} with the
         names of `by_name` ('nnx/0/blocks/0/attn/q/kernel', 'nnx/1/opt_state/...', 'step').
         Each is placed with `sharding_for(name, shape)` (so a run on another mesh restores
-        straight into its own layout); `data_iter`, if given, gets the saved data position."""
-        meta = self.manager.item_metadata(step)["state"]
+        straight into its own layout); on_data_position, if given, is called with the saved
+        data position (Trainer.data_position)."""
+        meta = self.read(step, lambda: self.manager.item_metadata(step)["state"])
         target = jax.tree_util.tree_map_with_path(
             lambda path, m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                                  sharding=sharding_for(path_name(path), m.shape)),
             meta)
         args = {"state": ocp.args.StandardRestore(target)}
-        if data_iter is not None:
+        if on_data_position is not None:
             args["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        if data_iter is not None:
-            data_iter.set_state(restored["data"]["iterator"])
+        restored = self.read(step, lambda: self.manager.restore(
+            step, args=ocp.args.Composite(**args)))
+        if on_data_position is not None:
+            on_data_position(restored["data"])
         return by_name(restored["state"])
 
     def restore_config(self, step: int) -> dict:
-        """The resolved config saved with checkpoint `step` (a JSON dict)."""
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        """The resolved config saved with checkpoint `step` (a JSON dict), read as read() says."""
+        return self.read(step, lambda: self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

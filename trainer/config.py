@@ -78,6 +78,18 @@ def base_config() -> ConfigDict:
     c.checkpoint.every = 100  # 0: only at the end
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
+    # a checkpoint read that fails is retried this many times (backoff retry_seconds * 2**i):
+    # storage hiccups clear; a step whose files fail verification is skipped for an older one
+    c.checkpoint.restore_retries = 3
+    c.checkpoint.retry_seconds = 1.0
+    # when no checkpoint of the workdir is readable: False stops with an error (nothing moved);
+    # True moves them to checkpoints.unreadable/ and starts at step 0. A readable one is always
+    # resumed, so a rerun command may keep the flag.
+    c.checkpoint.from_scratch = False
+    # fields a resume may change although they define the model, the data stream or the
+    # schedule (trainer.config.resume_changes): comma-separated names or groups, e.g.
+    # "data.paths,train.lr" or "data"
+    c.checkpoint.allow_changes = ""
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1: the rest of the devices
@@ -241,6 +253,10 @@ def validate(config: ConfigDict) -> None:
         require(config[group][name] >= 0, f, f"must be >= 0, got {config[group][name]}")
     require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
             f"must be >= 1, got {config.checkpoint.max_to_keep}")
+    require(config.checkpoint.restore_retries >= 0, "checkpoint.restore_retries",
+            f"must be >= 0, got {config.checkpoint.restore_retries}")
+    require(config.checkpoint.retry_seconds >= 0, "checkpoint.retry_seconds",
+            f"must be >= 0, got {config.checkpoint.retry_seconds}")
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
         require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (the rest) or >= 1, got {size}")
@@ -259,3 +275,58 @@ def validate(config: ConfigDict) -> None:
             re.compile(value)
         except re.error as e:
             raise ConfigError(f"config.{field}: {value!r} is not a regular expression ({e})") from None
+
+
+# ----------------------------------------------------------------------------- resuming
+# Fields a resumed run may change: where and how it runs, not what it computes. Everything else
+# (task, seed, model.*, data.*, the optimizer and schedule, a family's own groups such as a loss)
+# defines the model, the data stream or the schedule, and a change is refused unless allowed.
+RESUME_FREE = ("mesh.", "checkpoint.", "eval.", "stages", "init_from", "init_from_new",
+               "init_from_skip", "init_from_carry", "data.num_workers", "train.log_every",
+               "train.remat", "train.nan_policy", "train.grad_accum_steps", "train.steps")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
+def _matches(field: str, patterns: Sequence[str]) -> bool:
+    """field is one of `patterns` or inside a group named by one ("data" or "data.")."""
+    return any(p and (field == p or field.startswith(p.rstrip(".") + ".")) for p in patterns)
+
+
+def resume_changes(saved: dict, config: ConfigDict, free: Sequence[str] = ()) -> list[str]:
+    """'field: old -> new' of every field that differs between a checkpoint's saved config and
+    the config resuming it, where the difference changes the model, the data stream or the
+    schedule: all fields but RESUME_FREE, the Task's `free` groups and those listed in
+    config.checkpoint.allow_changes. train.steps may change when the schedule's horizon stays
+    (train.schedule_steps set); a field new since the checkpoint was saved is not a change."""
+    old, new = _flat(saved), _flat(json.loads(to_json(config)))
+    allowed = [p.strip() for p in config.checkpoint.allow_changes.split(",")]
+    out = []
+    for field in sorted(new):
+        if field not in old or _same(old[field], new[field]):
+            continue
+        if _matches(field, allowed) or _matches(field, [*RESUME_FREE, *free]):
+            continue
+        out.append(f"{field}: {old[field]!r} -> {new[field]!r}")
+    horizon = lambda f: f.get("train.schedule_steps") or f.get("train.steps")  # noqa: E731
+    if (horizon(old) != horizon(new)
+            and _same(old.get("train.schedule_steps"), new.get("train.schedule_steps"))
+            and not _matches("train.steps", allowed)):
+        out.append(f"train.steps: {old.get('train.steps')!r} -> {new.get('train.steps')!r} "
+                   f"moves the schedule's horizon (set train.schedule_steps="
+                   f"{horizon(old)} to keep the old schedule)")
+    return out

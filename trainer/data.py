@@ -24,16 +24,18 @@ from trainer.config import ConfigError
 
 # ----------------------------------------------------------------------------- sharding
 class _ProcessBatches(grain.MapDataset):
-    """Local batch b of process p = examples [b*G + p*L, b*G + (p+1)*L) of the parent, stacked
-    (G = global batch, L = G / P). The L examples are read with one batched `_getitems` call,
-    which grain's shuffle/repeat/source datasets pass down to a source that supports batched
-    reads; per-example reads cost ~25 us each in grain's bookkeeping, a visible share of a small
-    model's step."""
+    """Local batch b of process p = examples [S + b*G + p*L, S + b*G + (p+1)*L) of the parent,
+    stacked (G = global batch, L = G / P, S = the first example). The L examples are read with
+    one batched `_getitems` call, which grain's shuffle/repeat/source datasets pass down to a
+    source that supports batched reads; per-example reads cost ~25 us each in grain's
+    bookkeeping, a visible share of a small model's step."""
 
-    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+    def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int,
+                 first_example: int = 0):
         super().__init__(parent)
         self._g, self._p, self._l = global_batch, index, global_batch // count
-        self._len = len(parent) // global_batch
+        self._s = first_example
+        self._len = (len(parent) - first_example) // global_batch
 
     def __len__(self):
         return self._len
@@ -41,7 +43,7 @@ class _ProcessBatches(grain.MapDataset):
     def __getitem__(self, b):
         if isinstance(b, slice):
             return self.slice(b)
-        start = b * self._g + self._p * self._l
+        start = self._s + b * self._g + self._p * self._l
         items = self._parent._getitems(range(start, start + self._l))  # noqa: SLF001
         return {k: np.stack([x[k] for x in items]) for k in items[0]}
 
@@ -50,14 +52,16 @@ class _ProcessBatches(grain.MapDataset):
 
 
 def process_batches(ds: grain.MapDataset, global_batch: int, *, process_index: int | None = None,
-                    process_count: int | None = None, prefetch: int = 2) -> grain.IterDataset:
-    """Host-local batches (dicts of arrays with leading dim global_batch / process_count)."""
+                    process_count: int | None = None, prefetch: int = 2,
+                    first_example: int = 0) -> grain.IterDataset:
+    """Host-local batches (dicts of arrays with leading dim global_batch / process_count), from
+    example `first_example` of `ds` on (a resume whose global batch changed goes on there)."""
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     if global_batch % n:
         raise ConfigError(f"config.train.global_batch_size={global_batch} is not divisible by "
                           f"the {n} processes")
-    local = _ProcessBatches(ds, global_batch, p, n)
+    local = _ProcessBatches(ds, global_batch, p, n, first_example)
     return local.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 
 

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     init_distributed(args)
     # imported after argument parsing (jax, orbax): --help stays fast and bad flags fail
     # before jax starts
+    from trainer.checkpoint import CheckpointError
     from trainer.stages import fit_stages, runs
     from trainer.trainer import Trainer
 
@@ -116,11 +117,16 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # storage, or no readable checkpoint: nothing was moved
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if result.get("preempted"):
         return 0  # the Trainer printed where it stopped and what it saved
     ev = result.get("eval", {})
     summary = "".join(f" {k}={v:.4g}" for k, v in ev.items())
-    print(f"done: step {result['step']}{summary}; checkpoints in {where}")
+    saved = os.path.isdir(where) and any(name.isdigit() for name in os.listdir(where))
+    print(f"done: step {result['step']}{summary}; " + (
+        f"checkpoints in {where}" if saved else "nothing was trained, no checkpoint written"))
     return 0
 
 

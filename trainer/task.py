@@ -75,6 +75,9 @@ class Task(abc.ABC):
 
     name: str = ""
     throughput_unit: str = "examples"  # reported as <unit>/s
+    # the family's own config groups a resumed run may change (e.g. "sample." for what is
+    # generated at the end); every other family group is checked (trainer.config.resume_changes)
+    resume_free: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config

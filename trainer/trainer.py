@@ -31,9 +31,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels import platform as kernel_platform
 from trainer import perf, plan, transfer
-from trainer.checkpoint import Checkpoints, UnreadableCheckpoint
+from trainer.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint, first_line
 from trainer.cli import check
-from trainer.config import ConfigError, to_json
+from trainer.config import ConfigError, resume_changes, to_json
 from trainer.data import global_batch, process_batches
 from trainer.logs import Reporter
 from trainer.optim import lr_schedule, make_optimizer
@@ -63,6 +63,9 @@ class Trainer:
 
         devices = list(devices) if devices is not None else jax.devices()
         self.mesh_sizes = mesh_shape(config, len(devices))
+        # a value that is wrong on any mesh is an error even in a dry run (which lists only
+        # what this mesh cannot divide): the Task's checks on a mesh of one device first
+        self.task.validate({axis: 1 for axis in self.mesh_sizes})
         try:
             self.task.validate(self.mesh_sizes)
         except ConfigError as e:
@@ -88,7 +91,14 @@ class Trainer:
 
         self.tx = make_optimizer(config)
         self.schedule = lr_schedule(config)
-        abstract = nnx.eval_shape(self._build)  # outside the mesh: names are logical here
+        try:  # outside the mesh: names are logical here
+            abstract = nnx.eval_shape(self._build)
+        except (ArithmeticError, LookupError, TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            # a value the family's checks let through: no traceback, the error's first line
+            raise ConfigError(f"config.model: the {config.task!r} model cannot be built from "
+                              f"this config: {first_line(e)}") from e
         self._abstract_model = abstract[0]
         self.graphdef, abstract_nnx = nnx.split(abstract)
         self._num_params = sum(math.prod(x.shape)
@@ -111,7 +121,8 @@ class Trainer:
         self.abstract_state = TrainState.like(abstract_nnx, scalar)
         self.checkpoints = None if dry_run else Checkpoints(
             self.workdir, max_to_keep=config.checkpoint.max_to_keep,
-            async_save=config.checkpoint.async_save)
+            async_save=config.checkpoint.async_save, retries=config.checkpoint.restore_retries,
+            retry_seconds=config.checkpoint.retry_seconds)
         self.state = None
         self.train_iter = None
         self._train_step = None  # AOT-compiled on the first batch
@@ -180,7 +191,7 @@ class Trainer:
         """Restores the newest checkpoint in the workdir (with the data position), else initialises."""
         if self.state is not None:
             return self.state
-        self.train_iter = iter(process_batches(self.task.train_data(), self.config.train.global_batch_size))
+        self._read_from(0)
         self.state = self._restore_newest()
         if self.state is None:
             self.state = self._fresh_state()
@@ -190,33 +201,99 @@ class Trainer:
 
     def _restore_newest(self):
         """The newest readable checkpoint of the workdir, resharded onto this mesh (None if there
-        is none). Interrupted saves and unreadable steps are skipped with a warning naming them;
-        unreadable steps are moved to workdir/checkpoints.unreadable/, never deleted. A checkpoint
-        of a different model is an error: resuming it silently would lose the run."""
+        is none). Interrupted saves are skipped with a warning naming them. A read that fails is
+        retried (config.checkpoint.restore_retries); a step whose files then fail verification is
+        skipped for an older one, and moved to workdir/checkpoints.unreadable/ (never deleted)
+        only once an older step has been read. A storage error that persists stops the run with
+        nothing moved (CheckpointError), as does a workdir none of whose checkpoints is readable
+        unless config.checkpoint.from_scratch. A checkpoint of a different model, or saved with
+        a config whose model, data or schedule differ (trainer.config.resume_changes), is a
+        ConfigError: resuming it silently would lose the run."""
         for d in self.checkpoints.incomplete():
             self._warn(f"skipping {d}: an incomplete checkpoint (its save was interrupted)")
-        for step in reversed(self.checkpoints.all_steps()):
+        unreadable = []  # steps newer than the one resumed whose files failed verification
+        steps = self.checkpoints.all_steps()
+        for step in reversed(steps):
             try:
-                problems = self.checkpoints.mismatches(step, self.abstract_state.as_dict())
-                if problems:
-                    raise ConfigError(
-                        f"the workdir {self.workdir} holds checkpoint {step} of a different model "
-                        "(or optimizer):\n  " + "\n  ".join(problems[:20])
-                        + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-                        + "\nuse a new --workdir, and set init_from=<that workdir> to start a new "
-                        "run from its parameters deliberately")
-                state = TrainState.from_dict(self.checkpoints.restore(
-                    step, self.abstract_state.as_dict(), self.state_shardings.as_dict(),
-                    self.train_iter))
+                self._check_resumable(step)
+                state, position = self.checkpoints.restore(
+                    step, self.abstract_state.as_dict(), self.state_shardings.as_dict())
+                state = TrainState.from_dict(state)
             except UnreadableCheckpoint as e:
-                moved = self.checkpoints.set_aside(step)
-                self._warn(f"skipping unreadable checkpoint {e}; moved it to {moved}")
-                self.train_iter = iter(process_batches(self.task.train_data(),
-                                                       self.config.train.global_batch_size))
+                self._warn(f"skipping unreadable checkpoint {e}")
+                unreadable.append(step)
                 continue
+            if position is not None:
+                self.data_position = position
+            for line in self.checkpoints.retried:
+                self._warn(f"read on a later try: {line}")
+            self._set_aside(unreadable)
             self._log(f"resuming from {self.checkpoints.step_dir(step)}")
             return state
+        if unreadable and not self.config.checkpoint.from_scratch:
+            raise CheckpointError(
+                f"the workdir {self.workdir} holds checkpoints {', '.join(map(str, steps))} and "
+                "none of them is readable (see the warnings above); nothing was moved. To start "
+                "this workdir again from step 0, set --config.checkpoint.from_scratch=True (the "
+                "unreadable steps are then moved to checkpoints.unreadable/), or use a new "
+                "--workdir")
+        self._set_aside(unreadable)
         return None
+
+    def _read_from(self, first_example: int) -> None:
+        """A fresh train iterator whose first global batch starts at example `first_example`."""
+        self._first_example = first_example
+        self.train_iter = iter(process_batches(self.task.train_data(),
+                                               self.config.train.global_batch_size,
+                                               first_example=first_example))
+
+    @property
+    def data_position(self) -> dict:
+        """Where the input stands: the iterator's state, and the examples consumed with the
+        global batch size (what a resume with another global batch size goes on from)."""
+        state = self.train_iter.get_state()
+        g = self.config.train.global_batch_size
+        return {"iterator": state, "examples": self._first_example + state["next_index"] * g,
+                "global_batch_size": g}
+
+    @data_position.setter
+    def data_position(self, position: dict) -> None:
+        """Continues the input at a saved position: the same iterator state when the global
+        batch size is the same (or the checkpoint predates "examples"), else the next example."""
+        g = self.config.train.global_batch_size
+        if position.get("global_batch_size", g) == g:
+            self._read_from(position.get("examples", 0) - position["iterator"]["next_index"] * g
+                            if "examples" in position else 0)
+            self.train_iter.set_state(position["iterator"])
+        else:
+            self._read_from(position["examples"])
+
+    def _check_resumable(self, step: int) -> None:
+        """Raises ConfigError when checkpoint `step` is of another model or was saved with a
+        config whose model, data stream or schedule differ from this one's."""
+        changes = resume_changes(self.checkpoints.restore_config(step), self.config,
+                                 self.task.resume_free)
+        if changes:
+            fields = ",".join(dict.fromkeys(c.split(":")[0] for c in changes))
+            raise ConfigError(
+                f"the workdir {self.workdir} holds checkpoint {step} of a run with another "
+                f"model, data stream or schedule; resuming would silently change:\n  "
+                + "\n  ".join(changes)
+                + f"\nrerun with the checkpoint's values, use a new --workdir, or allow the "
+                f"change on purpose: --config.checkpoint.allow_changes={fields}")
+        problems = self.checkpoints.mismatches(step, self.abstract_state.as_dict())
+        if problems:
+            raise ConfigError(
+                f"the workdir {self.workdir} holds checkpoint {step} of a different model "
+                "(or optimizer):\n  " + "\n  ".join(problems[:20])
+                + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+                + "\nuse a new --workdir, and set init_from=<that workdir> to start a new "
+                "run from its parameters deliberately")
+
+    def _set_aside(self, steps) -> None:
+        for step in steps:
+            moved = self.checkpoints.set_aside(step)
+            self._warn(f"moved unreadable checkpoint {step} to {moved}")
 
     def _warn(self, msg: str) -> None:
         if jax.process_index() == 0:
@@ -364,7 +441,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:
         state = self.initial_state()
-        self.checkpoints.save(int(state.step), state.as_dict(), self.train_iter,
+        self.checkpoints.save(int(state.step), state.as_dict(), self.data_position,
                               to_json(self.config))
 
     def _check_finite(self, state) -> None:

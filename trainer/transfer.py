@@ -54,11 +54,12 @@ def init_from(trainer, source: str, state):
                 f"config.init_from_carry={carry!r} continues at the source's step {src_step}, "
                 f"but train.steps={trainer.config.train.steps} leaves nothing to train; set "
                 "train.steps to the total over both runs")
-        same_data = (src_config.get("data") == json.loads(to_json(trainer.config))["data"]
-                     and src_config.get("train", {}).get("global_batch_size")
-                     == trainer.config.train.global_batch_size)
+        # the same stream goes on at the next example (whatever the global batch sizes)
+        same_data = src_config.get("data") == json.loads(to_json(trainer.config))["data"]
+        carry_data = with_step and same_data
         flat = src.restore_flat(src_step, _sharding_for_source(trainer),
-                                trainer.train_iter if with_step and same_data else None)
+                                (lambda p: setattr(trainer, "data_position", p))
+                                if carry_data else None)
     finally:
         src.close()
 

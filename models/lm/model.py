@@ -212,6 +212,9 @@ class LMTask(Task):
 
     def validate(self, mesh_sizes):
         m, tp = self.config.model, mesh_sizes["tensor"]
+        for field in ("num_layers", "num_heads", "num_kv_heads", "d_model", "mlp_dim"):
+            if field in m and m[field] < 1:
+                raise ConfigError(f"config.model.{field} must be >= 1, got {m[field]}")
         bad = [f"config.model.{field}={m[field]} is not divisible by the tensor axis "
                f"mesh.tensor={tp}; allowed: tensor sizes dividing it"
                for field in ("num_heads", "num_kv_heads") if m[field] % tp]
