@@ -18,6 +18,7 @@ FFN: Houlsby), conformer (parallel, MHSA + FFN), lora (W_q, W_v), prompt (deep, 
 `python -m trainer.audio stats --source=/data/ESC-50`.
 """
 from models.ast import PETL_NEW, PETL_TRAINABLE
+from trainer.cli import finish_config
 from trainer.config import base_config, schedule_from, variant_fields
 
 # models/ast/audio.py SYNTH_CLASSES, split into what the backbone is pretrained on and the
@@ -123,4 +124,4 @@ def get_config(name=None):
     m.lora_alpha = 8.0
     m.prompt_length = 8
     petl_fields(c, v["petl"])
-    return c
+    return finish_config(c)

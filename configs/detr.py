@@ -28,6 +28,7 @@ What the tiny recipe needs (bench/detr.py, tiny, COCO AP50 at steps 1000 / 2000 
 """
 import ml_collections
 
+from trainer.cli import finish_config
 from trainer.config import base_config, variant_fields
 
 VARIANTS = {
@@ -99,4 +100,4 @@ def get_config(variant=None):
     lo.matcher = "scipy"  # host Hungarian (CPU / GPU); "optax": in-graph (TPU, multi-host)
     lo.aux = True  # losses on every decoder layer
     lo.one_to_many_k = 0
-    return c
+    return finish_config(c)

@@ -13,6 +13,7 @@ given to attention grows with depth (1/3, 1/2, 2/3 -> 5/6 here; 1/3 ... 11/12 in
 attention runs on 2x average-pooled maps in the early stages and at full resolution late.
 """
 from configs.vit import classification_base
+from trainer.cli import finish_config
 from trainer.config import variant_fields
 
 VARIANTS = {
@@ -35,4 +36,4 @@ def get_config(name=None):
     # block: attention heads (C_l / head_dim)
     m.update({f: v[f] for f in ("dims", "depths", "num_heads", "attention_heads", "pool")})
     m.mlp_ratio = 4.0
-    return c
+    return finish_config(c)

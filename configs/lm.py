@@ -11,6 +11,7 @@ gla_1b, gla_8b: pod-scale shapes for planning (`--dry_run --topology=v5p:4x4x4`,
 """
 import ml_collections
 
+from trainer.cli import finish_config
 from trainer.config import base_config, schedule_from, variant_fields
 
 VARIANTS = {
@@ -121,4 +122,4 @@ def get_config(variant=None):
     c.sample.max_new_tokens = 32 if variant.endswith("tiny") else 200
     c.sample.temperature = 0.7
     c.sample.top_k = 40
-    return c
+    return finish_config(c)

@@ -13,6 +13,7 @@ distractors) written once in the GOT-10k layout under ~/.cache/polyformer; real 
 import ml_collections
 
 from models.mixformer import MODEL_DEFAULTS
+from trainer.cli import finish_config
 from trainer.config import base_config, schedule_from, variant_fields
 
 VARIANTS = {
@@ -87,4 +88,4 @@ def get_config(variant=None):
     if stage == 2:
         c.init_from = v["init_from"]
         c.train.trainable = "^score"
-    return c
+    return finish_config(c)

@@ -21,6 +21,7 @@ import ml_collections
 
 from attention.pattention import default_zoom
 from configs.lm import byte_lm_base
+from trainer.cli import finish_config
 from trainer.config import variant_fields
 
 VARIANTS = {
@@ -72,4 +73,4 @@ def get_config(variant=None):
     c.sample.max_new_tokens = {"tiny": 32, "grow": 64}.get(variant, 200)
     c.sample.temperature = 0.7
     c.sample.top_k = 40
-    return c
+    return finish_config(c)

@@ -9,6 +9,7 @@ data is the embedded shapes set (models/images.py, no download); an ImageFolder 
 (root/<class>/<image>) instead, with as many classes as model.num_classes:
     --config.data.paths=/path/to/folder --config.model.num_classes=<classes>
 """
+from trainer.cli import finish_config
 from trainer.config import base_config, schedule_from, variant_fields
 
 NUM_SHAPE_CLASSES = 8  # models/images.py (the task checks model.num_classes against the data)
@@ -74,4 +75,4 @@ def get_config(name=None):
     m.pool = "mean"  # "cls": a learned CLS token feeds the classifier
     for field, value in v.get("model", {}).items():  # a variant's mechanism fields
         m[field] = value
-    return c
+    return finish_config(c)

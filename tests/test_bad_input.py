@@ -36,3 +36,21 @@ def test_an_eval_only_run_says_it_wrote_no_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "done: step 0" in out and "nothing was trained, no checkpoint written" in out
     assert "checkpoints in" not in out
+
+
+@pytest.mark.parametrize("family", ["lm", "tokenformer", "vit", "iformer", "detr", "mixformer",
+                                    "ast"])
+def test_a_config_files_get_config_is_locked_with_its_mechanism_options(family):
+    """A notebook's misspelt field fails as the CLI's does; the mechanism's options are there."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{family}").get_config(None)
+    with pytest.raises(AttributeError, match="stpes"):
+        config.train.stpes = 3
+    config.train.steps = 3  # an existing field still takes a value
+    assert config.train.steps == 3
+    if "attention" in config.model:
+        from attention import registry
+        if config.model.attention in registry.names():
+            assert set(registry.option_defaults(registry.get(config.model.attention))) \
+                <= set(config.model)

@@ -15,7 +15,7 @@ from trainer.checkpoint import (CheckpointError, Checkpoints, first_line, is_dat
                                 is_transient)
 from trainer.config import ConfigError, resume_changes
 
-STEPS = 2
+STEPS, SAVED = 4, 2  # the run's length, and the step its checkpoints reach (1 and 2)
 BASE = (f"train.steps={STEPS}", "checkpoint.every=1", "checkpoint.retry_seconds=0.01")
 
 
@@ -25,9 +25,9 @@ def config(*overrides: str):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A finished 2-step run with checkpoints 1 and 2."""
+    """A 4-step run stopped at step 2, with checkpoints 1 and 2."""
     workdir = tmp_path_factory.mktemp("saved")
-    run_trainer(config(), workdir)
+    run_trainer(config(), workdir, max_steps=SAVED)
     return str(workdir)
 
 
@@ -75,7 +75,7 @@ def assert_nothing_moved(workdir):
 # ----------------------------------------------------------------------------- 1. storage errors
 def test_one_storage_error_is_retried_and_resumes_the_newest_step(workdir, monkeypatch, capsys):
     calls = flaky_restore(monkeypatch, failures=1)
-    assert resumed_step(workdir) == STEPS
+    assert resumed_step(workdir) == SAVED
     assert len(calls) == 1
     err = capsys.readouterr().err
     assert "read on a later try: checkpoint 2: OSError" in err
@@ -161,8 +161,8 @@ def test_errors_are_classified_down_the_chain():
     (("data.seq_len=64",), ["data.seq_len: 32 -> 64"]),
     (("train.global_batch_size=4", "mesh.data=4", "mesh.tensor=2", "model.d_model=32"),
      ["model.d_model: 64 -> 32", "train.global_batch_size: 8 -> 4"]),
-    (("train.steps=5",), ["train.steps: 2 -> 5 moves the schedule's horizon "
-                          "(set train.schedule_steps=2 to keep the old schedule)"]),
+    (("train.steps=5",), ["train.steps: 4 -> 5 moves the schedule's horizon "
+                          "(set train.schedule_steps=4 to keep the old schedule)"]),
     (("seed=3", "train.lr=0.01"), ["seed: 0 -> 3", "train.lr: 0.003 -> 0.01"]),
 ])
 def test_a_resume_that_changes_the_run_is_refused_listing_every_change(workdir, overrides, listed):
@@ -179,7 +179,7 @@ def test_a_resume_that_changes_the_run_is_refused_listing_every_change(workdir, 
 def test_allowed_and_free_changes_resume(workdir, saved):
     from trainer.checkpoint import Checkpoints
     c = Checkpoints(saved, async_save=False)
-    old = c.restore_config(STEPS)
+    old = c.restore_config(SAVED)
     c.close()
     # where and how it runs: free
     assert resume_changes(old, config("eval.every=7", "checkpoint.max_to_keep=9",
@@ -191,7 +191,12 @@ def test_allowed_and_free_changes_resume(workdir, saved):
     # allowed on purpose, by field or by group
     assert resume_changes(old, config("data.seq_len=64", "train.lr=0.01",
                                       "checkpoint.allow_changes=data,train.lr")) == []
-    assert resumed_step(workdir, "train.lr=0.01", "checkpoint.allow_changes=train.lr") == STEPS
+    assert resumed_step(workdir, "train.lr=0.01", "checkpoint.allow_changes=train.lr") == SAVED
+    # evaluating the checkpoint (nothing to train): its data and schedule do not matter
+    assert resume_changes(old, config("train.steps=0", "data.seq_len=64", "train.lr=0.01"),
+                          training=False) == []
+    assert resume_changes(old, config("train.steps=0", "model.d_model=32"), training=False) \
+        == ["model.d_model: 64 -> 32"]
 
 
 def test_an_allowed_batch_size_change_goes_on_at_the_next_example(workdir):

@@ -306,6 +306,17 @@ def test_dry_run_lists_every_divisibility_problem(tmp_path):
         report = t.dry_run()
     assert "num_heads=4" in report and "num_kv_heads=2" in report
     assert "embed" in report and "not compiled" in report
+    # parameters fsdp=8 cannot split: each once, under its model path (not again for Adam's
+    # mu / nu, whose copies have the same shapes)
+    config = make_tiny_config("mesh.data=1", "mesh.fsdp=8", "model.d_model=36",
+                              "model.head_dim=16")
+    with Trainer(config, str(tmp_path / "w"), dry_run=True) as t:
+        report = t.dry_run()
+    listed = [" ".join(line.split()[:3]) for line in report.splitlines()
+              if "is not divisible by mesh axes" in line]
+    assert len(listed) == 9 and len(set(listed)) == 9, listed  # 7 projections, embed, lm_head
+    assert "embed/embedding dim 1" in listed and "lm_head/kernel dim 0" in listed
+    assert "opt_state" not in report and not any(n[:2] in ("0/", "1/") for n in listed)
 
 
 def test_dry_run_command_line(tmp_path):

@@ -99,14 +99,21 @@ def _load_module(path: str):
     return module
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
-    """Loads `path/to/file.py[:variant]`, adds its attention mechanism's options, locks it and
-    applies `a.b=value` overrides."""
-    path, _, variant = spec.partition(":")
-    config = _load_module(path).get_config(variant or None)
+def finish_config(config: ConfigDict) -> ConfigDict:
+    """What a config file's get_config returns: the config with its attention mechanism's
+    options added (registry defaults; values already set are kept), locked, so that a misspelt
+    field fails in a notebook (`config.train.stpes = 3`) as it does on the command line."""
     if "model" in config and "attention" in config.model:
         registry.add_options(config.model)
     config.lock()
+    return config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path/to/file.py[:variant]` (finish_config: its attention mechanism's options
+    added, locked) and applies `a.b=value` overrides."""
+    path, _, variant = spec.partition(":")
+    config = finish_config(_load_module(path).get_config(variant or None))
     return apply_overrides(config, overrides)
 
 

@@ -307,14 +307,19 @@ def _matches(field: str, patterns: Sequence[str]) -> bool:
     return any(p and (field == p or field.startswith(p.rstrip(".") + ".")) for p in patterns)
 
 
-def resume_changes(saved: dict, config: ConfigDict, free: Sequence[str] = ()) -> list[str]:
+def resume_changes(saved: dict, config: ConfigDict, free: Sequence[str] = (), *,
+                   training: bool = True) -> list[str]:
     """'field: old -> new' of every field that differs between a checkpoint's saved config and
     the config resuming it, where the difference changes the model, the data stream or the
     schedule: all fields but RESUME_FREE, the Task's `free` groups and those listed in
     config.checkpoint.allow_changes. train.steps may change when the schedule's horizon stays
-    (train.schedule_steps set); a field new since the checkpoint was saved is not a change."""
+    (train.schedule_steps set); a field new since the checkpoint was saved is not a change.
+    training=False (the run only evaluates the checkpoint, e.g. train.steps=0): the data stream
+    and the schedule do not matter, only the model's fields are compared."""
     old, new = _flat(saved), _flat(json.loads(to_json(config)))
     allowed = [p.strip() for p in config.checkpoint.allow_changes.split(",")]
+    if not training:
+        allowed += ["train", "data"]
     out = []
     for field in sorted(new):
         if field not in old or _same(old[field], new[field]):

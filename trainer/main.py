@@ -17,6 +17,7 @@ import sys
 
 from trainer.cli import load_config, parse_with_overrides
 from trainer.config import ConfigError
+from trainer.signals import StopSignals
 
 
 def parse_args(argv):
@@ -78,6 +79,17 @@ def init_distributed(args) -> None:
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     init_distributed(args)
+    if args.dry_run:
+        return _main(args, overrides, None)
+    # SIGTERM / SIGINT from here on are held until the loop can stop with a checkpoint (or
+    # end the run before its first step): a preemption during start-up, restore or compile
+    # exits 0 like one during training. Made after jax.distributed.initialize, which installs
+    # its own SIGTERM handler (XLA's preemption notifier) over any made before it.
+    with StopSignals() as stop:
+        return _main(args, overrides, stop)
+
+
+def _main(args, overrides, stop) -> int:
     # imported after argument parsing (jax, orbax): --help stays fast and bad flags fail
     # before jax starts
     from trainer.checkpoint import CheckpointError
@@ -107,12 +119,12 @@ def main(argv=None) -> int:
             return 1 if bad else 0
         if config.stages:  # a schedule of runs (trainer/stages.py)
             result = fit_stages(config, workdir, devices=devices, max_steps=args.max_steps,
-                                planned=planned)[-1]
+                                planned=planned, stop=stop)[-1]
             where = os.path.join(result["workdir"], "checkpoints")
         else:
             (c, d), = planned
             with Trainer(c, d, devices=devices, checked=True) as trainer:
-                result = trainer.fit(max_steps=args.max_steps)
+                result = trainer.fit(max_steps=args.max_steps, stop=stop)
                 where = trainer.checkpoints.directory
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

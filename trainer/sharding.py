@@ -83,11 +83,13 @@ def state_shardings(abstract_state, mesh: Mesh, on_problem: str = "raise"):
     """NamedShardings for an (abstract) nnx.State from its variables' logical axis names.
 
     Raises ConfigError listing every parameter whose sharded dimension the mesh does not divide
-    (on_problem="replicate": such dimensions are left unsharded instead; the dry run uses it).
+    (on_problem="replicate": such dimensions are left unsharded instead; the dry run uses it),
+    each once under its model path ('blocks/3/attn/q_proj/kernel'): of a (model, optimizer)
+    state, the optimizer's copies of a listed parameter (Adam's mu / nu) are not listed again.
     """
     from flax import nnx
 
-    problems = []
+    problems: dict[str, str] = {}  # path -> problem, in tree order (model before optimizer)
 
     def one(path, variable):
         logical = _logical_names(variable)
@@ -97,13 +99,19 @@ def state_shardings(abstract_state, mesh: Mesh, on_problem: str = "raise"):
             k = _axis_size(mesh, axes)
             if size % k:
                 name = "/".join(str(getattr(p, "key", p)) for p in path)
-                problems.append(f"{name} dim {dim} (size {size}, logical {logical[dim]!r}) is not "
-                                f"divisible by mesh axes {axes} of size {k}")
+                problems.setdefault(f"{name} dim {dim}", f"(size {size}, logical "
+                                    f"{logical[dim]!r}) is not divisible by mesh axes {axes} "
+                                    f"of size {k}")
                 spec[dim] = None
         return variable.replace(NamedSharding(mesh, P(*spec)))
 
     shardings = jax.tree_util.tree_map_with_path(
         one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if problems and all(k[:2] in ("0/", "1/") for k in problems):  # a (model, optimizer) state
+        model = {k[2:]: v for k, v in problems.items() if k.startswith("0/")}
+        problems = dict(model, **{k: v for k, v in problems.items() if k.startswith("1/")
+                                  and not any(k.endswith("/" + m) for m in model)})
+    problems = [f"{name} {why}" for name, why in problems.items()]
     if problems and on_problem == "raise":
         raise ConfigError("config.mesh: these parameters cannot be sharded on this mesh:\n  "
                           + "\n  ".join(problems))

@@ -79,10 +79,11 @@ def runs(config: ConfigDict, workdir: str) -> list[tuple[ConfigDict, str]]:
 
 
 def fit_stages(config, workdir: str, *, devices=None, quiet: bool = False,
-               max_steps: int | None = None, planned=None) -> list[dict]:
+               max_steps: int | None = None, planned=None, stop=None) -> list[dict]:
     """Trains the stages in order (skipping finished ones); returns each stage's fit() result.
     max_steps stops (with a checkpoint) inside the stage that reaches it; a rerun goes on.
-    planned: runs(config, workdir) when the caller already expanded and checked them."""
+    planned: runs(config, workdir) when the caller already expanded and checked them; stop:
+    the caller's trainer.signals.StopSignals (each stage's fit() makes its own otherwise)."""
     stages = runs(config, workdir) if planned is None else planned
     results = []
     for i, (c, d) in enumerate(stages, 1):
@@ -94,7 +95,7 @@ def fit_stages(config, workdir: str, *, devices=None, quiet: bool = False,
                 continue
             t._log(f"stage {i}/{len(stages)}: {t.num_params():,} parameters, to step "
                    f"{c.train.steps}, workdir {d}")
-            result = t.fit(max_steps=max_steps)
+            result = t.fit(max_steps=max_steps, stop=stop)
             result.update(workdir=d, growth=dict(t.growth), step_flops=t.step_flops)
             results.append(result)
             if result.get("preempted") or result["step"] < c.train.steps:

@@ -16,9 +16,7 @@ import dataclasses
 import math
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -38,6 +36,7 @@ from trainer.data import global_batch, process_batches
 from trainer.logs import Reporter
 from trainer.optim import lr_schedule, make_optimizer
 from trainer.sharding import BATCH_AXES, make_mesh, mesh_shape, replicated, state_shardings
+from trainer.signals import StopSignals
 from trainer.state import TrainState
 from trainer.task import get_task, loss_with_aux
 
@@ -272,7 +271,7 @@ class Trainer:
         """Raises ConfigError when checkpoint `step` is of another model or was saved with a
         config whose model, data stream or schedule differ from this one's."""
         changes = resume_changes(self.checkpoints.restore_config(step), self.config,
-                                 self.task.resume_free)
+                                 self.task.resume_free, training=self.config.train.steps > step)
         if changes:
             fields = ",".join(dict.fromkeys(c.split(":")[0] for c in changes))
             raise ConfigError(
@@ -508,9 +507,12 @@ class Trainer:
         # throughput counts training only: the next figure is timed from here
         self._clock.update(time=time.perf_counter(), step=event.step)
 
-    def fit(self, max_steps: int | None = None) -> dict[str, Any]:
+    def fit(self, max_steps: int | None = None, *, stop: StopSignals | None = None
+            ) -> dict[str, Any]:
         """Trains to train.steps (or to step `max_steps`), running the hooks on the way
-        (logging, checkpoints, evaluation: self.hooks; add your own with add_hook).
+        (logging, checkpoints, evaluation: self.hooks; add your own with add_hook). SIGTERM /
+        SIGINT stop it before the next step with a checkpoint (trainer.signals; `stop`: one the
+        caller made earlier, to hold a signal that came during start-up).
 
         Returns {"step", "loss", "eval": {...}} of the last logged step.
         """
@@ -532,9 +534,12 @@ class Trainer:
         self._clock = {"time": None, "step": step}
         for hook in self.hooks:
             hook.last_step = -1
-        stop = _StopSignals()
+        own_stop = stop is None  # else the caller's, catching since before start-up
+        stop = StopSignals() if own_stop else stop
+        every = 1 if jax.process_count() == 1 else cfg.train.log_every
+        start = step
         try:
-            while step < until:
+            while step < until and not stop.requested(step, every=every):
                 batch = self._device_batch(next(self.train_iter))
                 if self._train_step is None:
                     self._train_step = self._compile_train_step(batch)
@@ -549,8 +554,10 @@ class Trainer:
                     if hook.due(step, until):
                         self._run_hook(hook, event)
                 report.tick(step)
-                if stop.requested(step, every=1 if jax.process_count() == 1 else cfg.train.log_every):
-                    break
+            if stop.signal is not None and step < until and step == start:
+                report.print(f"stopped by {stop.signal} before the first step of this run "
+                             f"(at step {step}): nothing new to save, rerun to go on")
+                return dict(self.last_train, step=step, preempted=stop.signal)
             if stop.signal is not None and step < until:  # preempted: checkpoint and leave
                 self._check_finite(state)
                 if self.checkpoints.latest_step() != step:  # (an in-memory lookup)
@@ -569,7 +576,8 @@ class Trainer:
             if step >= cfg.train.steps and not self.quiet and jax.process_index() == 0:
                 self.task.on_fit_end(self.model, report.print)
         finally:
-            stop.close()
+            if own_stop:
+                stop.close()
             report.close()
         return last
 
@@ -622,46 +630,3 @@ class Hook:
         if step == until and self.at_last_step:
             return True
         return bool(self.every) and step % self.every == 0 and step < until
-
-
-class _StopSignals:
-    """SIGTERM / SIGINT during fit: finish the current step, checkpoint, return (preemption).
-
-    A second signal of the same kind acts as if none was caught (SIGINT raises
-    KeyboardInterrupt, SIGTERM kills). With several processes the flag is agreed on every
-    `every` steps (an all-gather), so all processes stop at the same step.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signal: str | None = None
-        self._caught = False
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self._caught:  # the second one: behave as without us
-            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self._caught = True
-        self.signal = signal.Signals(signum).name
-
-    def requested(self, step: int, every: int = 1) -> bool:
-        if jax.process_count() == 1:
-            return self._caught
-        if step % max(every, 1):
-            return False
-        from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.int32(self._caught))
-        if np.any(flags) and self.signal is None:
-            self.signal = "SIGTERM (on another process)"
-        return bool(np.any(flags))
-
-    def close(self) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old = {}
