@@ -49,6 +49,8 @@ BENCHMARKS = {
     # 1500 + 300 steps (~7 min): the full 3500 + 500 is the documented result
     "mixformer": ("bench/mixformer.py", ["--steps", "1500", "--score_steps", "300"], [], 1200,
                   3600),
+    # kill -9 / SIGTERM / I/O error / corruption cycles with restarts (~2 min for 8)
+    "resilience": ("bench/resilience.py", ["--cycles", "8"], ["--cycles", "24"], 600, 1800),
 }
 
 MARKER = re.compile(r"(<!-- bench:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)",

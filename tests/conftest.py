@@ -140,6 +140,16 @@ def run_trainer(config, workdir, *, max_steps: int | None = None, devices=None) 
                train_metrics=metrics, params=params, workdir=str(workdir), ids=ids)
 
 
+def steps_on_disk(workdir) -> list[int]:
+    """The checkpoint steps a workdir holds (a fresh Checkpoints: what a restart would see)."""
+    from trainer.checkpoint import Checkpoints
+    c = Checkpoints(str(workdir), async_save=False)
+    try:
+        return c.all_steps()
+    finally:
+        c.close()
+
+
 def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], **tol) -> None:
     assert a.keys() == b.keys()
     for k in a:

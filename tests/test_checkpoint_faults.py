@@ -10,7 +10,7 @@ import shutil
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import make_tiny_config, run_trainer
+from conftest import make_tiny_config, run_trainer, steps_on_disk
 from trainer.checkpoint import (CheckpointError, Checkpoints, first_line, is_data_error,
                                 is_transient)
 from trainer.config import ConfigError, resume_changes
@@ -35,14 +35,6 @@ def saved(tmp_path_factory):
 def workdir(saved, tmp_path):
     shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
     return tmp_path
-
-
-def steps_on_disk(workdir) -> list[int]:
-    c = Checkpoints(str(workdir), async_save=False)
-    try:
-        return c.all_steps()
-    finally:
-        c.close()
 
 
 def resumed_step(workdir, *overrides: str) -> int:
@@ -177,7 +169,6 @@ def test_a_resume_that_changes_the_run_is_refused_listing_every_change(workdir, 
 
 
 def test_allowed_and_free_changes_resume(workdir, saved):
-    from trainer.checkpoint import Checkpoints
     c = Checkpoints(saved, async_save=False)
     old = c.restore_config(SAVED)
     c.close()

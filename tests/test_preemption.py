@@ -10,21 +10,13 @@ import signal
 import pytest
 
 import trainer.main as main_module
-from conftest import TEST_OVERRIDES, TINY
+from conftest import TEST_OVERRIDES, TINY, steps_on_disk
 from trainer.checkpoint import Checkpoints
 from trainer.trainer import Trainer
 
 STEPS = 3
 ARGS = [f"--config={TINY}", *[f"--config.{o}" for o in TEST_OVERRIDES],
         f"--config.train.steps={STEPS}", "--config.checkpoint.every=1"]
-
-
-def steps_on_disk(workdir) -> list[int]:
-    c = Checkpoints(str(workdir), async_save=False)
-    try:
-        return c.all_steps()
-    finally:
-        c.close()
 
 
 def sigterm_during(monkeypatch, owner, name: str, *, call: int = 1, after: bool = False):

@@ -19,9 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, TEST_OVERRIDES, TINY, make_tiny_config, run_trainer, xla_flags
+from conftest import (REPO_ROOT, TEST_OVERRIDES, TINY, make_tiny_config, run_trainer,
+                      steps_on_disk, xla_flags)
 from trainer import ConfigError, Trainer
-from trainer.checkpoint import Checkpoints
 
 STEPS = 4
 CLI_OVERRIDES = [f"--config.{o}" for o in TEST_OVERRIDES]
@@ -69,14 +69,6 @@ def wait_for_step(proc, workdir, step: int, timeout: float = 180.0) -> int:
         time.sleep(0.05)
     proc.kill()
     raise AssertionError(f"no step {step} within {timeout} s")
-
-
-def steps_on_disk(workdir) -> list[int]:
-    c = Checkpoints(str(workdir), async_save=False)
-    try:
-        return c.all_steps()
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")
