@@ -63,8 +63,10 @@ class Trainer:
         devices = list(devices) if devices is not None else jax.devices()
         self.mesh_sizes = mesh_shape(config, len(devices))
         # a value that is wrong on any mesh is an error even in a dry run (which lists only
-        # what this mesh cannot divide): the Task's checks on a mesh of one device first
-        self.task.validate({axis: 1 for axis in self.mesh_sizes})
+        # what this mesh cannot divide): there the Task's checks run on one device first (a
+        # normal run raises from the check below; validate may scan data folders, so once)
+        if dry_run:
+            self.task.validate({axis: 1 for axis in self.mesh_sizes})
         try:
             self.task.validate(self.mesh_sizes)
         except ConfigError as e:
