@@ -123,12 +123,10 @@ class ACTAttention(SoftmaxAttention):
 
     OPTION_PREFIX = "act"
     CONFIG_DEFAULTS = dict(act_heads=(), act_alpha=0.1, act_beta=0.4)
+    OPTION_RULES = dict(act_alpha="[0, 1]", act_beta="[0, 1]")
 
     @staticmethod
     def validate_options(opt, cfg):
-        for key in ("act_beta", "act_alpha"):
-            if not 0.0 <= opt[key] <= 1.0:
-                raise ValueError(f"config.model.{key}={opt[key]}: allowed values are in [0, 1]")
         parse_heads(opt["act_heads"], num_layers=getattr(cfg, "num_layers", None),
                     num_heads=getattr(cfg, "num_heads", None))
 

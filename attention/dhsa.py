@@ -111,12 +111,14 @@ class DHSAAttention(BlockSparsePrefillAttention):
         "dhsa_sink": 0,           # attention-sink tokens at the start, always attended
         "dhsa_in_train": False,   # sparse in mode="train" too (default: dense training)
     }
+    OPTION_RULES = {"dhsa_chunk_size": ">= 1", "dhsa_topk": ">= 1", "dhsa_block_q": ">= 1",
+                    "dhsa_block_k": ">= 1", "dhsa_window": ">= 0", "dhsa_sink": ">= 0"}
 
     @staticmethod
     def validate_options(opt, cfg):
         c = opt["dhsa_chunk_size"]
-        if c < 1 or opt["dhsa_block_q"] % c or opt["dhsa_block_k"] % c:
-            raise ValueError(f"config.model.dhsa_chunk_size={c} must be >= 1 and divide "
+        if opt["dhsa_block_q"] % c or opt["dhsa_block_k"] % c:
+            raise ValueError(f"config.model.dhsa_chunk_size={c} must divide "
                              f"dhsa_block_q={opt['dhsa_block_q']} and "
                              f"dhsa_block_k={opt['dhsa_block_k']}")
 

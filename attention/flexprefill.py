@@ -228,12 +228,8 @@ class FlexPrefillAttention(SparseImplOption, SoftmaxAttention):
         "flex_in_train": False,   # also sparsify mode="train"
     }
 
-    @staticmethod
-    def validate_options(opt, cfg):
-        if opt["flex_block"] < 1 or not 0.0 < opt["flex_gamma"] or opt["flex_min_budget"] < 0:
-            raise ValueError(f"flexprefill: need config.model.flex_block >= 1, flex_gamma > 0, "
-                             f"flex_min_budget >= 0; got {opt['flex_block']}, "
-                             f"{opt['flex_gamma']}, {opt['flex_min_budget']}")
+    OPTION_RULES = {"flex_block": ">= 1", "flex_gamma": "(0, 1]", "flex_tau": ">= 0",
+                    "flex_min_budget": ">= 0"}
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)

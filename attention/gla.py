@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.layers import dense
-from attention.ops.gla import gla, gla_step
+from attention.ops.gla import IMPLS as GLA_IMPLS, gla, gla_step
 from attention.registry import read_options, register
 from attention.sharding import constrain
 
@@ -31,6 +31,8 @@ class GatedLinearAttention(nnx.Module):
     OPTION_PREFIX = "gla"
     CONFIG_DEFAULTS = dict(gla_expand_k=0.5, gla_expand_v=1.0, gla_gate_rank=16,
                            gla_gate_norm=16.0, gla_chunk=64, gla_impl="auto")
+    OPTION_RULES = dict(gla_expand_k="> 0", gla_expand_v="> 0", gla_gate_rank=">= 1",
+                        gla_gate_norm="> 0", gla_chunk=">= 1", gla_impl=GLA_IMPLS)
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         d, H = cfg.d_model, cfg.num_heads

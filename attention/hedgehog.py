@@ -158,12 +158,7 @@ class HedgehogAttention(nnx.Module):
     OPTION_PREFIX = "hedgehog"
     CONFIG_DEFAULTS = dict(hedgehog_feature_dim=0,  # 0: head_dim
                            hedgehog_distill=False)
-
-    @staticmethod
-    def validate_options(opt, cfg):
-        if opt["hedgehog_feature_dim"] < 0:
-            raise ValueError(f"config.model.hedgehog_feature_dim={opt['hedgehog_feature_dim']} "
-                             "must be >= 0 (0: head_dim)")
+    OPTION_RULES = dict(hedgehog_feature_dim=">= 0")
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads

@@ -188,26 +188,9 @@ def hip_block_mask(q, k, *, mask_k: int, block_q: int, block_k: int, rep_tokens:
 class BlockSparsePrefillAttention(SparseImplOption, SoftmaxAttention):
     """SoftmaxAttention whose prefill (and, if `<prefix>_in_train`, training) attention is
     block-sparse over a mask built from q and k by `block_mask`; subclasses set OPTION_PREFIX
-    and CONFIG_DEFAULTS (read into attributes of the same names; integers must be >= 0,
-    `<prefix>_block_q` / `_block_k` >= 1). On the sparse path it sows "attention_pairs"
-    (SoftmaxAttention.report_cost): the (query, key) pairs per sequence."""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("CONFIG_DEFAULTS", {})
-        then = cls.__dict__.get("validate_options")  # the subclass's own checks, run after
-
-        def validate_options(opt, cfg):
-            for key, default in own.items():
-                if isinstance(default, int) and not isinstance(default, bool) and opt[key] < 0:
-                    raise ValueError(f"config.model.{key}={opt[key]!r}: expected an integer >= 0")
-            for key in (f"{cls.OPTION_PREFIX}_block_q", f"{cls.OPTION_PREFIX}_block_k"):
-                if opt[key] < 1:
-                    raise ValueError(f"config.model.{key}={opt[key]}: must be >= 1")
-            if then is not None:
-                then.__func__(opt, cfg)
-
-        cls.validate_options = staticmethod(validate_options)
+    and CONFIG_DEFAULTS (read into attributes of the same names) with their OPTION_RULES.
+    On the sparse path it sows "attention_pairs" (SoftmaxAttention.report_cost): the (query,
+    key) pairs per sequence."""
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
@@ -242,6 +225,9 @@ class HiPAttention(BlockSparsePrefillAttention):
         "hip_sink": 16,           # attention-sink tokens at the start, always attended
         "hip_in_train": False,    # sparse in mode="train" too (default: dense training)
     }
+    # a window- or sink-only mask is the window's job: the search needs a budget and a score
+    OPTION_RULES = {"hip_mask_k": ">= 1", "hip_block_q": ">= 1", "hip_block_k": ">= 1",
+                    "hip_rep_tokens": ">= 1", "hip_window": ">= 0", "hip_sink": ">= 0"}
 
     def block_mask(self, q, k) -> BlockMask:
         return hip_block_mask(q, k, mask_k=self.hip_mask_k, block_q=self.hip_block_q,

@@ -81,7 +81,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention.ops.block_sparse import BlockMask, block_sparse_attention
+from attention.ops.block_sparse import IMPLS, BlockMask, block_sparse_attention
 from attention.ops.rope import apply_rope
 from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention, check_mode
@@ -310,21 +310,9 @@ class LandmarkAttention(SoftmaxAttention):
         "landmark_decode": "dense",    # "dense" (== full recompute) | "topk"
         "landmark_impl": "auto",       # block_sparse_attention impl at prefill
     }
-
-    @staticmethod
-    def validate_options(opt, cfg):
-        if opt["landmark_every"] < 1:
-            raise ValueError("config.model.landmark_every must be >= 1, got "
-                             f"{opt['landmark_every']}")
-        if opt["landmark_top_k"] < 0:
-            raise ValueError("config.model.landmark_top_k must be >= 0, got "
-                             f"{opt['landmark_top_k']}")
-        if opt["landmark_inference"] not in ("grouped", "standard"):
-            raise ValueError(f"config.model.landmark_inference must be 'grouped' or 'standard', "
-                             f"got {opt['landmark_inference']!r}")
-        if opt["landmark_decode"] not in ("dense", "topk"):
-            raise ValueError(f"config.model.landmark_decode must be 'dense' or 'topk', got "
-                             f"{opt['landmark_decode']!r}")
+    OPTION_RULES = {"landmark_every": ">= 1", "landmark_top_k": ">= 0",
+                    "landmark_inference": ("grouped", "standard"),
+                    "landmark_decode": ("dense", "topk"), "landmark_impl": IMPLS}
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)

@@ -90,6 +90,7 @@ class MoHAttention(SoftmaxAttention):
 
     OPTION_PREFIX = "moh"
     CONFIG_DEFAULTS = dict(moh_shared_heads=1, moh_top_k=2, moh_aux_weight=0.01)
+    OPTION_RULES = dict(moh_shared_heads=">= 0", moh_top_k=">= 1", moh_aux_weight=">= 0")
     BIDIRECTIONAL = True
 
     @staticmethod
@@ -97,6 +98,10 @@ class MoHAttention(SoftmaxAttention):
         if not 0 <= opt["moh_shared_heads"] < cfg.num_heads:
             raise ValueError(f"config.model.moh_shared_heads={opt['moh_shared_heads']} must be in "
                              f"[0, num_heads={cfg.num_heads}) (at least one routed head)")
+        routed = cfg.num_heads - opt["moh_shared_heads"]
+        if opt["moh_top_k"] > routed:
+            raise ValueError(f"config.model.moh_top_k={opt['moh_top_k']} must be <= the routed "
+                             f"heads num_heads - moh_shared_heads = {routed}")
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)

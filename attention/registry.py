@@ -16,7 +16,9 @@ Mechanism options. A mechanism declares its own config.model fields once, in its
 subclass inherits its bases' options, e.g. every SoftmaxAttention subclass has softmax_impl).
 `add_options(config.model)` adds them to a config (the trainer's config pipeline does, before
 command-line overrides apply); `read_options(cls, cfg)` is the one place they are read and
-checked (the declared type, then each class's `validate_options(opts, cfg)`), so a constructor
+checked (the declared type, the bounds in its `OPTION_RULES` (attention/fields.py: e.g.
+{"gla_chunk": ">= 1", "gla_impl": ("auto", "pallas", "xla", "reference")}), then each class's
+`validate_options(opts, cfg)`), so a constructor
 and the pipeline's up-front `check_options(config.model)` report the same errors.
 
 Capabilities: `names(bidirectional=True)` lists the mechanisms that honour model.causal=False
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+
+from attention import fields
 
 _REGISTRY: dict[str, type] = {}
 # mechanisms living in their own modules are imported on first use, keeping start-up light
@@ -124,14 +128,25 @@ def _check_type(key: str, value, default):
     return value
 
 
+def option_rules(cls: type) -> dict:
+    """{option: rule} (attention/fields.py) of mechanism class `cls`: the OPTION_RULES of its
+    bases, then its own."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+        out.update(klass.__dict__.get("OPTION_RULES", {}))
+    return out
+
+
 def read_options(cls: type, cfg) -> dict:
     """{field: value} of every option `cls` declares (option_defaults): cfg's value where it has
-    one, else the default; each value checked against its default's type, then by each class's
-    own `validate_options(opts, cfg)` (bases first). Raises ValueError naming the field."""
+    one, else the default; each value checked against its default's type and its declared
+    bounds (option_rules), then by each class's own `validate_options(opts, cfg)` (bases
+    first). Raises ValueError naming the field."""
     opts = {}
     for key, default in option_defaults(cls).items():
         value = _field(cfg, key)
         opts[key] = default if value is _MISSING else _check_type(key, value, default)
+    fields.check_all(opts, option_rules(cls), prefix="model.")
     for klass in reversed(cls.__mro__):
         check = klass.__dict__.get("validate_options")
         if check is not None:

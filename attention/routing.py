@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention.ops.block_sparse import BlockMask, block_sparse_attention, local_blocks
+from attention.ops.block_sparse import IMPLS, BlockMask, block_sparse_attention, local_blocks
 from attention.registry import register, set_options
 from attention.softmax import SoftmaxAttention
 
@@ -191,21 +191,18 @@ class RoutingAttention(SoftmaxAttention):
         "routing_commitment": 1e-4,      # commitment loss weight beta
         "routing_impl": "auto",          # block_sparse_attention impl
     }
+    OPTION_RULES = {"routing_num_clusters": ">= 1", "routing_cluster_size": ">= 0",
+                    "routing_membership": ("topw", "causal"),
+                    "routing_local_heads": "== -1 or >= 0", "routing_local_window": ">= 1",
+                    "routing_ema_decay": "[0, 1]", "routing_commitment": ">= 0",
+                    "routing_impl": IMPLS}
 
     @staticmethod
     def validate_options(opt, cfg):
-        if opt["routing_membership"] not in ("topw", "causal"):
-            raise ValueError(f"config.model.routing_membership={opt['routing_membership']!r}; "
-                             "allowed: 'topw', 'causal'")
         local = opt["routing_local_heads"]
-        if not (local == -1 or 0 <= local <= cfg.num_heads):
+        if local > cfg.num_heads:
             raise ValueError(f"config.model.routing_local_heads={local} must be in "
                              f"[0, num_heads={cfg.num_heads}] (or -1: half the heads)")
-        if (opt["routing_num_clusters"] < 1 or opt["routing_local_window"] < 1
-                or opt["routing_cluster_size"] < 0):
-            raise ValueError(f"config.model.routing_num_clusters={opt['routing_num_clusters']} and "
-                             f"routing_local_window={opt['routing_local_window']} must be >= 1, "
-                             f"routing_cluster_size={opt['routing_cluster_size']} >= 0")
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attention.ops.causal import causal_attention
+from attention.ops.causal import IMPLS as CAUSAL_IMPLS, causal_attention
 from attention.ops.rope import apply_rope
 from attention.registry import read_options, register
 from attention.layers import Dense, dense  # noqa: F401  (Dense: re-exported)
@@ -38,6 +38,7 @@ class SoftmaxAttention(nnx.Module):
     # (attention.registry.read_options merges CONFIG_DEFAULTS along the class hierarchy)
     OPTION_PREFIX = "softmax"
     CONFIG_DEFAULTS = dict(softmax_impl="auto", softmax_block=64)
+    OPTION_RULES = dict(softmax_impl=CAUSAL_IMPLS, softmax_block=">= 1")
     # honours model.causal=False (bidirectional attention, mode="train" only). A subclass
     # computes its scores its own way (sparse masks, routing), so it is causal-only unless its
     # own class body sets BIDIRECTIONAL = True (and handles self.causal): see __init_subclass__

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attention.ops.block_sparse import BlockMask, block_sparse_attention
+from attention.ops.block_sparse import IMPLS, BlockMask, block_sparse_attention
 from attention.registry import register, set_options
 from attention.softmax import SoftmaxAttention
 
@@ -83,6 +83,8 @@ class SSAAttention(SoftmaxAttention):
         "ssa_ensemble": 1,         # inference: average of this many subsampled passes (1: dense)
         "ssa_impl": "auto",        # block_sparse_attention impl
     }
+    OPTION_RULES = {"ssa_keep_ratio": "(0, 1]", "ssa_block_size": ">= 1", "ssa_locality": ">= 0",
+                    "ssa_ensemble": ">= 1", "ssa_impl": IMPLS}
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
@@ -90,15 +92,6 @@ class SSAAttention(SoftmaxAttention):
         # forked after the projections (which initialise exactly as SoftmaxAttention's)
         self.rngs = rngs["ssa"].fork()
         self.deterministic = False  # True (model.eval() / nnx.view): dense in mode="train"
-
-    @staticmethod
-    def validate_options(opt, cfg):
-        if not 0.0 < opt["ssa_keep_ratio"] <= 1.0:
-            raise ValueError(f"config.model.ssa_keep_ratio={opt['ssa_keep_ratio']} must be in (0, 1]")
-        if opt["ssa_block_size"] < 1 or opt["ssa_ensemble"] < 1 or opt["ssa_locality"] < 0:
-            raise ValueError(f"config.model.ssa_block_size={opt['ssa_block_size']} and ssa_ensemble="
-                             f"{opt['ssa_ensemble']} must be >= 1, ssa_locality="
-                             f"{opt['ssa_locality']} >= 0")
 
     def _sampled(self, q, k, v, key):
         B, T, H, _ = q.shape

@@ -162,7 +162,7 @@ def test_mechanism_options_are_checked_once_before_anything_is_built(tiny_config
     check a directly built layer runs), and the CLI prints it without a traceback."""
     from trainer import cli
 
-    with pytest.raises(ConfigError, match=r"model.landmark_decode must be 'dense' or 'topk'"):
+    with pytest.raises(ConfigError, match=r"model.landmark_decode='sparse': allowed: 'dense', 'topk'"):
         cli.check(tiny_config("model.attention=landmark", "model.landmark_decode=sparse"))
     from trainer.main import main
     code = main(["--config=" + TINY, "--config.model.attention=ssa",

@@ -39,12 +39,7 @@ class SparseImplOption:
 
     OPTION_PREFIX = "sparse"
     CONFIG_DEFAULTS = {"sparse_impl": "auto"}  # block_sparse_attention impl
-
-    @staticmethod
-    def validate_options(opt, cfg):
-        if opt["sparse_impl"] not in IMPLS:
-            raise ValueError(f"config.model.sparse_impl={opt['sparse_impl']!r}: allowed values "
-                             f"are {', '.join(IMPLS)}")
+    OPTION_RULES = {"sparse_impl": IMPLS}
 _MASK_ARRAYS = ("counts", "indices", "t_counts", "t_indices")
 
 
