@@ -97,11 +97,11 @@ class MoHAttention(SoftmaxAttention):
     def validate_options(opt, cfg):
         if not 0 <= opt["moh_shared_heads"] < cfg.num_heads:
             raise ValueError(f"config.model.moh_shared_heads={opt['moh_shared_heads']} must be in "
-                             f"[0, num_heads={cfg.num_heads}) (at least one routed head)")
+                             f"[0, model.num_heads={cfg.num_heads}) (at least one routed head)")
         routed = cfg.num_heads - opt["moh_shared_heads"]
         if opt["moh_top_k"] > routed:
             raise ValueError(f"config.model.moh_top_k={opt['moh_top_k']} must be <= the routed "
-                             f"heads num_heads - moh_shared_heads = {routed}")
+                             f"heads model.num_heads - moh_shared_heads = {routed}")
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)

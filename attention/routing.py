@@ -200,9 +200,9 @@ class RoutingAttention(SoftmaxAttention):
     @staticmethod
     def validate_options(opt, cfg):
         local = opt["routing_local_heads"]
-        if local > cfg.num_heads:
+        if local != -1 and local > cfg.num_heads:
             raise ValueError(f"config.model.routing_local_heads={local} must be in "
-                             f"[0, num_heads={cfg.num_heads}] (or -1: half the heads)")
+                             f"[0, model.num_heads={cfg.num_heads}] (or -1: half the heads)")
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)

@@ -104,9 +104,8 @@ def get_config(variant=None):
         c.train.grad_clip_norm = 0.0
         c.train.min_lr_ratio = 1.0  # constant learning rate
         c.train.b1, c.train.b2, c.train.eps, c.train.weight_decay = 0.9, 0.95, 1e-8, 0.1
-    # Hedgehog (attention/hedgehog.py): distillation mode and feature dim (0 = head_dim)
-    m.hedgehog_distill = bool(v.get("distill", False))
-    m.hedgehog_feature_dim = 0
+    if m.attention == "hedgehog":  # attention/hedgehog.py: distillation mode (its other
+        m.hedgehog_distill = bool(v.get("distill", False))  # options: finish_config)
     c.init_from = v.get("init_from", "")
     if v.get("distill"):
         c.init_from_new = "feature_map"  # the softmax source has no feature maps

@@ -218,6 +218,10 @@ class IFormerTask(ClassificationTask):
     """iFormer image classification (configs/iformer.py)."""
 
     BACKBONE_FIELDS = (*ClassificationTask.BACKBONE_FIELDS, "pool")
+    # per stage (dims, depths, num_heads, pool) and per block (attention_heads: 0 = a
+    # convolution-only mixer)
+    FIELD_RULES = {"model.dims": ">= 1", "model.depths": ">= 1", "model.pool": ">= 1",
+                   "model.attention_heads": ">= 0", "model.mlp_ratio": "> 0"}
 
     def feature_dim(self):
         return self.config.model.dims[-1]
@@ -232,16 +236,13 @@ class IFormerTask(ClassificationTask):
         if len(m.attention_heads) != sum(m.depths):
             raise ConfigError(f"config.model.attention_heads={tuple(m.attention_heads)} needs one "
                               f"entry per block: sum(depths)={sum(m.depths)}")
-        if min(m.depths) < 1 or min(m.pool) < 1:
-            raise ConfigError(f"config.model.depths={tuple(m.depths)} and pool={tuple(m.pool)} "
-                              "must be >= 1")
         if m.dims[0] % 2:
             raise ConfigError(f"config.model.dims[0]={m.dims[0]} must be even (the stem's first "
                               "convolution has half its channels)")
         blocks = [(s, d, h) for s, (d, h, k) in enumerate(zip(m.dims, m.num_heads, m.depths))
                   for _ in range(k)]
         for (s, d, h), a in zip(blocks, m.attention_heads):
-            if h < 1 or d % h:
+            if d % h:
                 raise ConfigError(f"config.model.dims[{s}]={d} is not divisible by "
                                   f"num_heads[{s}]={h}")
             if not 0 <= a <= h:

@@ -133,6 +133,15 @@ def grow_tokenformer(state, *, param_tokens: int, ffn_param_tokens: int, fresh=N
 class TokenFormerTask(LMTask):
     """Next-byte prediction with a TokenFormer: models/lm/model.py's data, loss and metrics."""
 
+    FIELD_RULES = {
+        # token-token mixing is causal softmax attention (the projections are Pattentions)
+        "model.attention": ("softmax",),
+        "model.pattention_norm": NORMS,
+        "model.param_tokens": ">= 1", "model.ffn_param_tokens": ">= 1",
+        # 0: the default at the current token count
+        "model.pattention_zoom": ">= 0", "model.ffn_pattention_zoom": ">= 0",
+    }
+
     def validate(self, mesh_sizes):
         m, tp = self.config.model, mesh_sizes["tensor"]
         if m.num_heads % tp:
@@ -144,16 +153,6 @@ class TokenFormerTask(LMTask):
         if m.rope_theta and (m.d_model // m.num_heads) % 2:
             raise ConfigError(f"config.model: head_dim={m.d_model // m.num_heads} must be even "
                               f"(RoPE rotates pairs); or set model.rope_theta=0")
-        if m.pattention_norm not in NORMS:
-            raise ConfigError(f"config.model.pattention_norm={m.pattention_norm!r}; allowed: "
-                              f"{', '.join(NORMS)}")
-        for field in ("param_tokens", "ffn_param_tokens"):
-            if m[field] < 1:
-                raise ConfigError(f"config.model.{field} must be >= 1, got {m[field]}")
-        for field in ("pattention_zoom", "ffn_pattention_zoom"):
-            if m[field] < 0:
-                raise ConfigError(f"config.model.{field} must be >= 0 (0: the default at the "
-                                  f"current token count), got {m[field]}")
         self.validate_data()
 
     # ---- growth: init_from a smaller TokenFormer run (trainer.Trainer._init_from)

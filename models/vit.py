@@ -178,6 +178,17 @@ class ClassificationTask(Task):
     model.probe_d_out; train.label_smoothing."""
 
     throughput_unit = "images"
+    FIELD_RULES = {
+        "model.num_classes": ">= 1", "model.num_layers": ">= 1", "model.d_model": ">= 1",
+        "model.num_heads": ">= 1", "model.num_kv_heads": ">= 1", "model.mlp_dim": ">= 1",
+        "model.patch_size": ">= 1",
+        "model.head_dim": ">= 0",  # 0: d_model // num_heads
+        "model.rope_theta": ">= 0",  # 0: no RoPE (learned position embeddings)
+        "model.probe": PROBES, "model.probe_queries": ">= 1", "model.probe_d_out": ">= 1",
+        "train.label_smoothing": "[0, 1)",
+        "data.image_size": ">= 1", "data.num_train": ">= 1", "data.num_eval": ">= 1",
+        "data.max_shapes": ">= 1", "data.noise": ">= 0",  # 0: clean shapes
+    }
     # config.model fields that change what a trained backbone computes without changing its
     # parameters' shapes (the trainer reports shape mismatches itself): a probe's init_from
     # source must agree on them
@@ -219,16 +230,10 @@ class ClassificationTask(Task):
                 f"config.model.attention={m.attention!r} is causal only, and a vision encoder "
                 f"attends bidirectionally (model.causal=False); allowed: {', '.join(allowed)}")
         self.validate_data()
-        if m.probe not in PROBES:
-            raise ConfigError(f"config.model.probe={m.probe!r}; allowed: "
-                              f"{', '.join(map(repr, PROBES))}")
-        if not 0 <= c.train.label_smoothing < 1:
-            raise ConfigError(f"config.train.label_smoothing must be in [0, 1), got "
-                              f"{c.train.label_smoothing}")
         self.validate_backbone(mesh_sizes)
         if m.probe == "ep":
             d, q, o = self.feature_dim(), m.probe_queries, m.probe_d_out
-            if q < 1 or o < 1 or d % (q * o):
+            if d % (q * o):
                 raise ConfigError(
                     f"config.model.probe_queries={q} x probe_d_out={o} must divide the "
                     f"backbone's width {d} (each query reads D / (d_out M) value channels)")
@@ -236,11 +241,6 @@ class ClassificationTask(Task):
     def validate_data(self) -> None:
         """ConfigError for the data fields (a family with other data overrides it)."""
         c, m = self.config, self.config.model
-        for field in ("image_size", "num_train", "num_eval", "max_shapes"):
-            if c.data[field] < 1:
-                raise ConfigError(f"config.data.{field} must be >= 1, got {c.data[field]}")
-        if c.data.noise < 0:
-            raise ConfigError(f"config.data.noise must be >= 0, got {c.data.noise}")
         if len(c.data.paths) > 1:
             raise ConfigError(f"config.data.paths: one ImageFolder root, got {len(c.data.paths)} "
                               f"paths {tuple(c.data.paths)}")
@@ -316,13 +316,11 @@ class ViTTask(ClassificationTask):
     """ViT image classification (configs/vit.py)."""
 
     BACKBONE_FIELDS = (*ClassificationTask.BACKBONE_FIELDS, "pool")
+    FIELD_RULES = {"model.pool": POOLS}
 
     def validate_backbone(self, mesh_sizes):
         m, s = self.config.model, self.config.data.image_size
-        if m.pool not in POOLS:
-            raise ConfigError(f"config.model.pool={m.pool!r}; allowed: "
-                              f"{', '.join(map(repr, POOLS))}")
-        if m.patch_size < 1 or s % m.patch_size:
+        if s % m.patch_size:
             raise ConfigError(f"config.data.image_size={s} is not a multiple of "
                               f"config.model.patch_size={m.patch_size}")
         tp = mesh_sizes["tensor"]

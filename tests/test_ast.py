@@ -132,7 +132,7 @@ def test_config_errors_name_the_field():
             node[last] = v
         task = __import__("trainer.task", fromlist=["get_task"]).get_task("ast")(c)
         with pytest.raises(ConfigError, match=match):
-            task.validate_backbone({"data": 1, "fsdp": 1, "tensor": 1})
+            task.check({"data": 1, "fsdp": 1, "tensor": 1})
     check("petl='nope'", **{"model.petl": "nope"})
     check("train.trainable is empty", **{"model.petl": "lora"})
     check("conformer_kernel=4", **{"model.conformer_kernel": 4})

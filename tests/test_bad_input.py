@@ -14,10 +14,10 @@ CLI = [f"--config={TINY}", *[f"--config.{o}" for o in TEST_OVERRIDES]]
 @pytest.mark.parametrize("override,message", [
     ("model.attention=nosuch", "config.model.attention: .*nosuch"),
     ("model.num_kv_heads=3", "num_heads=4 must be a multiple of config.model.num_kv_heads=3"),
-    ("model.num_heads=0", "config.model.num_heads must be >= 1, got 0"),
-    ("model.num_kv_heads=0", "config.model.num_kv_heads must be >= 1, got 0"),
-    ("model.d_model=-64", "config.model.d_model must be >= 1, got -64"),
-    ("model.num_layers=0", "config.model.num_layers must be >= 1, got 0"),
+    ("model.num_heads=0", "config.model.num_heads=0: must be >= 1"),
+    ("model.num_kv_heads=0", "config.model.num_kv_heads=0: must be >= 1"),
+    ("model.d_model=-64", "config.model.d_model=-64: must be >= 1"),
+    ("model.num_layers=0", "config.model.num_layers=0: must be >= 1"),
 ])
 def test_a_bad_model_value_is_one_message_and_exit_2(tmp_path, capsys, override, message,
                                                      dry_run):

@@ -173,8 +173,8 @@ def test_a_mechanisms_auxiliary_loss_reaches_the_detr_loss(tmp_path):
     (("model.num_classes=3",), "2 categories"),
     (("model.attention=gla",), "causal only"),
     (("model.stride=6",), "model.stride"),
-    (("loss.matcher=greedy",), "allowed: scipy, optax"),
-    (("data.augment=crop",), "allowed: detr, flip, none"),
+    (("loss.matcher=greedy",), "allowed: 'scipy', 'optax'"),
+    (("data.augment=crop",), "allowed: 'detr', 'flip', 'none'"),
 ])
 def test_bad_configs_name_the_field(tmp_path, overrides, fragment):
     from trainer import ConfigError, Trainer

@@ -85,8 +85,8 @@ def test_peer_configs_are_the_peers_gpt():
 def test_architecture_switches_are_validated():
     from trainer.config import ConfigError
 
-    with pytest.raises(ConfigError, match="model.norm='batchnorm'; allowed: rmsnorm, layernorm"):
-        LMTask(load_config(TINY, ["model.norm=batchnorm"])).validate(
+    with pytest.raises(ConfigError, match="model.norm='batchnorm': allowed: 'rmsnorm', 'layernorm'"):
+        LMTask(load_config(TINY, ["model.norm=batchnorm"])).check(
             {"data": 1, "fsdp": 1, "tensor": 1})
     with pytest.raises(ConfigError, match="rope_theta=0"):
         LMTask(load_config(TINY, ["model.position=learned", "model.max_len=64"])).validate(

@@ -203,7 +203,7 @@ def test_task_registered_and_validates():
     mesh = {"data": 8, "fsdp": 1, "tensor": 1}
     task_cls(tiny()).validate(mesh)
     with pytest.raises(ConfigError, match="pattention_norm"):
-        task_cls(tiny("model.pattention_norm=relu")).validate(mesh)
+        task_cls(tiny("model.pattention_norm=relu")).check(mesh)
     with pytest.raises(ConfigError, match="unknown variant"):
         load_config(f"{CONFIG}:huge")
 

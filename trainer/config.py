@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 from ml_collections import ConfigDict
 
+from attention import fields
+
 
 class ConfigError(ValueError):
     """A bad config value; the message names the field and what is allowed."""
@@ -211,16 +213,50 @@ def from_json(text: str) -> ConfigDict:
 
 
 # ----------------------------------------------------------------------------- validation
+# The bounds of the shared fields (attention/fields.py rules); a family's own fields are in its
+# Task's FIELD_RULES, a mechanism's options in its OPTION_RULES.
+BASE_RULES = {
+    "seed": ">= 0",
+    "init_from_carry": CARRY,
+    "train.steps": ">= 0",  # 0: evaluate only (with init_from, or a workdir to resume)
+    "train.global_batch_size": ">= 1",
+    "train.grad_accum_steps": ">= 1",
+    "train.lr": "> 0",
+    "train.min_lr_ratio": "[0, 1]",
+    "train.warmup_steps": ">= 0",
+    "train.schedule_steps": ">= 0",
+    "train.b1": "[0, 1)",
+    "train.b2": "[0, 1)",
+    "train.eps": "> 0",
+    "train.weight_decay": ">= 0",
+    "train.grad_clip_norm": ">= 0",
+    "train.compute_dtype": ("float32", "bfloat16"),
+    "train.nan_policy": ("skip", "stop"),
+    "train.log_every": ">= 1",
+    "eval.every": ">= 0",
+    "eval.batches": ">= 1",
+    "checkpoint.every": ">= 0",
+    "checkpoint.max_to_keep": ">= 1",
+    "checkpoint.restore_retries": ">= 0",
+    "checkpoint.retry_seconds": ">= 0",
+    "mesh.data": ">= 1 or == -1",  # -1: the rest of the devices
+    "mesh.fsdp": ">= 1 or == -1",
+    "mesh.tensor": ">= 1 or == -1",
+    "data.num_workers": ">= 0",
+}
+
+
+def check_rules(config: ConfigDict, rules: dict) -> None:
+    """ConfigError for the first field of `rules` whose value `config` holds out of bounds."""
+    try:
+        fields.check_all(config, rules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def require(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config.{field}: {msg}")
-
-
-def _one_of(config: ConfigDict, field: str, allowed: Sequence[str]) -> None:
-    value = config
-    for p in field.split("."):
-        value = value[p]
-    require(value in allowed, field, f"got {value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
 def validate(config: ConfigDict) -> None:
@@ -231,41 +267,19 @@ def validate(config: ConfigDict) -> None:
             "is a schedule of runs, not one run: train it with python -m trainer.main or "
             "trainer.stages.fit_stages(config, workdir); trainer.stages.runs(config, workdir) gives "
             "one checked (config, workdir) per stage for a Trainer each")
-    # 0: evaluate only (with init_from, or a workdir to resume)
-    require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
-    require(t.global_batch_size >= 1, "train.global_batch_size",
-            f"must be >= 1, got {t.global_batch_size}")
-    require(t.grad_accum_steps >= 1, "train.grad_accum_steps",
-            f"must be >= 1, got {t.grad_accum_steps}")
+    check_rules(config, BASE_RULES)
     require(t.global_batch_size % t.grad_accum_steps == 0, "train.global_batch_size",
             f"{t.global_batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
-    require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    require(t.grad_clip_norm >= 0, "train.grad_clip_norm", f"must be >= 0, got {t.grad_clip_norm}")
-    require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
-    _one_of(config, "train.compute_dtype", ("float32", "bfloat16"))
-    _one_of(config, "train.nan_policy", ("skip", "stop"))
-    _one_of(config, "init_from_carry", CARRY)
-    require(t.schedule_steps >= 0, "train.schedule_steps", f"must be >= 0, got {t.schedule_steps}")
-    for f in ("eval.every", "checkpoint.every", "eval.batches"):
-        group, name = f.split(".")
-        require(config[group][name] >= 0, f, f"must be >= 0, got {config[group][name]}")
-    require(config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep",
-            f"must be >= 1, got {config.checkpoint.max_to_keep}")
-    require(config.checkpoint.restore_retries >= 0, "checkpoint.restore_retries",
-            f"must be >= 0, got {config.checkpoint.restore_retries}")
-    require(config.checkpoint.retry_seconds >= 0, "checkpoint.retry_seconds",
-            f"must be >= 0, got {config.checkpoint.retry_seconds}")
-    for axis in ("data", "fsdp", "tensor"):
-        size = config.mesh[axis]
-        require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 (the rest) or >= 1, got {size}")
     require([config.mesh[a] for a in ("data", "fsdp", "tensor")].count(-1) <= 1, "mesh",
             "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     for p in config.data.paths:
         require(isinstance(p, str) and p, "data.paths", f"entries must be non-empty paths, got {p!r}")
         require(os.path.exists(p), "data.paths", f"{p!r} does not exist")
-    require(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for name in filter(None, (n.strip() for n in config.checkpoint.allow_changes.split(","))):
+        require(name.rstrip(".") in _leaf_keys(config) or any(
+            k.startswith(name.rstrip(".") + ".") for k in _leaf_keys(config)),
+            "checkpoint.allow_changes", f"{name!r} is not a field or group of this config "
+            "(comma-separated names such as data.paths,train.lr or a group such as data)")
     require(not config.init_from or os.path.isdir(config.init_from), "init_from",
             f"{config.init_from!r} is not a directory")
     for field, value in (("train.trainable", config.train.trainable),

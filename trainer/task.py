@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, check_rules
 
 _TASKS: dict[str, type["Task"]] = {}
 
@@ -78,13 +78,34 @@ class Task(abc.ABC):
     # the family's own config groups a resumed run may change (e.g. "sample." for what is
     # generated at the end); every other family group is checked (trainer.config.resume_changes)
     resume_free: tuple[str, ...] = ()
+    # the bounds of the family's own fields, in the rule language of attention/fields.py
+    # ({"model.num_layers": ">= 1", "model.norm": ("layernorm", "rmsnorm")}); a subclass adds
+    # to its bases' (field_rules()); checked before validate, fields a variant lacks skipped
+    FIELD_RULES: dict = {}
 
     def __init__(self, config):
         self.config = config
 
     # ---- checks before anything compiles
+    @classmethod
+    def field_rules(cls) -> dict:
+        out = {}
+        for klass in reversed(cls.__mro__):
+            out.update(klass.__dict__.get("FIELD_RULES", {}))
+        return out
+
+    def check_fields(self) -> None:
+        """ConfigError for a family field out of its FIELD_RULES bounds (any mesh)."""
+        check_rules(self.config, self.field_rules())
+
+    def check(self, mesh_sizes: dict[str, int]) -> None:
+        """Every check of the family's fields for this mesh: check_fields, then validate."""
+        self.check_fields()
+        self.validate(mesh_sizes)
+
     def validate(self, mesh_sizes: dict[str, int]) -> None:
-        """Raise trainer.config.ConfigError for family fields that are bad for this mesh."""
+        """Raise trainer.config.ConfigError for family fields that are bad for this mesh
+        (the bounds in FIELD_RULES are checked before, by check_fields)."""
 
     # ---- model
     @abc.abstractmethod

@@ -65,8 +65,10 @@ class Trainer:
         # a value that is wrong on any mesh is an error even in a dry run (which lists only
         # what this mesh cannot divide): there the Task's checks run on one device first (a
         # normal run raises from the check below; validate may scan data folders, so once)
-        if dry_run:
-            self.task.validate({axis: 1 for axis in self.mesh_sizes})
+        if dry_run:  # Task.check: check_fields (bounds), then validate
+            self.task.check({axis: 1 for axis in self.mesh_sizes})
+        else:
+            self.task.check_fields()
         try:
             self.task.validate(self.mesh_sizes)
         except ConfigError as e:
@@ -413,7 +415,7 @@ class Trainer:
         it = process_batches(self.task.eval_data(), self.micro_batch)
         sums, outputs, n = {}, [], 0
         for local in it:
-            if n >= max(self.config.eval.batches, 1) * self.accum:
+            if n >= self.config.eval.batches * self.accum:
                 break
             shardings = self._batch_shardings(local, leading=0)
             batch = global_batch(local, shardings)

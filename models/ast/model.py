@@ -293,6 +293,19 @@ class ASTTask(ClassificationTask):
                        "d_model", "num_layers", "num_heads")
     # data fields the spectrogram depends on: a source run must agree (target_length may differ)
     FRONT_END_FIELDS = ("sample_rate", "num_mel_bins", "norm_mean", "norm_std")
+    FIELD_RULES = {
+        "model.pool": POOLS, "model.petl": PETL, "model.adapter_placement": PLACEMENTS,
+        "model.adapter_location": LOCATIONS, "model.fstride": ">= 1", "model.tstride": ">= 1",
+        "model.adapter_reduction": ">= 1", "model.lora_rank": ">= 1", "model.prompt_length": ">= 1",
+        "model.lora_alpha": "> 0",  # the LoRA update's scale alpha / r
+        "model.classifier_std": ">= 0",  # 0: a zero-initialised head
+        "model.conformer_kernel": ">= 1",
+        "data.sample_rate": ">= 1000", "data.clip_seconds": "> 0", "data.num_mel_bins": ">= 1",
+        "data.target_length": ">= 1", "data.freqm": ">= 0", "data.timem": ">= 0",  # 0: no masking
+        "data.mixup": "[0, 1]",  # a probability; 0: no mixup
+        "data.norm_std": "> 0",  # `python -m trainer.audio stats` computes mean and std
+        "data.synthetic_per_fold": ">= 1", "data.synthetic_seed": ">= 0",
+    }
 
     # ---- checks
     def check_init_from(self, source_config):
@@ -309,18 +322,10 @@ class ASTTask(ClassificationTask):
         if d.num_mel_bins < m.patch_size or d.target_length < m.patch_size:
             raise ConfigError(f"config.data.num_mel_bins={d.num_mel_bins} and target_length="
                               f"{d.target_length} must be >= model.patch_size={m.patch_size}")
-        if d.sample_rate < 1000 or d.clip_seconds <= 0:
-            raise ConfigError(f"config.data.sample_rate={d.sample_rate} (>= 1000) and "
-                              f"clip_seconds={d.clip_seconds} (> 0)")
-        if not 0 <= d.freqm <= d.num_mel_bins or not 0 <= d.timem <= d.target_length:
+        if d.freqm > d.num_mel_bins or d.timem > d.target_length:
             raise ConfigError(f"config.data.freqm={d.freqm} must be in [0, num_mel_bins="
                               f"{d.num_mel_bins}] and timem={d.timem} in [0, target_length="
                               f"{d.target_length}]")
-        if not 0 <= d.mixup <= 1:
-            raise ConfigError(f"config.data.mixup={d.mixup} is a probability, in [0, 1]")
-        if d.norm_std <= 0:
-            raise ConfigError(f"config.data.norm_std={d.norm_std} must be > 0 (compute it with "
-                              "`python -m trainer.audio stats`)")
         if len(d.paths) > 1:
             raise ConfigError(f"config.data.paths: one audio root, got {tuple(d.paths)}")
         _, _, classes = self.data()
@@ -332,31 +337,15 @@ class ASTTask(ClassificationTask):
 
     def validate_backbone(self, mesh_sizes):
         m = self.config.model
-        if m.pool not in POOLS:
-            raise ConfigError(f"config.model.pool={m.pool!r}; allowed: {', '.join(POOLS)}")
         if m.probe:
             raise ConfigError(f"config.model.probe={m.probe!r}: the AST family adapts with "
                               f"model.petl (allowed: {', '.join(PETL)})")
-        for f in ("patch_size", "fstride", "tstride"):
-            if m[f] < 1:
-                raise ConfigError(f"config.model.{f}={m[f]} must be >= 1")
         tp = mesh_sizes["tensor"]
         if m.num_heads % tp or m.num_kv_heads % tp or m.num_heads % m.num_kv_heads:
             raise ConfigError(f"config.model.num_heads={m.num_heads} / num_kv_heads="
                               f"{m.num_kv_heads}: heads must be a multiple of kv heads and both "
                               f"divisible by mesh.tensor={tp}")
-        if m.petl not in PETL:
-            raise ConfigError(f"config.model.petl={m.petl!r}; allowed: {', '.join(PETL)}")
-        if m.adapter_placement not in PLACEMENTS:
-            raise ConfigError(f"config.model.adapter_placement={m.adapter_placement!r}; "
-                              f"allowed: {', '.join(PLACEMENTS)}")
-        if m.adapter_location not in LOCATIONS:
-            raise ConfigError(f"config.model.adapter_location={m.adapter_location!r}; "
-                              f"allowed: {', '.join(LOCATIONS)}")
-        for f in ("adapter_reduction", "lora_rank", "prompt_length"):
-            if m[f] < 1:
-                raise ConfigError(f"config.model.{f}={m[f]} must be >= 1")
-        if m.conformer_kernel < 1 or m.conformer_kernel % 2 == 0:
+        if m.conformer_kernel % 2 == 0:
             raise ConfigError(f"config.model.conformer_kernel={m.conformer_kernel} must be odd "
                               "(a centred depthwise convolution)")
         if m.petl != "full" and not self.config.train.trainable:

@@ -248,6 +248,23 @@ class DetectionTask(Task):
 
     throughput_unit = "images"
     _paths = _eval_dataset = _eval_index = None  # built on first use
+    FIELD_RULES = {
+        "model.num_classes": ">= 1", "model.d_model": ">= 1", "model.num_heads": ">= 1",
+        "model.mlp_dim": ">= 1", "model.enc_layers": ">= 1", "model.dec_layers": ">= 1",
+        "model.num_queries": ">= 1",
+        "model.num_queries_one2many": ">= 0",  # 0: no one-to-many group (hybrid matching off)
+        "model.stride": ">= 2", "model.backbone_channels": ">= 1", "model.backbone_depth": ">= 1",
+        "model.rpb_hidden": ">= 1", "model.rpb_encoding": ENCODINGS,
+        "loss.class_loss": CLASS_LOSSES, "loss.matcher": MATCHERS,
+        # 0 switches a term off (the Hungarian cost and the loss share the weights)
+        "loss.w_class": ">= 0", "loss.w_l1": ">= 0", "loss.w_giou": ">= 0",
+        "loss.eos_coef": ">= 0", "loss.one_to_many_k": ">= 0",
+        "eval.top_k": ">= 1",
+        "data.image_size": ">= 1", "data.max_objects": ">= 1", "data.augment": coco.AUGMENTS,
+        "data.num_train": ">= 1", "data.num_eval": ">= 1",
+        "data.min_shapes": ">= 1", "data.max_shapes": ">= 1",
+        "data.noise": ">= 0", "data.seed": ">= 0",
+    }
 
     # ---- data locations
     def paths(self) -> dict:
@@ -291,14 +308,11 @@ class DetectionTask(Task):
     # ---- checks
     def validate(self, mesh_sizes):
         m, d, lo = self.config.model, self.config.data, self.config.loss
-        for field, value, allowed in (("loss.class_loss", lo.class_loss, CLASS_LOSSES),
-                                      ("loss.matcher", lo.matcher, MATCHERS),
-                                      ("model.rpb_encoding", m.rpb_encoding, ENCODINGS),
-                                      ("data.augment", d.get("augment", "detr"),
-                                       coco.AUGMENTS)):
-            if value not in allowed:
-                raise ConfigError(f"config.{field}={value!r}; allowed: {', '.join(allowed)}")
-        if m.stride < 2 or m.stride & (m.stride - 1) or d.image_size % m.stride:
+        if d.min_shapes > d.max_shapes or d.max_shapes > d.max_objects:
+            raise ConfigError(f"config.data: min_shapes={d.min_shapes} <= max_shapes="
+                              f"{d.max_shapes} <= max_objects={d.max_objects} (the boxes a "
+                              "batch holds per image) is needed")
+        if m.stride & (m.stride - 1) or d.image_size % m.stride:
             raise ConfigError(f"config.model.stride={m.stride} must be a power of two >= 2 "
                               f"dividing data.image_size={d.image_size}")
         if m.d_model % m.num_heads or m.d_model % 4:

@@ -209,12 +209,22 @@ class LMTask(Task):
 
     throughput_unit = "tokens"
     _corpus = None  # read on first use
+    FIELD_RULES = {
+        "model.vocab_size": ">= 256",  # byte-level data: every byte value is a token
+        "model.num_layers": ">= 1", "model.d_model": ">= 1", "model.num_heads": ">= 1",
+        "model.num_kv_heads": ">= 1", "model.mlp_dim": ">= 1",
+        "model.head_dim": ">= 0",  # 0: d_model // num_heads
+        "model.rope_theta": ">= 0",  # 0: no RoPE
+        "model.max_len": ">= 0",  # learned positions only
+        "model.norm": NORMS, "model.mlp": MLPS, "model.position": POSITIONS,
+        "data.seq_len": ">= 1",
+        "sample.max_new_tokens": ">= 0",  # 0: no sample at the end of training
+        "sample.temperature": ">= 0",  # 0: greedy
+        "sample.top_k": ">= 0",  # 0: the whole vocabulary
+    }
 
     def validate(self, mesh_sizes):
         m, tp = self.config.model, mesh_sizes["tensor"]
-        for field in ("num_layers", "num_heads", "num_kv_heads", "d_model", "mlp_dim"):
-            if field in m and m[field] < 1:
-                raise ConfigError(f"config.model.{field} must be >= 1, got {m[field]}")
         bad = [f"config.model.{field}={m[field]} is not divisible by the tensor axis "
                f"mesh.tensor={tp}; allowed: tensor sizes dividing it"
                for field in ("num_heads", "num_kv_heads") if m[field] % tp]
@@ -227,10 +237,6 @@ class LMTask(Task):
         if not m.head_dim and m.d_model % m.num_heads:
             raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
                               f"num_heads={m.num_heads}; set model.head_dim explicitly")
-        for field, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS)):
-            if m.get(field, allowed[0]) not in allowed:
-                raise ConfigError(f"config.model.{field}={m[field]!r}; allowed: "
-                                  f"{', '.join(allowed)}")
         if m.get("position", "rope") == "learned":
             if m.rope_theta:
                 raise ConfigError("config.model.position='learned' adds absolute position "
@@ -248,8 +254,6 @@ class LMTask(Task):
 
     def validate_data(self):
         """The byte data's fields (shared by the byte-level families)."""
-        if self.config.data.seq_len < 1:
-            raise ConfigError(f"config.data.seq_len must be >= 1, got {self.config.data.seq_len}")
         if self.config.data.paths:
             text_files(self.config.data.paths)  # raises on missing paths and empty directories
 

@@ -445,6 +445,24 @@ class TrackingTask(Task):
     (configs/mixformer.py:score) trains only `score` on positives and negatives (BCE)."""
 
     throughput_unit = "pairs"
+    FIELD_RULES = {
+        "model.patch_size": ">= 1", "model.template_size": ">= 1", "model.search_size": ">= 1",
+        "model.d_model": ">= 1", "model.num_heads": ">= 1", "model.num_layers": ">= 1",
+        "model.mlp_dim": ">= 1", "model.num_templates": ">= 1", "model.score_pool": ">= 1",
+        "model.score_hidden": ">= 1", "model.corner_dim": ">= 4", "model.corner_upsample": ">= 1",
+        "loss.box_weight": ">= 0", "loss.score_weight": ">= 0",  # a stage trains one or both
+        "loss.score_min_iou": "[0, 1]",  # 0: MixFormer's labels (target in the crop or not)
+        # GOT-10k's splits with a box on every frame (test has the first frame's only)
+        "data.eval_split": ("val", "train"),
+        "data.num_sequences": ">= 1", "data.num_frames": ">= 2", "data.image_size": ">= 1",
+        "data.num_distractors": ">= 0", "data.noise": ">= 0", "data.seed": ">= 0",
+        "data.template_factor": "> 0", "data.search_factor": "> 0", "data.max_gap": ">= 1",
+        # 0: no jitter
+        "data.scale_jitter": ">= 0", "data.center_jitter": ">= 0", "data.template_jitter": ">= 0",
+        "data.negative_ratio": "[0, 1)", "data.samples_per_epoch": ">= 1",
+        "data.eval_samples": ">= 1",
+        "track.update_interval": ">= 1", "track.score_threshold": "[0, 1]", "track.margin": ">= 0",
+    }
 
     def __init__(self, config):
         super().__init__(config)
@@ -483,8 +501,9 @@ class TrackingTask(Task):
         if m.num_heads % mesh_sizes["tensor"]:
             raise ConfigError(f"config.model.num_heads={m.num_heads} is not divisible by the "
                               f"tensor axis mesh.tensor={mesh_sizes['tensor']}")
-        if lo.box_weight < 0 or lo.score_weight < 0 or not (lo.box_weight or lo.score_weight):
-            raise ConfigError("config.loss.box_weight and score_weight must be >= 0, not both 0")
+        if not (lo.box_weight or lo.score_weight):
+            raise ConfigError("config.loss.box_weight=0 and config.loss.score_weight=0: nothing "
+                              "trains; set one of them > 0")
         if lo.score_weight and not 0 < d.negative_ratio < 1:
             raise ConfigError(f"config.data.negative_ratio={d.negative_ratio}: the score head "
                               "(loss.score_weight > 0) needs positives and negatives, 0 < ratio < 1")
