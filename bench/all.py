@@ -51,6 +51,8 @@ BENCHMARKS = {
                   3600),
     # kill -9 / SIGTERM / I/O error / corruption cycles with restarts (~2 min for 8)
     "resilience": ("bench/resilience.py", ["--cycles", "8"], ["--cycles", "24"], 600, 1800),
+    # data.num_workers 0 vs 2 on an input-bound ViT (~2 min)
+    "input": ("bench/input.py", ["--reps", "2"], ["--reps", "3"], 600, 1200),
 }
 
 MARKER = re.compile(r"(<!-- bench:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)",

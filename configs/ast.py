@@ -90,7 +90,6 @@ def get_config(name=None):
     d.timem = 0
     d.mixup = 0.0  # probability of mixing a training clip with another (Beta(10, 10) weight)
     d.eval_folds = (5,)  # ESC-50 layout: the held-out fold(s); training uses the others
-    d.skip_bad = False  # True: unreadable WAVs are dropped with a warning, not an error
     d.synthetic_per_fold = 40  # synthetic clips per class and fold (5 folds)
     d.synthetic_seed = 0
     d.embedded_dir = ""  # "": ~/.cache/polyformer/audio_synthetic_<hash of the fields above>

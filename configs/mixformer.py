@@ -38,7 +38,6 @@ def get_config(variant=None):
 
     d = c.data
     d.eval_split = "val"
-    d.skip_bad = False  # True: skip sequences with bad annotations (one counted warning)
     # the embedded sequences (when data.paths is empty)
     d.num_sequences = 120
     d.num_frames = 40

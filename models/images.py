@@ -37,6 +37,7 @@ import grain
 import numpy as np
 
 from trainer.config import ConfigError
+from trainer.data import BadExample, check_files
 
 SHAPE_KINDS: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "diamond", "star",
                                 "hexagon")
@@ -458,9 +459,17 @@ def list_image_folder(root: str, split: str, *, eval_fraction: float = 0.1
     return [files[k] for k in keep], [labels[k] for k in keep], names
 
 
+def image_header(path: str) -> tuple[int, int]:
+    """(width, height) from an image file's header, without decoding it (the up-front pass of
+    trainer.data.check_files); raises for a file PIL cannot identify."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.size
+
+
 def _load_rgb(path: str, draft: int):
     """Decode an image as RGB (grey, palette, RGBA, CMYK converted; GIFs: first frame); a file
-    that cannot be decoded raises ConfigError naming it."""
+    that cannot be decoded raises trainer.data.BadExample naming it."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -469,7 +478,7 @@ def _load_rgb(path: str, draft: int):
                 im = im.convert("RGBA")
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"ImageFolder: cannot decode image file {path!r}: {e}") from None
+        raise BadExample(path, f"ImageFolder: cannot decode image file {path!r}: {e}") from None
 
 
 class _ImageFiles:
@@ -541,11 +550,14 @@ class _TrainTransform(grain.transforms.RandomMap):
 
 
 def image_folder(root: str, split: str, *, image_size: int, seed: int = 0,
-                 eval_fraction: float = 0.1) -> tuple[grain.MapDataset, list[str]]:
+                 eval_fraction: float = 0.1, skip_bad: bool = False
+                 ) -> tuple[grain.MapDataset, list[str]]:
     """(dataset, class_names) of an ImageFolder tree (layouts: `list_image_folder`).
 
-    The folder structure is checked now (listing only); images are decoded when read, and an
-    unreadable one raises ConfigError naming its file. "train": shuffled by seed, repeated
+    The folder structure and every image's header are checked now (trainer.data.check_files:
+    the unreadable files listed at once in a ConfigError, or left out with a warning when
+    skip_bad); images are decoded when read, and one that still fails raises BadExample naming
+    its file. "train": shuffled by seed, repeated
     forever, random-resized-crop + flip, the augmentation drawn per (seed, index in the repeated
     stream), i.e. per example and epoch; "eval": in file order, centre crop.
     Examples: {"image": float32 [S, S, 3] in [-1, 1], "label": int32 [], "id": int32 [] (index
@@ -554,6 +566,12 @@ def image_folder(root: str, split: str, *, image_size: int, seed: int = 0,
     if image_size < 1:
         raise ConfigError(f"image_size={image_size} must be positive")
     files, labels, names = list_image_folder(root, split, eval_fraction=eval_fraction)
+    keep = check_files(files, image_header, what=f"image files of the {split} split of {root!r}",
+                       skip_bad=skip_bad)
+    if not keep:
+        raise ConfigError(f"ImageFolder: none of the {len(files)} image files of the {split} "
+                          f"split of {root!r} can be read")
+    files, labels = [files[k] for k in keep], [labels[k] for k in keep]
     ds = grain.MapDataset.source(_ImageFiles(files, labels))
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat(None).random_map(_TrainTransform(image_size), seed=seed)

@@ -269,10 +269,9 @@ class ClassificationTask(Task):
         if self._data is None:
             d = self.config.data
             if d.paths:
-                train, classes = images.image_folder(d.paths[0], "train", image_size=d.image_size,
-                                                     seed=self.config.seed)
-                evals, _ = images.image_folder(d.paths[0], "eval", image_size=d.image_size,
-                                               seed=self.config.seed)
+                kw = dict(image_size=d.image_size, seed=self.config.seed, skip_bad=d.skip_bad)
+                train, classes = images.image_folder(d.paths[0], "train", **kw)
+                evals, _ = images.image_folder(d.paths[0], "eval", **kw)
             else:
                 kw = dict(image_size=d.image_size, num_train=d.num_train, num_eval=d.num_eval,
                           seed=self.config.seed, max_shapes=d.max_shapes, noise=d.noise)

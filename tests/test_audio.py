@@ -334,6 +334,11 @@ def test_esc50_errors_and_skip_bad(tmp_path):
     bad = os.path.join(root, "audio", "1-000002-A-2.wav")
     with open(bad, "wb") as f:
         f.write(b"RIFF garbage")
+    with pytest.raises(ConfigError, match=r"(?s)1 of the 8 audio files .*1-000002-A-2\.wav.* no "
+                                          r"RIFF/WAVE header"):
+        audio.esc50(root, "train", eval_folds=(2,))  # the up-front header pass
+    with open(bad, "wb") as f:
+        f.write(b"RIFF\x00\x00\x00\x00WAVEgarbage")  # a header, then nothing readable
     lenient = audio.esc50(root, "train", eval_folds=(2,))  # decoded when read
     assert len(lenient) == 8
     with pytest.raises(audio.AudioDataError, match="1-000002-A-2.wav"):

@@ -318,15 +318,20 @@ def test_unreadable_files_raise_config_error_naming_them(tmp_path):
         coco.load_coco(str(bad), images)
     with pytest.raises(ConfigError, match="does not exist"):
         coco.load_coco(str(tmp_path / "missing.json"), images)
+    good = (tmp_path / "img" / "1.png").read_bytes()
     (tmp_path / "img" / "1.png").write_bytes(b"\x89PNG garbage, not an image")
-    for split in ("eval", "train"):
-        ds = coco.coco_detection(path, images, split, image_size=16, max_objects=4)  # lazy
+    for split in ("eval", "train"):  # every header is checked before anything trains
         with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "img" / "1.png"))):
-            ds._getitems(range(3))
+            coco.coco_detection(path, images, split, image_size=16, max_objects=4)
+    (tmp_path / "img" / "1.png").write_bytes(good)
     Image.new("RGB", (10, 10)).save(tmp_path / "img" / "2.png")  # not the JSON's 48 x 48
-    ds = coco.coco_detection(path, images, "eval", image_size=16, max_objects=4)
-    with pytest.raises(ConfigError, match=r"2\.png' is 10x10 pixels, the annotation file says"):
-        ds[2]
+    with pytest.raises(ConfigError, match=r"2\.png: ValueError: \(10, 10\) pixels, the "
+                                          r"annotation file says \(48, 48\)"):
+        coco.coco_detection(path, images, "eval", image_size=16, max_objects=4)
+    with pytest.warns(UserWarning, match=r"2\.png"):  # skip_bad: the image is left out
+        ds = coco.coco_detection(path, images, "eval", image_size=16, max_objects=4,
+                                 skip_bad=True)
+    assert len(ds) == 2
 
 
 def test_zero_size_boxes_are_skipped_with_a_warning(tmp_path):

@@ -49,6 +49,21 @@ def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
         assert len(open(out / f).read().splitlines()) == 12  # a line per frame
     assert (out / "success.png").stat().st_size > 0
 
+    # a frame that cannot be read (issue 25, item 4): that sequence is named with the file, the
+    # other sequences' results are written, the exit status says something failed
+    val = tmp_path / "data" / "val"
+    second = [x for x in open(val / "list.txt").read().split() if x][1]
+    frame = sorted((val / second).glob("*.png"))[5]
+    frame.write_bytes(b"not a png")
+    out2 = tmp_path / "results2"
+    assert main([f"--config={CONFIG}:score", f"--from={tmp_path / 'stage2'}", f"--out={out2}",
+                 "--limit=2", f"--config.data.embedded_dir={tmp_path / 'data'}",
+                 *(f"--config.{o}" for o in SMALL)]) == 1
+    captured = capsys.readouterr()
+    assert f"sequence {second!r} not tracked" in captured.err and frame.name in captured.err
+    assert "tracked 1 sequences" in captured.out and "tracker: AUC" in captured.out
+    assert sorted(f for f in os.listdir(out2) if f.endswith(".txt")) == [results[0]]
+
 
 def test_auroc_equals_the_pairwise_definition():
     from models.mixformer import auroc

@@ -83,3 +83,53 @@ def test_sigterm_while_restoring_ends_before_the_first_step(tmp_path, capsys, mo
     assert "stopped by SIGTERM before the first step of this run (at step 2)" \
         in capsys.readouterr().out
     assert max(steps_on_disk(tmp_path)) == 2
+
+
+def test_processes_agree_on_a_stop_within_the_time_bound():
+    """Two processes (threads here, exchanging through a barrier as the all-gather does) with
+    steps of 0.3 s and 1.1 s: their sync schedules stay identical (a diverging one would leave
+    the barrier waiting: BrokenBarrierError), syncs are about `within` seconds of the slower
+    process apart, and a signal on one stops both at the same step, within the bound."""
+    import threading
+
+    import numpy as np
+
+    from trainer.signals import StopSignals
+
+    within, slots, barrier = 5.0, [None, None], threading.Barrier(2, timeout=20)
+    results, syncs = {}, {0: [], 1: []}
+
+    def run(pid, step_seconds, signal_at):
+        clock = [0.0]
+
+        def allgather(x):
+            slots[pid] = x
+            barrier.wait()
+            out = np.stack(list(slots))
+            barrier.wait()
+            syncs[pid].append(step)
+            return out
+
+        stop = StopSignals(allgather=allgather, process_count=2, clock=lambda: clock[0])
+        for step in range(400):
+            if signal_at is not None and clock[0] >= signal_at and not stop._caught:
+                stop._caught, stop.signal = True, "SIGTERM"
+            if stop.requested(step, within_seconds=within):
+                results[pid] = (step, clock[0], stop.signal)
+                return
+            clock[0] += step_seconds
+        results[pid] = (None, clock[0], None)
+
+    threads = [threading.Thread(target=run, args=(0, 0.3, None)),
+               threading.Thread(target=run, args=(1, 1.1, 60.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert syncs[0] == syncs[1] and len(syncs[0]) > 3
+    (step0, _, sig0), (step1, t1, sig1) = results[0], results[1]
+    assert step0 == step1 is not None  # the same step on both
+    assert sig1 == "SIGTERM" and sig0 == "SIGTERM (on another process)"
+    gaps = np.diff(syncs[0][2:])  # after the first steps' measurement
+    assert np.all(gaps * 1.1 <= within + 1e-9) and gaps.max() == int(within / 1.1)
+    assert 60.0 <= t1 <= 60.0 + within + 1.1  # the signalled process stopped within the bound

@@ -92,6 +92,9 @@ def base_config() -> ConfigDict:
     # schedule (trainer.config.resume_changes): comma-separated names or groups, e.g.
     # "data.paths,train.lr" or "data"
     c.checkpoint.allow_changes = ""
+    # multi-process runs: a SIGTERM / SIGINT on any process stops all of them at one step within
+    # about this many seconds (trainer/signals.py; preemption notices give ~30 s)
+    c.checkpoint.stop_within_seconds = 10.0
 
     c.mesh = ConfigDict()
     c.mesh.data = -1  # -1: the rest of the devices
@@ -101,6 +104,11 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.paths = ()  # empty: the family's embedded default
     c.data.num_workers = 0  # Grain worker processes
+    # files that cannot be read: False stops the run, naming them (all those a header pass
+    # before the first step finds, or the one a later decode fails on, after a checkpoint);
+    # True leaves them out / replaces the example by the next readable one, each named once in
+    # a warning (trainer.data.check_files, SkipBad)
+    c.data.skip_bad = False
 
     c.model = ConfigDict()
     c.model.attention = "softmax"  # attention registry name
@@ -239,6 +247,7 @@ BASE_RULES = {
     "checkpoint.max_to_keep": ">= 1",
     "checkpoint.restore_retries": ">= 0",
     "checkpoint.retry_seconds": ">= 0",
+    "checkpoint.stop_within_seconds": "> 0",
     "mesh.data": ">= 1 or == -1",  # -1: the rest of the devices
     "mesh.fsdp": ">= 1 or == -1",
     "mesh.tensor": ">= 1 or == -1",
@@ -296,7 +305,8 @@ def validate(config: ConfigDict) -> None:
 # (task, seed, model.*, data.*, the optimizer and schedule, a family's own groups such as a loss)
 # defines the model, the data stream or the schedule, and a change is refused unless allowed.
 RESUME_FREE = ("mesh.", "checkpoint.", "eval.", "stages", "init_from", "init_from_new",
-               "init_from_skip", "init_from_carry", "data.num_workers", "train.log_every",
+               "init_from_skip", "init_from_carry", "data.num_workers", "data.skip_bad",
+               "train.log_every",
                "train.remat", "train.nan_policy", "train.grad_accum_steps", "train.steps")
 
 

@@ -13,6 +13,7 @@ the same shardings on the way out so the step compiles exactly once.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import re
@@ -32,7 +33,7 @@ from trainer import perf, plan, transfer
 from trainer.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint, first_line
 from trainer.cli import check
 from trainer.config import ConfigError, resume_changes, to_json
-from trainer.data import global_batch, process_batches
+from trainer.data import BadExample, SkipBad, global_batch, process_batches
 from trainer.logs import Reporter
 from trainer.optim import lr_schedule, make_optimizer
 from trainer.sharding import BATCH_AXES, make_mesh, mesh_shape, replicated, state_shardings
@@ -245,31 +246,38 @@ class Trainer:
 
     def _read_from(self, first_example: int) -> None:
         """A fresh train iterator whose first global batch starts at example `first_example`."""
-        self._first_example = first_example
-        self.train_iter = iter(process_batches(self.task.train_data(),
+        self._close_input()
+        self._first_example, self._batches_read = first_example, 0
+        self._train_source = SkipBad(self.task.train_data(), self.config.data.skip_bad)
+        self.train_iter = iter(process_batches(self._train_source,
                                                self.config.train.global_batch_size,
-                                               first_example=first_example))
+                                               first_example=first_example,
+                                               num_workers=self.config.data.num_workers))
+
+    def _next_batch(self) -> dict:
+        batch = next(self.train_iter)
+        self._batches_read += 1
+        return batch
 
     @property
     def data_position(self) -> dict:
-        """Where the input stands: the iterator's state, and the examples consumed with the
-        global batch size (what a resume with another global batch size goes on from)."""
-        state = self.train_iter.get_state()
+        """Where the input stands: the examples consumed (global batch b is examples
+        [first + b G, first + (b + 1) G) of the Task's dataset, whatever the processes and
+        workers), the global batch size, and the iterator's state (for reference)."""
         g = self.config.train.global_batch_size
-        return {"iterator": state, "examples": self._first_example + state["next_index"] * g,
-                "global_batch_size": g}
+        return {"iterator": self.train_iter.get_state(), "global_batch_size": g,
+                "examples": self._first_example + self._batches_read * g}
 
     @data_position.setter
     def data_position(self, position: dict) -> None:
-        """Continues the input at a saved position: the same iterator state when the global
-        batch size is the same (or the checkpoint predates "examples"), else the next example."""
-        g = self.config.train.global_batch_size
-        if position.get("global_batch_size", g) == g:
-            self._read_from(position.get("examples", 0) - position["iterator"]["next_index"] * g
-                            if "examples" in position else 0)
-            self.train_iter.set_state(position["iterator"])
-        else:
+        """Continues the input at the saved example (any global batch size, any number of
+        workers: the datasets are random-access, augmentations drawn per index); a checkpoint
+        that predates "examples" goes on from its iterator's batch count."""
+        if "examples" in position:
             self._read_from(position["examples"])
+        else:
+            self._read_from(position["iterator"]["next_index"] * position.get(
+                "global_batch_size", self.config.train.global_batch_size))
 
     def _check_resumable(self, step: int) -> None:
         """Raises ConfigError when checkpoint `step` is of another model or was saved with a
@@ -412,7 +420,8 @@ class Trainer:
         the Task's dataset-level ones (eval_metrics of the collected eval_outputs, e.g. COCO
         AP). The Task's eval_images of the same outputs are kept in self.last_eval_images."""
         state = self.initial_state()
-        it = process_batches(self.task.eval_data(), self.micro_batch)
+        it = process_batches(SkipBad(self.task.eval_data(), self.config.data.skip_bad),
+                             self.micro_batch)
         sums, outputs, n = {}, [], 0
         for local in it:
             if n >= self.config.eval.batches * self.accum:
@@ -540,11 +549,15 @@ class Trainer:
             hook.last_step = -1
         own_stop = stop is None  # else the caller's, catching since before start-up
         stop = StopSignals() if own_stop else stop
-        every = 1 if jax.process_count() == 1 else cfg.train.log_every
+        within = cfg.checkpoint.stop_within_seconds
         start = step
         try:
-            while step < until and not stop.requested(step, every=every):
-                batch = self._device_batch(next(self.train_iter))
+            while step < until and not stop.requested(step, within_seconds=within):
+                try:
+                    local = self._next_batch()
+                except BadExample as e:  # data.skip_bad off: keep what was trained, then stop
+                    raise self._stopped_by_data(e, state, step, start) from None
+                batch = self._device_batch(local)
                 if self._train_step is None:
                     self._train_step = self._compile_train_step(batch)
                 state, metrics = self._train_step(state, batch)
@@ -585,6 +598,20 @@ class Trainer:
             report.close()
         return last
 
+    def _stopped_by_data(self, error: BadExample, state, step: int, start: int) -> ConfigError:
+        """The error that ends a run at a file that cannot be read, after saving the steps
+        trained since the last checkpoint (a rerun resumes there once the file is fixed)."""
+        saved = ""
+        if step > start:
+            self._check_finite(state)
+            if self.checkpoints.latest_step() != step:
+                self.save()
+            self.checkpoints.wait()
+            saved = f"; checkpoint {self.checkpoints.step_dir(step)} written"
+        return ConfigError(f"{error}\nthe run stopped at step {step}{saved}. Replace or remove "
+                           "the file and rerun to resume, or set data.skip_bad=True to replace "
+                           "each unreadable example by the next readable one")
+
     def num_params(self) -> int:
         return self._num_params
 
@@ -596,8 +623,18 @@ class Trainer:
         return self._num_trainable / max(self._num_params, 1)
 
     def close(self) -> None:
+        self._close_input()
         if self.checkpoints is not None:
             self.checkpoints.close()
+
+    def _close_input(self) -> None:
+        """Stops the train iterator's reader threads / worker processes (data.num_workers)."""
+        if getattr(self, "train_iter", None) is not None:
+            close = getattr(self.train_iter, "close", None)
+            if close is not None:
+                close()
+            self.train_iter = None
+            gc.collect()  # grain's iterators release their shared memory when collected
 
     def __enter__(self):
         return self

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import struct
+import sys
 import warnings
 import zlib
 from typing import Sequence
@@ -48,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trainer.config import ConfigError
+from trainer.data import BadExample, check_files
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)  # Kaldi/torchaudio log floor, 1.1920929e-07
 
@@ -59,9 +61,18 @@ WAV_FORMATS = "16/24/32-bit integer PCM, 8-bit unsigned PCM, 32/64-bit float"
 ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
 
 
-class AudioDataError(ValueError):
-    """An audio file that cannot be used; the message names the file, what is wrong and what is
-    allowed."""
+class AudioDataError(BadExample):
+    """An audio file that cannot be used (`path`); the message names the file, what is wrong and
+    what is allowed."""
+
+
+def wav_header(path: str) -> None:
+    """The up-front check of a WAV file (trainer.data.check_files): its RIFF/WAVE header."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise AudioDataError(path, f"audio file {path!r} has no RIFF/WAVE header; expected an "
+                                   "uncompressed WAV file")
 
 
 # ----------------------------------------------------------------------------- Kaldi fbank
@@ -269,15 +280,17 @@ def read_wav(path: str, sample_rate: int = 16000) -> np.ndarray:
     try:
         size = os.path.getsize(path)
     except OSError as e:
-        raise AudioDataError(f"cannot read audio file {path!r}: {e}") from None
+        raise AudioDataError(path, f"cannot read audio file {path!r}: {e}") from None
     if size == 0:
-        raise AudioDataError(f"audio file {path!r} is empty (0 bytes); expected a WAV file")
+        raise AudioDataError(path, f"audio file {path!r} is empty (0 bytes); expected a WAV file")
     try:
         with warnings.catch_warnings():  # unknown non-data chunks (LIST, ...) are skipped: fine
             warnings.simplefilter("ignore", wavfile.WavFileWarning)
             rate, data = wavfile.read(path)
-    except (ValueError, EOFError, OSError, struct.error, IndexError, TypeError) as e:
-        raise AudioDataError(f"audio file {path!r} is not a readable WAV file ({e}); allowed: "
+    # (scipy raises UnboundLocalError for a RIFF/WAVE header without a fmt chunk)
+    except (ValueError, EOFError, OSError, struct.error, IndexError, TypeError,
+            UnboundLocalError) as e:
+        raise AudioDataError(path, f"audio file {path!r} is not a readable WAV file ({e}); allowed: "
                              f"uncompressed WAV with {WAV_FORMATS} samples") from None
     data = np.asarray(data)
     if data.dtype == np.int16:
@@ -289,22 +302,22 @@ def read_wav(path: str, sample_rate: int = 16000) -> np.ndarray:
     elif data.dtype in (np.float32, np.float64):
         x = data.astype(np.float32)
     else:
-        raise AudioDataError(f"audio file {path!r} has samples of type {data.dtype}, which is not "
+        raise AudioDataError(path, f"audio file {path!r} has samples of type {data.dtype}, which is not "
                              f"supported; allowed: {WAV_FORMATS}")
     if x.ndim == 2:
         x = x.mean(axis=1, dtype=np.float32)
     if x.size == 0:
-        raise AudioDataError(f"audio file {path!r} has no samples; expected at least one 25 ms "
+        raise AudioDataError(path, f"audio file {path!r} has no samples; expected at least one 25 ms "
                              f"frame")
     if rate != sample_rate:
         if rate <= 0:
-            raise AudioDataError(f"audio file {path!r} has sample rate {rate}; need a positive "
+            raise AudioDataError(path, f"audio file {path!r} has sample rate {rate}; need a positive "
                                  f"rate")
         g = math.gcd(int(rate), int(sample_rate))
         x = signal.resample_poly(x, sample_rate // g, int(rate) // g).astype(np.float32)
     frame = int(sample_rate * 25.0 * 0.001)
     if len(x) < frame:
-        raise AudioDataError(f"audio file {path!r} is too short: {len(x)} samples at "
+        raise AudioDataError(path, f"audio file {path!r} is too short: {len(x)} samples at "
                              f"{sample_rate} Hz (file: {data.shape[0]} at {rate} Hz); need at "
                              f"least one 25 ms frame ({frame} samples)")
     return x
@@ -510,6 +523,16 @@ def _drop_bad(files: list[str], labels: list[int], sample_rate: int, what: str
     return [files[k] for k in keep], [labels[k] for k in keep]
 
 
+def _usable(files: list[str], labels: list[int], sample_rate: int, what: str, skip_bad: bool
+            ) -> tuple[list[str], list[int]]:
+    """skip_bad: every file decoded once, the unreadable ones dropped (one warning); else every
+    file's header checked, the bad ones listed at once in a ConfigError (check_files)."""
+    if skip_bad:
+        return _drop_bad(files, labels, sample_rate, what)
+    check_files(files, wav_header, what=f"audio files of {what}", skip_bad=False)
+    return files, labels
+
+
 def _wav_files(folder: str) -> list[str]:
     out = []
     for d, dirs, names in os.walk(folder):
@@ -557,8 +580,7 @@ def wav_folder(root: str, split: str, *, seed: int = 0, sample_rate: int = 16000
         chosen = [p for k, p in enumerate(paths) if (k in held) == (split == "eval")]
         files += chosen
         labels += [label] * len(chosen)
-    if skip_bad:
-        files, labels = _drop_bad(files, labels, sample_rate, f"wav_folder {root!r} ({split})")
+    files, labels = _usable(files, labels, sample_rate, f"wav_folder {root!r} ({split})", skip_bad)
     return FileClips(files, labels, names, sample_rate)
 
 
@@ -619,8 +641,7 @@ def esc50(root: str, split: str, *, eval_folds: Sequence[int] = (5,), sample_rat
     if not files:
         raise ConfigError(f"esc50: the {split} split of {csv_path!r} is empty (eval_folds "
                           f"{list(eval_folds)}, classes {names})")
-    if skip_bad:
-        files, labels = _drop_bad(files, labels, sample_rate, f"esc50 {root!r} ({split})")
+    files, labels = _usable(files, labels, sample_rate, f"esc50 {root!r} ({split})", skip_bad)
     return FileClips(files, labels, names, sample_rate)
 
 
@@ -798,15 +819,15 @@ def spectrogram_image(fbank) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- CLI
-def _cli_clips(source: str, split: str, num: int, sample_rate: int) -> Clips:
+def _cli_clips(source: str, split: str, num: int, sample_rate: int, skip_bad: bool) -> Clips:
     if source == "synthetic":
         return synthetic_clips(split, num=num, sample_rate=sample_rate)
     if os.path.isfile(os.path.join(source, "meta", "esc50.csv")):
-        return esc50(source, split, sample_rate=sample_rate)
-    return wav_folder(source, split, sample_rate=sample_rate)
+        return esc50(source, split, sample_rate=sample_rate, skip_bad=skip_bad)
+    return wav_folder(source, split, sample_rate=sample_rate, skip_bad=skip_bad)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.audio",
                                 description="Audio data tools for the AST family.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -818,12 +839,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     s.add_argument("--sample_rate", type=int, default=16000)
     s.add_argument("--num_mel_bins", type=int, default=128)
     s.add_argument("--target_length", type=int, default=100)
+    s.add_argument("--skip_bad", action="store_true",
+                   help="leave out audio files that cannot be read (each named in a warning) "
+                        "instead of stopping")
     a = p.parse_args(argv)
-    clips = _cli_clips(a.source, a.split, a.num, a.sample_rate)
-    mean, std = fbank_stats(clips, sample_rate=a.sample_rate, num_mel_bins=a.num_mel_bins,
-                            target_length=a.target_length)
+    try:
+        clips = _cli_clips(a.source, a.split, a.num, a.sample_rate, a.skip_bad)
+        mean, std = fbank_stats(clips, sample_rate=a.sample_rate, num_mel_bins=a.num_mel_bins,
+                                target_length=a.target_length)
+    except ConfigError as e:  # (AudioDataError is one: a file that cannot be read)
+        unreadable = isinstance(e, BadExample) or "cannot be read" in str(e)
+        hint = "\n(--skip_bad leaves unreadable files out)" if unreadable and not a.skip_bad else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return 2
     print(f"clips={len(clips)} mean={mean:.7g} std={std:.7g}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

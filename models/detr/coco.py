@@ -53,14 +53,15 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
 from trainer.config import ConfigError
-from models.images import SHAPE_KINDS, _to_float, draw_scene
+from trainer.data import BadExample, check_files
+from models.images import SHAPE_KINDS, _to_float, draw_scene, image_header
 
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of its image (COCO boxes are float, rounded)
 LONG_SIDE = (0.6, 1.0)  # train: the resized long side, as a fraction of the canvas side S
@@ -158,6 +159,14 @@ class CocoDataset:
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    def subset(self, keep: Sequence[int]) -> "CocoDataset":
+        """The images `keep` (indices, in order) with their targets."""
+        keep = list(keep)
+        return replace(self, image_ids=self.image_ids[keep], sizes=self.sizes[keep],
+                       files=tuple(self.files[k] for k in keep),
+                       boxes=tuple(self.boxes[k] for k in keep),
+                       labels=tuple(self.labels[k] for k in keep))
 
     def objects_beyond(self, max_objects: int) -> int:
         """How many training targets do not fit in max_objects rows (summed over images; a
@@ -274,8 +283,8 @@ def _decode(path: str, orig_size: np.ndarray, draft: int):
     try:
         with Image.open(path) as im:
             if im.size != (w, h):
-                raise ConfigError(f"COCO: image file {path!r} is {im.size[0]}x{im.size[1]} "
-                                  f"pixels, the annotation file says {w}x{h}")
+                raise BadExample(path, f"COCO: image file {path!r} is {im.size[0]}x"
+                                 f"{im.size[1]} pixels, the annotation file says {w}x{h}")
             drafted = im.draft("RGB", (draft, draft))
             # draft returns the original image's extent inside the reduced one
             k = w / drafted[1][2] if drafted is not None else 1.0
@@ -285,7 +294,7 @@ def _decode(path: str, orig_size: np.ndarray, draft: int):
     except ConfigError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ConfigError(f"COCO: cannot decode image file {path!r}: {e}") from None
+        raise BadExample(path, f"COCO: cannot decode image file {path!r}: {e}") from None
 
 
 def _example(x: dict, size: int, max_objects: int, region: tuple[int, int, int, int],
@@ -383,13 +392,17 @@ class _TrainTransform(grain.transforms.RandomMap):
 
 
 def coco_detection(annotation_json: str, image_dir: str, split: str, *, image_size: int,
-                   max_objects: int, seed: int = 0, augment: str = "detr") -> grain.MapDataset:
+                   max_objects: int, seed: int = 0, augment: str = "detr",
+                   skip_bad: bool = False) -> grain.MapDataset:
     """The examples of the module docstring for one COCO instances file.
 
     "train": shuffled by seed, repeated forever, augmented per (seed, example, epoch) as
     `augment` says (AUGMENTS);
     "eval": finite, in the JSON's image order, long side resized to image_size. The JSON is
-    validated now (`load_coco`); images are decoded when read."""
+    validated now (`load_coco`), and every image's header against its annotated size
+    (trainer.data.check_files: unreadable images listed at once in a ConfigError, or left out
+    with a warning when skip_bad); images are decoded when read (BadExample naming a file that
+    still fails)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if image_size < 1 or max_objects < 1:
@@ -398,6 +411,20 @@ def coco_detection(annotation_json: str, image_dir: str, split: str, *, image_si
     if augment not in AUGMENTS:
         raise ConfigError(f"COCO: augment={augment!r}; allowed: {', '.join(AUGMENTS)}")
     data = load_coco(annotation_json, image_dir)
+    expected = {f: (int(w), int(h)) for f, (h, w) in zip(data.files, data.sizes)}
+
+    def header(path):
+        if image_header(path) != expected[path]:
+            raise ValueError(f"{image_header(path)} pixels, the annotation file says "
+                             f"{expected[path]}")
+
+    keep = check_files(list(data.files), header, what=f"images of {annotation_json!r}",
+                       skip_bad=skip_bad)
+    if not keep:
+        raise ConfigError(f"COCO: none of the {len(data)} images of {annotation_json!r} can be "
+                          "read")
+    if len(keep) < len(data):
+        data = data.subset(keep)
     over = data.objects_beyond(max_objects)
     if over:
         crowded = sum(len(b) > max_objects for b in data.boxes)

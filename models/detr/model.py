@@ -343,8 +343,8 @@ class DetectionTask(Task):
         which = "train" if split == "train" else "eval"
         return coco.coco_detection(p[f"{which}_json"], p[f"{which}_images"], split,
                                    image_size=d.image_size, max_objects=d.max_objects,
-                                   seed=self.config.seed,
-                                   augment=d.get("augment", "detr"))
+                                   seed=self.config.seed, augment=d.get("augment", "detr"),
+                                   skip_bad=d.skip_bad)
 
     def train_data(self):
         return self._dataset("train")

@@ -267,12 +267,18 @@ class LMTask(Task):
             self._corpus = ByteCorpus.from_config(self.config.data.paths)
         return self._corpus
 
+    def _describe(self, split: str) -> str:
+        paths = self.config.data.paths
+        if not paths:
+            return f"the embedded corpus's {split} split"
+        return f"{self.corpus.describe(split)} in config.data.paths={tuple(paths)}"
+
     def train_data(self):
-        src = ByteWindows(self.corpus.train, self.config.data.seq_len)
+        src = ByteWindows(self.corpus.train, self.config.data.seq_len, self._describe("train"))
         return grain.MapDataset.source(src).shuffle(seed=self.config.seed).repeat(None)
 
     def eval_data(self):
-        src = ByteWindows(self.corpus.eval, self.config.data.seq_len)
+        src = ByteWindows(self.corpus.eval, self.config.data.seq_len, self._describe("eval"))
         return grain.MapDataset.source(src).shuffle(seed=1234)
 
     def units_per_example(self):

@@ -29,6 +29,7 @@ from models.mixformer import tracking
 from trainer.api import checkpoint_step, load_checkpoint, run_dir
 from trainer.cli import load_config, parse_with_overrides, tool_parser
 from trainer.config import ConfigError
+from trainer.data import BadExample
 from trainer.task import get_task
 
 
@@ -116,19 +117,29 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(args.source, "tracking")
     os.makedirs(out, exist_ok=True)
     tracker = OnlineTracker(model, config)
-    predicted, frames, seconds = {}, 0, 0.0
+    predicted, frames, seconds, failed = {}, 0, 0.0, []
     for seq in tqdm(sequences, desc="tracking", unit="seq", file=sys.stdout,
                     disable=not sys.stdout.isatty()):
         start = time.perf_counter()
-        boxes = tracker.run(seq)
+        try:
+            boxes = tracker.run(seq)
+        except BadExample as e:  # a frame that cannot be read: the other sequences go on
+            print(f"error: sequence {seq.name!r} not tracked: {e}", file=sys.stderr)
+            failed.append(seq.name)
+            continue
         if seq is not sequences[0]:  # the first sequence includes compilation
             seconds += time.perf_counter() - start
             frames += len(seq) - 1
         tracking.write_result(os.path.join(out, f"{seq.name}.txt"), boxes)
         predicted[seq.name] = boxes
-    print(f"tracked {len(sequences)} sequences with checkpoint {step} of {args.source}; "
+    print(f"tracked {len(predicted)} sequences with checkpoint {step} of {args.source}; "
           f"results in {out}")
-    if all(len(s.boxes) == len(s) for s in sequences):  # ground truth for every frame
+    if failed:
+        print(f"error: {len(failed)} of {len(sequences)} sequences could not be read and have "
+              f"no results ({', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}); the "
+              "metrics below cover the others", file=sys.stderr)
+    sequences = [s for s in sequences if s.name in predicted]
+    if sequences and all(len(s.boxes) == len(s) for s in sequences):  # ground truth everywhere
         ours = tracking.evaluate_results(sequences, predicted)
         stay = tracking.evaluate_results(
             sequences, {s.name: np.repeat(s.boxes[:1], len(s), axis=0) for s in sequences})
@@ -142,7 +153,7 @@ def main(argv=None) -> int:
         print(f"success plot: {plot}")
     if frames:
         print(f"{frames / seconds:.1f} frames/s (after the first sequence's compilation)")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ import grain
 import numpy as np
 
 from trainer.config import ConfigError
+from trainer.data import BadExample
 from models.images import IMAGE_EXTENSIONS, _to_float, draw_sequence
 
 OVERLAP_THRESHOLDS = np.linspace(0.0, 1.0, 21)  # pytracking's 0:0.05:1
@@ -111,15 +112,15 @@ def clip_box(box_xywh: SequenceType[float], height: int, width: int, margin: flo
 
 # ----------------------------------------------------------------------------- GOT-10k layout
 def read_frame(path: str, what: str = "") -> np.ndarray:
-    """Decode one frame as uint8 [H, W, 3] RGB; an unreadable or missing file raises ConfigError
-    naming it (and `what`, e.g. the sequence)."""
+    """Decode one frame as uint8 [H, W, 3] RGB; an unreadable or missing file raises
+    trainer.data.BadExample naming it (and `what`, e.g. the sequence)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"), np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         where = f"{what}: " if what else ""
-        raise ConfigError(f"GOT-10k: {where}cannot read frame {path!r}: {e}") from None
+        raise BadExample(path, f"GOT-10k: {where}cannot read frame {path!r}: {e}") from None
 
 
 @dataclass(eq=False)
@@ -241,7 +242,7 @@ def load_got10k(root: str, split: str | None = None, *, first_box_only: bool = F
     one sequence directory per line, in list order.
 
     Annotations are checked now (frames are listed, not decoded; a frame that cannot be decoded
-    raises ConfigError when read). Errors name the sequence, the file and the line: a missing
+    raises trainer.data.BadExample when read). Errors name the sequence, the file and the line: a missing
     list.txt, a missing, short (fewer lines than frames) or long (more lines than frames: a
     missing frame file) groundtruth.txt, a malformed line, a zero-size box on a frame where the
     target is present, a gap in the frame numbers. first_box_only=True accepts a groundtruth.txt
