@@ -67,6 +67,17 @@ class _Flaky:
         return {"x": np.int32(i)}
 
 
+def test_bad_examples_cross_process_boundaries():
+    """A Grain worker process pickles the error to the trainer: path and message survive."""
+    import pickle
+
+    from models.ast.audio import AudioDataError
+
+    for cls in (BadExample, AudioDataError):
+        e = pickle.loads(pickle.dumps(cls("/d/x.wav", "cannot read '/d/x.wav'")))
+        assert type(e) is cls and e.path == "/d/x.wav" and str(e) == "cannot read '/d/x.wav'"
+
+
 def test_skip_bad_replaces_an_example_by_the_next_readable_one():
     ds = SkipBad(grain.MapDataset.source(_Flaky(6, bad={2, 3, 5})), skip=True)
     with pytest.warns(UserWarning, match="skipping an unreadable example") as record:

@@ -95,6 +95,9 @@ class BadExample(ConfigError):
         super().__init__(message)
         self.path = path
 
+    def __reduce__(self):  # pickled from a Grain worker process to the trainer
+        return type(self), (self.path, self.args[0])
+
 
 class SkipBad(grain.MapDataset):
     """`parent` with each example that raises BadExample replaced by the next readable one
