@@ -16,10 +16,10 @@ Mechanism options. A mechanism declares its own config.model fields once, in its
 subclass inherits its bases' options, e.g. every SoftmaxAttention subclass has softmax_impl).
 `add_options(config.model)` adds them to a config (the trainer's config pipeline does, before
 command-line overrides apply); `read_options(cls, cfg)` is the one place they are read and
-checked (the declared type, the bounds in its `OPTION_RULES` (attention/fields.py: e.g.
-{"gla_chunk": ">= 1", "gla_impl": ("auto", "pallas", "xla", "reference")}), then each class's
-`validate_options(opts, cfg)`), so a constructor
-and the pipeline's up-front `check_options(config.model)` report the same errors.
+checked: the declared type, the bounds in the classes' `OPTION_RULES` (attention/fields.py,
+e.g. {"gla_chunk": ">= 1", "gla_impl": ("auto", "pallas", "xla", "reference")}), then each
+class's `validate_options(opts, cfg)` for what involves other fields; so a constructor and the
+pipeline's up-front `check_options(config.model)` report the same errors.
 
 Capabilities: `names(bidirectional=True)` lists the mechanisms that honour model.causal=False
 (the class attribute BIDIRECTIONAL), which the vision families' encoders need.

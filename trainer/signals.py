@@ -65,7 +65,7 @@ class StopSignals:
         per_step = 0.0
         if self._last is not None and step > self._last[0]:
             per_step = (now - self._last[1]) / (step - self._last[0])
-        gathered = np.asarray(self._gather(np.array([self._caught, per_step], np.float64)))
+        gathered = np.asarray(self._gather(np.array([self._caught, per_step], np.float32)))
         gathered = gathered.reshape(-1, 2)
         stop = bool(np.any(gathered[:, 0]))
         if stop and self.signal is None:

@@ -63,10 +63,13 @@ class Task(abc.ABC):
     Subclasses implement:
       build_model(rngs) -> nnx.Module
       train_data() -> grain.MapDataset of examples, shuffled and repeated (infinite)
-      eval_data() -> grain.MapDataset of examples (finite, deterministic)
+      eval_data() -> grain.MapDataset of examples (finite, deterministic); an example whose
+        file cannot be read raises trainer.data.BadExample (the Trainer replaces it under
+        data.skip_bad, else stops after a checkpoint, naming the file)
       loss(model, batch) -> (scalar loss, {name: scalar metric})  # traced inside jit; the
         trainer adds the layers' sown auxiliary losses itself (loss_with_aux)
-    and may override validate, eval_summary, units_per_example, on_fit_end; the dataset-level
+    and declare FIELD_RULES (the bounds of their config fields); and may override validate (what
+    involves several fields or the mesh), eval_summary, units_per_example, on_fit_end; the dataset-level
     evaluation hooks eval_outputs, eval_metrics and eval_images (COCO AP, tracking metrics,
     pictures for TensorBoard); and the two hooks of initialising from another run's checkpoint
     (config.init_from): check_init_from and adapt_init_from (how a family grows its arrays, e.g.
