@@ -220,3 +220,18 @@ def test_input_workers_read_the_same_batches_and_resume_exactly(tmp_path):
     np.testing.assert_array_equal(ids, np.concatenate(plain.ids))
     assert rest.result["step"] == 4
     np.testing.assert_allclose(rest.losses[4], plain.losses[4], rtol=1e-6)
+
+
+def test_got10k_empty_frames_are_found_up_front(tmp_path):
+    from models.mixformer.tracking import load_got10k, write_shapes_got10k
+
+    root = str(tmp_path / "got")
+    write_shapes_got10k(root, num_sequences=3, num_frames=6, image_size=32)
+    seqs = load_got10k(root, "val")
+    empty = seqs[1].frames[2]
+    open(empty, "wb").close()
+    with pytest.raises(ConfigError, match=r"(?s)1 of the 18 frames .* cannot be read.*an empty"):
+        load_got10k(root, "val")
+    with pytest.warns(UserWarning, match="left out"):
+        kept = load_got10k(root, "val", skip_bad=True)
+    assert [s.name for s in kept] == [seqs[0].name, seqs[2].name]

@@ -75,7 +75,7 @@ import grain
 import numpy as np
 
 from trainer.config import ConfigError
-from trainer.data import BadExample
+from trainer.data import BadExample, check_files
 from models.images import IMAGE_EXTENSIONS, _to_float, draw_sequence
 
 OVERLAP_THRESHOLDS = np.linspace(0.0, 1.0, 21)  # pytracking's 0:0.05:1
@@ -241,8 +241,9 @@ def load_got10k(root: str, split: str | None = None, *, first_box_only: bool = F
     """The sequences of a GOT-10k split: `root/list.txt` (split=None) or `root/<split>/list.txt`,
     one sequence directory per line, in list order.
 
-    Annotations are checked now (frames are listed, not decoded; a frame that cannot be decoded
-    raises trainer.data.BadExample when read). Errors name the sequence, the file and the line: a missing
+    Annotations are checked now, and the frames' sizes (an empty frame: a ConfigError listing
+    them all, or with skip_bad its sequence left out); frames are not decoded (one that cannot
+    be raises trainer.data.BadExample when read). Errors name the sequence, the file and the line: a missing
     list.txt, a missing, short (fewer lines than frames) or long (more lines than frames: a
     missing frame file) groundtruth.txt, a malformed line, a zero-size box on a frame where the
     target is present, a gap in the frame numbers. first_box_only=True accepts a groundtruth.txt
@@ -272,6 +273,18 @@ def load_got10k(root: str, split: str | None = None, *, first_box_only: bool = F
     if bad:
         warnings.warn(f"GOT-10k: skipped {len(bad)} of {len(names)} sequences listed in "
                       f"{list_path!r} (skip_bad=True); the first: {bad[0]}", stacklevel=2)
+    # the frames' size pass (a header read of every frame of a 1.4M-frame split would take
+    # minutes; a frame that exists but does not decode stops or is replaced when read)
+    frames = [f for s in out for f in s.frames]
+    keep = set(check_files(frames, lambda path: None, what=f"frames of {list_path!r}",
+                           skip_bad=skip_bad))
+    if len(keep) < len(frames):
+        first, kept = 0, []
+        for s in out:
+            if all(k in keep for k in range(first, first + len(s))):
+                kept.append(s)
+            first += len(s)
+        out = kept  # (skip_bad: a sequence with an empty frame is left out whole)
     if not out:
         raise ConfigError(f"GOT-10k: no usable sequence in {list_path!r}")
     return out
