@@ -104,6 +104,9 @@ class ComplexFormerAttention(SoftmaxAttention):
 
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
+        if self.rope_scaling is not None:
+            raise ValueError("complexformer: config.model.rope_scaling must be '' (its phases use "
+                             "the plain RoPE frequencies)")
         if self.head_dim % 2:
             raise ValueError(f"complexformer: head_dim={self.head_dim} must be even (real and "
                              "imaginary halves)")

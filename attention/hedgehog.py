@@ -26,7 +26,7 @@ from flax import nnx
 
 from attention.layers import dense
 from attention.ops.gla import gla, gla_step
-from attention.ops.rope import apply_rope
+from attention.ops.rope import apply_rope, rope_scaling
 from attention.registry import read_options, register
 from attention.sharding import constrain
 from attention.softmax import check_mode
@@ -165,6 +165,7 @@ class HedgehogAttention(nnx.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = rope_scaling(cfg)
         opt = read_options(type(self), cfg)
         self.distill = opt["hedgehog_distill"]
         self.feature_dim = opt["hedgehog_feature_dim"] or self.head_dim
@@ -195,9 +196,9 @@ class HedgehogAttention(nnx.Module):
         q = self.q_proj(x).reshape(B, T, H, hd)
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, hd)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, hd)
-        q = constrain(apply_rope(q, positions, theta=self.rope_theta),
+        q = constrain(apply_rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling),
                       ("batch", "length", "act_heads", None))
-        k = apply_rope(k, positions, theta=self.rope_theta)
+        k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
         rep = H // self.num_kv_heads  # GQA: query head h reads kv head h // rep
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)

@@ -341,9 +341,10 @@ class LandmarkAttention(SoftmaxAttention):
         q_raw = self.q_proj(x).reshape(B, T, H, hd)
         k_raw = self.k_proj(x).reshape(B, T, G, hd)
         v = self.v_proj(x).reshape(B, T, G, hd)
-        q = constrain(apply_rope(q_raw, positions, theta=self.rope_theta),
+        q = constrain(apply_rope(q_raw, positions, theta=self.rope_theta,
+                                 scaling=self.rope_scaling),
                       ("batch", "length", "act_heads", None))
-        k = apply_rope(k_raw, positions, theta=self.rope_theta)
+        k = apply_rope(k_raw, positions, theta=self.rope_theta, scaling=self.rope_scaling)
 
         if mode == "train":
             s_land = landmark_scores(q_raw, self._landmarks(k_raw))
@@ -376,7 +377,7 @@ class LandmarkAttention(SoftmaxAttention):
         blk_pos = c * l + jnp.arange(l)
         kb = jax.lax.dynamic_slice_in_dim(kc, c * l, l, 1).astype(jnp.float32)
         kb_raw = apply_rope(kb, jnp.broadcast_to(-blk_pos, (kb.shape[0], l)),
-                            theta=self.rope_theta)
+                            theta=self.rope_theta, scaling=self.rope_scaling)
         kl_c = self._landmarks(kb_raw, blk_pos <= pos)                       # [B, 1, G, hd]
         kl = jax.lax.dynamic_update_slice_in_dim(cache["kl"], kl_c.astype(cache["kl"].dtype), c, 1)
         s_land = landmark_scores(q_raw, kl)                                # [B, H, 1, NB]

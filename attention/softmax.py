@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention.ops.causal import IMPLS as CAUSAL_IMPLS, causal_attention
-from attention.ops.rope import apply_rope
+from attention.ops.rope import apply_rope, rope_scaling
 from attention.registry import read_options, register
 from attention.layers import Dense, dense  # noqa: F401  (Dense: re-exported)
 from attention.sharding import constrain
@@ -53,6 +53,7 @@ class SoftmaxAttention(nnx.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = rope_scaling(cfg)  # Llama 3's, or None
         self.causal = bool(getattr(cfg, "causal", True))
         if not self.causal and not type(self).BIDIRECTIONAL:
             raise ValueError(f"{type(self).__name__} is causal only: model.causal=False needs a "
@@ -115,9 +116,9 @@ class SoftmaxAttention(nnx.Module):
         cache). A mechanism that weighs heads (MoH) uses it and applies o_proj itself."""
         B, T, _ = x.shape
         q, k, v = self.project(x, mode)
-        q = constrain(apply_rope(q, positions, theta=self.rope_theta),
+        q = constrain(apply_rope(q, positions, theta=self.rope_theta, scaling=self.rope_scaling),
                       ("batch", "length", "act_heads", None))
-        k = apply_rope(k, positions, theta=self.rope_theta)
+        k = apply_rope(k, positions, theta=self.rope_theta, scaling=self.rope_scaling)
 
         if mode == "train":
             y = self.attend(q, k, v, mode=mode)

@@ -92,6 +92,13 @@ def get_config(variant=None):
     # SwiGLU at ~ the 4x MLP's parameters, rounded to a multiple of 128 (TPU lanes / MXU tiles)
     m.mlp_dim = v.get("mlp_dim", max(int(8 / 3 * v["d_model"] / 128 + 0.5), 1) * 128)
     m.rope_theta = 10000.0
+    # Llama 3.1's RoPE frequency scaling (attention/ops/rope.py): "" off, "llama3" with these
+    m.rope_scaling = ""
+    m.rope_scaling_factor = 8.0
+    m.rope_low_freq_factor = 1.0
+    m.rope_high_freq_factor = 4.0
+    m.rope_original_max_len = 8192
+    m.norm_eps = 0.0  # 0: the norm's default (RMSNorm 1e-6, LayerNorm 1e-5); Llama 3: 1e-5
     # architecture switches (models/lm/model.py): Llama style by default, GPT-2 style for the peers
     m.norm = "rmsnorm"
     m.mlp = "swiglu"

@@ -68,6 +68,7 @@ ACCEPTED = {
     ("model.head_dim", "0"): "d_model // num_heads",
     ("model.rope_theta", "0"): "no RoPE",
     ("model.max_len", "0"): "learned positions only (RoPE models have none)",
+    ("model.norm_eps", "0"): "the norm's default epsilon",
     ("model.hedgehog_feature_dim", "0"): "the head dim",
     ("model.moh_shared_heads", "0"): "every head routed",
     ("model.moh_aux_weight", "0"): "no load-balance loss",

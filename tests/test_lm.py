@@ -205,3 +205,52 @@ def test_text_corpus_split_does_not_depend_on_directory_location(tmp_path):
     assert [os.path.basename(f) for f in ca.eval_files] == [os.path.basename(f) for f in cb.eval_files]
     np.testing.assert_array_equal(ca.train, cb.train)
     np.testing.assert_array_equal(ca.eval, cb.eval)
+
+
+def _meta_llama3_scaling(freqs, factor, low, high, old_len):
+    """Meta's llama3 `apply_scaling`, one frequency at a time (the independent reference)."""
+    import math
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            out.append(f)
+        elif wavelen > low_wavelen:
+            out.append(f / factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.array(out)
+
+
+def test_llama3_rope_scaling_matches_metas_formula():
+    import math
+
+    from attention.ops.rope import Llama3Scaling, rope_frequencies
+
+    d, theta = 128, 500000.0  # Llama 3.1's head dim and base: all three bands occur
+    plain = np.asarray(rope_frequencies(d, theta), np.float64)
+    scaled = np.asarray(rope_frequencies(d, theta, Llama3Scaling(8.0, 1.0, 4.0, 8192)))
+    want = _meta_llama3_scaling(plain, 8.0, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(scaled, want, rtol=2e-6)
+    wavelen = 2 * math.pi / plain
+    bands = [(wavelen < 8192 / 4).sum(), (wavelen > 8192).sum()]
+    assert min(bands) > 0 and sum(bands) < d // 2  # kept, stretched and interpolated ones
+
+
+def test_llama_switches_reach_the_model():
+    from trainer.config import ConfigError
+
+    base = load_config(TINY, [])
+    scaled = load_config(TINY, ["model.rope_scaling=llama3", "model.rope_original_max_len=16",
+                                "model.rope_scaling_factor=4", "model.norm_eps=1e-5"])
+    tokens = jnp.asarray(np.arange(48, dtype=np.int32)[None] % 256)
+    a, b = LM(base.model, rngs=nnx.Rngs(0)), LM(scaled.model, rngs=nnx.Rngs(0))
+    assert b.blocks[0].attn_norm.epsilon == 1e-5 and a.blocks[0].attn_norm.epsilon == 1e-6
+    la, lb = a(tokens)[0], b(tokens)[0]
+    assert not np.allclose(la, lb, atol=1e-4)  # stretched low frequencies change the scores
+    with pytest.raises(ConfigError, match="rope_high_freq_factor=1.0 must be > "):
+        LMTask(load_config(TINY, ["model.rope_scaling=llama3",
+                                  "model.rope_high_freq_factor=1"])).check(
+            {"data": 1, "fsdp": 1, "tensor": 1})

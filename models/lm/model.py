@@ -22,6 +22,7 @@ from flax import nnx
 import attention
 from attention.layers import compute_dtype, dense
 from attention.ops.fusion import materialize
+from attention.ops.rope import ROPE_SCALINGS
 from attention.sharding import constrain
 from trainer.config import ConfigError
 from trainer.data import ByteCorpus, ByteWindows, text_files
@@ -34,16 +35,18 @@ MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
 
 
-def rms_norm(d: int, *, dtype, rngs):
-    return nnx.RMSNorm(d, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+def rms_norm(d: int, *, dtype, rngs, eps: float = 1e-6):
+    return nnx.RMSNorm(d, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
                        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)), rngs=rngs)
 
 
 def norm_layer(cfg, *, dtype, rngs):
-    """config.model.norm: "rmsnorm" (default) or "layernorm" (scale and bias, eps 1e-5)."""
+    """config.model.norm: "rmsnorm" (default, eps 1e-6) or "layernorm" (scale and bias, eps
+    1e-5); config.model.norm_eps > 0 sets the epsilon (Llama 3: 1e-5)."""
+    eps = getattr(cfg, "norm_eps", 0.0)
     if getattr(cfg, "norm", "rmsnorm") == "rmsnorm":
-        return rms_norm(cfg.d_model, dtype=dtype, rngs=rngs)
-    return nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+        return rms_norm(cfg.d_model, dtype=dtype, rngs=rngs, eps=eps or 1e-6)
+    return nnx.LayerNorm(cfg.d_model, epsilon=eps or 1e-5, dtype=dtype, param_dtype=jnp.float32,
                          scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
                          bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
                          rngs=rngs)
@@ -217,6 +220,10 @@ class LMTask(Task):
         "model.rope_theta": ">= 0",  # 0: no RoPE
         "model.max_len": ">= 0",  # learned positions only
         "model.norm": NORMS, "model.mlp": MLPS, "model.position": POSITIONS,
+        "model.norm_eps": ">= 0",  # 0: the norm's default
+        "model.rope_scaling": ROPE_SCALINGS, "model.rope_scaling_factor": ">= 1",
+        "model.rope_low_freq_factor": "> 0", "model.rope_high_freq_factor": "> 0",
+        "model.rope_original_max_len": ">= 1",
         "data.seq_len": ">= 1",
         "sample.max_new_tokens": ">= 0",  # 0: no sample at the end of training
         "sample.temperature": ">= 0",  # 0: greedy
@@ -237,6 +244,9 @@ class LMTask(Task):
         if not m.head_dim and m.d_model % m.num_heads:
             raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
                               f"num_heads={m.num_heads}; set model.head_dim explicitly")
+        if m.get("rope_scaling") and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+            raise ConfigError(f"config.model.rope_high_freq_factor={m.rope_high_freq_factor} must "
+                              f"be > rope_low_freq_factor={m.rope_low_freq_factor}")
         if m.get("position", "rope") == "learned":
             if m.rope_theta:
                 raise ConfigError("config.model.position='learned' adds absolute position "
