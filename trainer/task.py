@@ -57,6 +57,16 @@ def get_task(name: str) -> type["Task"]:
     return _TASKS[name]
 
 
+def all_tasks() -> list[type["Task"]]:
+    """Every family's Task class: each module of the families' package is imported (a family
+    registers its Task on import), as get_task imports one by name."""
+    import pkgutil
+    families = importlib.import_module("models")
+    for module in pkgutil.iter_modules(families.__path__):
+        importlib.import_module(f"{families.__name__}.{module.name}")
+    return list(_TASKS.values())
+
+
 class Task(abc.ABC):
     """Base class of a family's task. Batches are dicts of numpy arrays, leading axis = batch.
 
@@ -81,6 +91,9 @@ class Task(abc.ABC):
     # the family's own config groups a resumed run may change (e.g. "sample." for what is
     # generated at the end); every other family group is checked (trainer.config.resume_changes)
     resume_free: tuple[str, ...] = ()
+    # Hugging Face architectures this family holds ({"LlamaForCausalLM": trainer.hf.HFImporter});
+    # `python -m trainer.convert import-hf` reads each class's own (a subclass does not inherit)
+    hf_importers: dict = {}
     # the bounds of the family's own fields, in the rule language of attention/fields.py
     # ({"model.num_layers": ">= 1", "model.norm": ("layernorm", "rmsnorm")}); a subclass adds
     # to its bases' (field_rules()); checked before validate, fields a variant lacks skipped

@@ -1,0 +1,152 @@
+"""Hugging Face checkpoints in: `python -m trainer.convert import-hf HF_DIR RUN_DIR`.
+
+Reads a Hugging Face model directory (config.json plus model.safetensors, or the shards named
+by model.safetensors.index.json) and writes a polyformer run directory: the config saved with
+an Orbax checkpoint at step 0, which `load_checkpoint(RUN_DIR)`, `--config.init_from=RUN_DIR`
+and `python -m trainer.main --config=RUN_DIR/config.py --workdir=RUN_DIR` (training on from
+step 0; the config file reads the run's config, RUN_DIR/polyformer_config.json) all accept.
+`--config.<field>=...` after the two paths sets fields of the run (its data, steps, ...).
+
+A family maps the architectures it can hold (its Task's `hf_importers`: trainer/hf.py
+HFImporter, the config of an HF config and for every parameter the HF tensor and its layout);
+this module finds the family, reads the files and fills a fresh run's state tensor by tensor,
+each placed straight into its sharding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from trainer.checkpoint import path_name
+from trainer.cli import apply_overrides
+from trainer.config import ConfigError, to_json
+from trainer.hf import HFImporter, hf_tensors
+from trainer.task import all_tasks
+from trainer.trainer import Trainer
+
+
+def importer_for(hf_config: dict) -> tuple[str, HFImporter]:
+    """(architecture, importer) of an HF config.json, from the families that declare one."""
+    supported = {arch: imp for task in all_tasks()
+                 for arch, imp in task.__dict__.get("hf_importers", {}).items()}
+    archs = hf_config.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in supported:
+        raise ConfigError(f"import-hf: architecture {arch!r} is not supported; supported: "
+                          f"{', '.join(sorted(supported))}")
+    return arch, supported[arch]
+
+
+# ----------------------------------------------------------------------------- import
+def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
+    """Writes run_dir (its config and a checkpoint at step 0) from the HF model in hf_dir;
+    returns run_dir. `overrides`: config fields to set as well (e.g. the run's data.paths)."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"import-hf: {hf_dir!r} has no config.json (a Hugging Face model "
+                          "directory holds config.json and model.safetensors)")
+    with open(path) as f:
+        hf_config = json.load(f)
+    arch, importer = importer_for(hf_config)
+    config = apply_overrides(importer.config(hf_config), list(overrides))
+    tensors = hf_tensors(hf_dir)
+    mapping = importer.tensors(config)
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
+            os.path.join(run_dir, "checkpoints")):
+        raise ConfigError(f"import-hf: {run_dir!r} already holds checkpoints; import into a new "
+                          "directory")
+    with Trainer(config, run_dir, quiet=True) as trainer:
+        state = trainer.initial_state()  # the optimizer state and step of a fresh run
+        params = {"nnx/0/" + "/".join(map(str, p)) for p, v in
+                  nnx.to_flat_state(trainer.abstract_state.nnx[0]) if isinstance(v, nnx.Param)}
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        out, problems, used = [], [], set()
+        for key, leaf in leaves:
+            name = path_name(key)
+            if name not in params:
+                out.append(leaf)
+                continue
+            short = name[len("nnx/0/"):]
+            if short not in mapping:
+                problems.append(f"{short}: no Hugging Face tensor maps to it")
+                out.append(leaf)
+                continue
+            hf_name, transform = mapping[short]
+            if hf_name not in tensors:
+                problems.append(f"{short}: tensor {hf_name!r} is not in {hf_dir}")
+                out.append(leaf)
+                continue
+            value = np.asarray(transform(tensors[hf_name][hf_name]))
+            used.add(hf_name)
+            if value.shape != leaf.shape:
+                problems.append(f"{short}: tensor {hf_name!r} has shape "
+                                f"{tuple(tensors[hf_name].header[hf_name]['shape'])}, which maps "
+                                f"to {value.shape}; this model needs {leaf.shape}")
+                out.append(leaf)
+                continue
+            out.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
+        unused = sorted(n for n in tensors if n not in used and not any(
+            n.endswith(s) for s in importer.ignored))
+        problems += [f"tensor {n!r} of {hf_dir} maps to no parameter" for n in unused]
+        if problems:
+            raise ConfigError(f"import-hf: {hf_dir} ({arch}) does not match the model its config "
+                              "builds:\n  " + "\n  ".join(problems[:20])
+                              + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
+                                 else ""))
+        trainer.state = jax.tree_util.tree_unflatten(treedef, out)
+        trainer.save()
+        trainer.checkpoints.wait()
+    # the run's config as a config file, so the CLI trains on with --config=RUN_DIR/config.py
+    with open(os.path.join(run_dir, "polyformer_config.json"), "w") as f:
+        f.write(to_json(config))
+    with open(os.path.join(run_dir, "config.py"), "w") as f:
+        f.write(RUN_CONFIG.format(source=os.path.abspath(hf_dir)))
+    return run_dir
+
+
+RUN_CONFIG = '''"""The config of a run imported from {source} (python -m trainer.convert import-hf):
+python -m trainer.main --config=THIS_FILE --workdir=THIS_DIRECTORY trains on from step 0."""
+import json
+import os
+
+from ml_collections import ConfigDict
+
+from trainer.cli import finish_config
+
+
+def get_config(variant=None):
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "polyformer_config.json")) as f:
+        return finish_config(ConfigDict(json.load(f)))
+'''
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.convert",
+                                description="Hugging Face checkpoints in (import-hf).")
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import-hf", help="HF model directory -> polyformer run directory")
+    imp.add_argument("hf_dir")
+    imp.add_argument("run_dir")
+    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognised arguments {bad}; config fields are set with --config.<field>=...")
+    try:
+        import_hf(args.hf_dir, args.run_dir, [a[len("--config."):] for a in rest])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {args.hf_dir} into {args.run_dir} (checkpoint 0); train on with "
+          f"--workdir={args.run_dir}, or start a new run with --config.init_from={args.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

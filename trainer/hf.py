@@ -1,0 +1,94 @@
+"""Hugging Face model directories, read (the trainer's base: families declare their importers
+here, trainer/convert.py runs them).
+
+`HFImporter`: how one architecture maps onto a family (a Task's `hf_importers`). Safetensors
+files are read with a small memory-mapped reader (the format: an 8-byte little-endian header
+length, a JSON header of {name: dtype, shape, data_offsets}, the raw little-endian data), one
+tensor at a time: the `safetensors` package is not in the lock yet (re-locking needs an index uv
+can resolve jax 0.12.0.1 from, which these machines' offline mirror does not serve).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from trainer.config import ConfigError
+
+_SAFETENSORS_TYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+@dataclasses.dataclass(frozen=True)
+class HFImporter:
+    """config(hf_config: dict) -> the run's ConfigDict (a family config with the HF values);
+    tensors(config) -> {parameter name ('blocks/0/attn/q_proj/kernel'): (HF tensor name,
+    transform(np.ndarray) -> np.ndarray in this model's layout)}; ignored: HF tensor names that
+    carry nothing (e.g. a cached rotary inv_freq)."""
+    config: Callable
+    tensors: Callable
+    ignored: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- safetensors
+class SafeTensors:
+    """The tensors of one .safetensors file, read on demand through a memory map."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"import-hf: {path!r} is not a readable safetensors file ({e})") \
+                from None
+        header.pop("__metadata__", None)
+        self.header, self.offset = header, 8 + n
+
+    def names(self) -> list[str]:
+        return list(self.header)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        h = self.header[name]
+        if h["dtype"] == "BF16":  # numpy has no bfloat16: widen the 16 bits to float32
+            raw = self._raw(name, np.uint16, h["shape"])
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        if h["dtype"] not in _SAFETENSORS_TYPES:
+            raise ConfigError(f"import-hf: {self.path}: tensor {name!r} has dtype {h['dtype']}; "
+                              f"supported: BF16, {', '.join(_SAFETENSORS_TYPES)}")
+        return self._raw(name, _SAFETENSORS_TYPES[h["dtype"]], h["shape"])
+
+    def _raw(self, name, dtype, shape) -> np.ndarray:
+        start, end = self.header[name]["data_offsets"]
+        count = (end - start) // np.dtype(dtype).itemsize
+        if count != int(np.prod(shape, dtype=np.int64)):
+            raise ConfigError(f"import-hf: {self.path}: tensor {name!r} holds {count} values, its "
+                              f"shape {shape} needs {int(np.prod(shape))}")
+        return np.memmap(self.path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r",
+                         offset=self.offset + start, shape=tuple(shape))
+
+
+def hf_tensors(hf_dir: str) -> dict[str, SafeTensors]:
+    """{tensor name: the file holding it} of a model directory (one file or an index)."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            path = os.path.join(hf_dir, shard)
+            if not os.path.isfile(path):
+                raise ConfigError(f"import-hf: shard {path!r} named in {index!r} is missing")
+            files[shard] = SafeTensors(path)
+        return {name: files[shard] for name, shard in weight_map.items()}
+    if os.path.isfile(single):
+        st = SafeTensors(single)
+        return {name: st for name in st.names()}
+    raise ConfigError(f"import-hf: {hf_dir!r} has neither model.safetensors nor "
+                      "model.safetensors.index.json (PyTorch .bin files: convert them to "
+                      "safetensors first)")
