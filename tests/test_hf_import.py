@@ -115,3 +115,34 @@ def test_safetensors_reader_reads_bf16_and_checks_sizes(tmp_path):
                                              "data_offsets": [0, 8]}}, b"\0" * 8)
     with pytest.raises(ConfigError, match=r"tensor 'w' holds 2 values, its shape \[2, 2\]"):
         SafeTensors(str(tmp_path / "b.safetensors"))["w"]
+
+
+def test_import_then_export_round_trips_bit_exactly(llama_run, tmp_path, capsys):
+    from trainer.convert import main
+    from trainer.hf import SafeTensors
+
+    out = tmp_path / "exported"
+    assert main(["export-hf", llama_run, str(out)]) == 0
+    ours, theirs = SafeTensors(str(out / "model.safetensors")), SafeTensors(
+        os.path.join(LLAMA, "model.safetensors"))
+    assert sorted(ours.names()) == sorted(theirs.names())
+    for name in theirs.names():
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    exported = json.loads((out / "config.json").read_text())
+    original = json.loads(open(os.path.join(LLAMA, "config.json")).read())
+    for key in ("architectures", "vocab_size", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "rope_theta", "rms_norm_eps", "tie_word_embeddings", "rope_scaling"):
+        assert exported[key] == original[key], key
+    assert main(["export-hf", llama_run, str(out)]) == 2  # never overwrites
+    assert "exists" in capsys.readouterr().err
+
+
+def test_export_names_what_no_architecture_can_hold(tmp_path, capsys):
+    from conftest import make_tiny_config, run_trainer
+    from trainer.convert import main
+
+    run_trainer(make_tiny_config("train.steps=1", "model.norm=layernorm"), tmp_path / "run")
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "matches no Hugging Face architecture" in err and "norm='layernorm'" in err

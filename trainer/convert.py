@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in: `python -m trainer.convert import-hf HF_DIR RUN_DIR`.
+"""Hugging Face checkpoints in and out: `python -m trainer.convert import-hf HF_DIR RUN_DIR`,
+`python -m trainer.convert export-hf RUN_DIR HF_DIR [--step N]`.
 
 Reads a Hugging Face model directory (config.json plus model.safetensors, or the shards named
 by model.safetensors.index.json) and writes a polyformer run directory: the config saved with
@@ -10,7 +11,8 @@ step 0; the config file reads the run's config, RUN_DIR/polyformer_config.json) 
 A family maps the architectures it can hold (its Task's `hf_importers`: trainer/hf.py
 HFImporter, the config of an HF config and for every parameter the HF tensor and its layout);
 this module finds the family, reads the files and fills a fresh run's state tensor by tensor,
-each placed straight into its sharding.
+each placed straight into its sharding. export-hf writes a run's parameters back in the
+architecture's names and layouts (float32) with its config.json.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from flax import nnx
 from trainer.checkpoint import path_name
 from trainer.cli import apply_overrides
 from trainer.config import ConfigError, to_json
-from trainer.hf import HFImporter, hf_tensors
+from trainer.hf import HFImporter, hf_tensors, write_safetensors
 from trainer.task import all_tasks
 from trainer.trainer import Trainer
 
@@ -77,7 +79,7 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
                 problems.append(f"{short}: no Hugging Face tensor maps to it")
                 out.append(leaf)
                 continue
-            hf_name, transform = mapping[short]
+            hf_name, transform, _ = mapping[short]
             if hf_name not in tensors:
                 problems.append(f"{short}: tensor {hf_name!r} is not in {hf_dir}")
                 out.append(leaf)
@@ -127,24 +129,78 @@ def get_config(variant=None):
 '''
 
 
+def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
+    """Writes checkpoint `step` (default: the newest) of run_dir as a Hugging Face model
+    directory (config.json + model.safetensors, float32) of the architecture whose importer
+    can express the run's model; returns hf_dir."""
+    from trainer.api import load_checkpoint
+    from trainer.task import get_task
+
+    try:
+        model, config = load_checkpoint(run_dir, step)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"export-hf: {e}") from None
+    reasons = []
+    for arch, importer in get_task(config.task).__dict__.get("hf_importers", {}).items():
+        try:
+            hf_config = importer.hf_config(config)
+            break
+        except ConfigError as e:
+            reasons.append(f"{arch}: {e}")
+    else:
+        raise ConfigError(f"export-hf: the {config.task!r} run in {run_dir} matches no Hugging "
+                          f"Face architecture polyformer writes"
+                          + (":\n  " + "\n  ".join(reasons) if reasons else ""))
+    params = {"/".join(map(str, path)): np.asarray(v.get_value() if hasattr(v, "get_value")
+                                                   else v.value)
+              for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {}
+    for name, (hf_name, _, to_hf) in importer.tensors(config).items():
+        out[hf_name] = np.ascontiguousarray(to_hf(params.pop(name)), np.float32)
+    if params:
+        raise ConfigError(f"export-hf: {arch} has no place for {', '.join(sorted(params))}")
+    os.makedirs(hf_dir, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        if os.path.exists(os.path.join(hf_dir, name)):
+            raise ConfigError(f"export-hf: {os.path.join(hf_dir, name)} exists; export into a "
+                              "new directory")
+    write_safetensors(os.path.join(hf_dir, "model.safetensors"), out)
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(dict(hf_config, architectures=[arch], torch_dtype="float32"), f, indent=2,
+                  sort_keys=True)
+    return hf_dir
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.convert",
-                                description="Hugging Face checkpoints in (import-hf).")
+                                description="Hugging Face checkpoints in and out.")
     sub = p.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import-hf", help="HF model directory -> polyformer run directory")
+    imp = sub.add_parser("import-hf", help="HF model directory -> polyformer run directory "
+                                           "(then --config.<field>=... for the run)")
     imp.add_argument("hf_dir")
     imp.add_argument("run_dir")
+    exp = sub.add_parser("export-hf", help="polyformer run directory -> HF model directory")
+    exp.add_argument("run_dir")
+    exp.add_argument("hf_dir")
+    exp.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
+    bad = [a for a in rest if args.command == "export-hf" or not a.startswith("--config.")]
     if bad:
-        p.error(f"unrecognised arguments {bad}; config fields are set with --config.<field>=...")
+        p.error(f"unrecognised arguments {bad}" + (
+            "; the run's config fields are set with --config.<field>=..."
+            if args.command == "import-hf" else ""))
     try:
+        if args.command == "export-hf":
+            export_hf(args.run_dir, args.hf_dir, args.step)
+            print(f"exported {args.run_dir} into {args.hf_dir} (config.json, model.safetensors)")
+            return 0
         import_hf(args.hf_dir, args.run_dir, [a[len("--config."):] for a in rest])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"imported {args.hf_dir} into {args.run_dir} (checkpoint 0); train on with "
-          f"--workdir={args.run_dir}, or start a new run with --config.init_from={args.run_dir}")
+          f"--config={args.run_dir}/config.py --workdir={args.run_dir}, or start a new run with "
+          f"--config.init_from={args.run_dir}")
     return 0
 
 

@@ -24,11 +24,15 @@ _SAFETENSORS_TYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
 
 @dataclasses.dataclass(frozen=True)
 class HFImporter:
-    """config(hf_config: dict) -> the run's ConfigDict (a family config with the HF values);
-    tensors(config) -> {parameter name ('blocks/0/attn/q_proj/kernel'): (HF tensor name,
-    transform(np.ndarray) -> np.ndarray in this model's layout)}; ignored: HF tensor names that
-    carry nothing (e.g. a cached rotary inv_freq)."""
+    """How one Hugging Face architecture maps onto a family, both ways.
+
+    config(hf_config: dict) -> the run's ConfigDict (a family config with the HF values);
+    hf_config(config) -> the config.json of a run (ConfigError when the run's model is not of
+    this architecture); tensors(config) -> {parameter name ('blocks/0/attn/q_proj/kernel'):
+    (HF tensor name, to_ours, to_hf)}, the two layout maps of np.ndarrays; ignored: HF tensor
+    names that carry nothing (e.g. a cached rotary inv_freq)."""
     config: Callable
+    hf_config: Callable
     tensors: Callable
     ignored: tuple[str, ...] = ()
 
@@ -92,3 +96,29 @@ def hf_tensors(hf_dir: str) -> dict[str, SafeTensors]:
     raise ConfigError(f"import-hf: {hf_dir!r} has neither model.safetensors nor "
                       "model.safetensors.index.json (PyTorch .bin files: convert them to "
                       "safetensors first)")
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Writes a .safetensors file (little-endian data in name order, the JSON header padded to
+    8 bytes), atomically (temporary file + rename)."""
+    kinds = {np.dtype(v): k for k, v in _SAFETENSORS_TYPES.items()}
+    header, offset, arrays = {"__metadata__": {"format": "pt"}}, 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if a.dtype not in kinds:
+            raise ConfigError(f"write_safetensors: tensor {name!r} has dtype {a.dtype}; "
+                              f"supported: {', '.join(str(d) for d in kinds)}")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        header[name] = {"dtype": kinds[a.dtype.newbyteorder("=")], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for a in arrays:
+            f.write(a.tobytes())
+    os.replace(tmp, path)

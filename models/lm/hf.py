@@ -61,26 +61,52 @@ def llama_config(hf: dict):
     return load_config(f"{CONFIG_FILE}:default", overrides)
 
 
+def llama_hf_config(config) -> dict:
+    """A run's config.json as LlamaForCausalLM (ConfigError when its model is not Llama's)."""
+    m = config.model
+    other = [f"{k}={m.get(k)!r} (Llama: {v!r})" for k, v in
+             (("norm", "rmsnorm"), ("mlp", "swiglu"), ("position", "rope"),
+              ("attention", "softmax")) if m.get(k, v) != v]
+    if other:
+        raise ConfigError(f"config.model: {', '.join(other)}")
+    out = {"model_type": "llama", "vocab_size": m.vocab_size, "hidden_size": m.d_model,
+           "intermediate_size": m.mlp_dim, "num_hidden_layers": m.num_layers,
+           "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
+           "head_dim": m.head_dim or m.d_model // m.num_heads, "hidden_act": "silu",
+           "rope_theta": m.rope_theta, "rms_norm_eps": m.get("norm_eps") or 1e-6,
+           "tie_word_embeddings": bool(m.get("tie_embeddings", False)),
+           "max_position_embeddings": max(config.data.seq_len, m.get("rope_original_max_len", 0)
+                                          if m.get("rope_scaling") else 0),
+           "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+           "rope_scaling": None}
+    if m.get("rope_scaling") == "llama3":
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": m.rope_scaling_factor,
+                               "low_freq_factor": m.rope_low_freq_factor,
+                               "high_freq_factor": m.rope_high_freq_factor,
+                               "original_max_position_embeddings": m.rope_original_max_len}
+    return out
+
+
 def llama_tensors(config) -> dict:
-    """{our parameter name: (HF tensor name, transform)}."""
-    t = lambda w: w.T  # noqa: E731  (nn.Linear [out, in] -> kernel [in, out])
+    """{our parameter name: (HF tensor name, to ours, to HF)}."""
+    t = lambda w: w.T  # noqa: E731  (nn.Linear [out, in] <-> kernel [in, out])
     same = lambda w: w  # noqa: E731
-    out = {"embed/embedding": ("model.embed_tokens.weight", same),
-           "final_norm/scale": ("model.norm.weight", same)}
+    out = {"embed/embedding": ("model.embed_tokens.weight", same, same),
+           "final_norm/scale": ("model.norm.weight", same, same)}
     if not config.model.tie_embeddings:
-        out["lm_head/kernel"] = ("lm_head.weight", t)
+        out["lm_head/kernel"] = ("lm_head.weight", t, t)
     for i in range(config.model.num_layers):
         hf = f"model.layers.{i}."
         ours = f"blocks/{i}/"
         for proj in ("q", "k", "v", "o"):
-            out[f"{ours}attn/{proj}_proj/kernel"] = (f"{hf}self_attn.{proj}_proj.weight", t)
+            out[f"{ours}attn/{proj}_proj/kernel"] = (f"{hf}self_attn.{proj}_proj.weight", t, t)
         for w, name in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            out[f"{ours}mlp/{w}/kernel"] = (f"{hf}mlp.{name}.weight", t)
-        out[f"{ours}attn_norm/scale"] = (f"{hf}input_layernorm.weight", same)
-        out[f"{ours}mlp_norm/scale"] = (f"{hf}post_attention_layernorm.weight", same)
+            out[f"{ours}mlp/{w}/kernel"] = (f"{hf}mlp.{name}.weight", t, t)
+        out[f"{ours}attn_norm/scale"] = (f"{hf}input_layernorm.weight", same, same)
+        out[f"{ours}mlp_norm/scale"] = (f"{hf}post_attention_layernorm.weight", same, same)
     return out
 
 
-LLAMA = HFImporter(config=llama_config, tensors=llama_tensors,
+LLAMA = HFImporter(config=llama_config, hf_config=llama_hf_config, tensors=llama_tensors,
                    # older checkpoints store the rotary frequencies; a tied head may be saved too
                    ignored=("rotary_emb.inv_freq", "lm_head.weight"))
