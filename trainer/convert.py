@@ -25,11 +25,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from trainer.api import load_checkpoint
 from trainer.checkpoint import path_name
 from trainer.cli import apply_overrides
 from trainer.config import ConfigError, to_json
 from trainer.hf import HFImporter, hf_tensors, write_safetensors
-from trainer.task import all_tasks
+from trainer.task import all_tasks, get_task
 from trainer.trainer import Trainer
 
 
@@ -133,9 +134,6 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
     """Writes checkpoint `step` (default: the newest) of run_dir as a Hugging Face model
     directory (config.json + model.safetensors, float32) of the architecture whose importer
     can express the run's model; returns hf_dir."""
-    from trainer.api import load_checkpoint
-    from trainer.task import get_task
-
     try:
         model, config = load_checkpoint(run_dir, step)
     except (FileNotFoundError, ValueError) as e:
