@@ -284,10 +284,9 @@ def validate(config: ConfigDict) -> None:
     for p in config.data.paths:
         require(isinstance(p, str) and p, "data.paths", f"entries must be non-empty paths, got {p!r}")
         require(os.path.exists(p), "data.paths", f"{p!r} does not exist")
+    leaves = _leaf_keys(config)
     for name in filter(None, (n.strip() for n in config.checkpoint.allow_changes.split(","))):
-        require(name.rstrip(".") in _leaf_keys(config) or any(
-            k.startswith(name.rstrip(".") + ".") for k in _leaf_keys(config)),
-            "checkpoint.allow_changes", f"{name!r} is not a field or group of this config "
+        require(any(_matches(k, [name]) for k in leaves), "checkpoint.allow_changes", f"{name!r} is not a field or group of this config "
             "(comma-separated names such as data.paths,train.lr or a group such as data)")
     require(not config.init_from or os.path.isdir(config.init_from), "init_from",
             f"{config.init_from!r} is not a directory")

@@ -414,9 +414,9 @@ def coco_detection(annotation_json: str, image_dir: str, split: str, *, image_si
     expected = {f: (int(w), int(h)) for f, (h, w) in zip(data.files, data.sizes)}
 
     def header(path):
-        if image_header(path) != expected[path]:
-            raise ValueError(f"{image_header(path)} pixels, the annotation file says "
-                             f"{expected[path]}")
+        size = image_header(path)
+        if size != expected[path]:
+            raise ValueError(f"{size} pixels, the annotation file says {expected[path]}")
 
     keep = check_files(list(data.files), header, what=f"images of {annotation_json!r}",
                        skip_bad=skip_bad)
