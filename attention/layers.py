@@ -56,8 +56,8 @@ def param(rngs, init, shape, logical):
     return nnx.Param(nnx.with_partitioning(init, logical)(rngs.params(), shape, jnp.float32))
 
 
-def layer_norm(d: int, *, dtype, rngs):
-    return nnx.LayerNorm(d, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+def layer_norm(d: int, *, dtype, rngs, eps: float = 1e-6):
+    return nnx.LayerNorm(d, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
                          scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
                          bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
                          rngs=rngs)

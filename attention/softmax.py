@@ -7,6 +7,8 @@ segment (encoders: ViT, iFormer), for the mechanisms whose class says BIDIRECTIO
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,7 +16,7 @@ from flax import nnx
 from attention.ops.causal import IMPLS as CAUSAL_IMPLS, causal_attention
 from attention.ops.rope import apply_rope, rope_scaling
 from attention.registry import read_options, register
-from attention.layers import Dense, dense  # noqa: F401  (Dense: re-exported)
+from attention.layers import Dense, dense, linear  # noqa: F401  (Dense, dense: re-exported)
 from attention.sharding import constrain
 
 
@@ -37,7 +39,9 @@ class SoftmaxAttention(nnx.Module):
     # config.model fields (attention/ops/causal.py), also of the mechanisms built on this layer
     # (attention.registry.read_options merges CONFIG_DEFAULTS along the class hierarchy)
     OPTION_PREFIX = "softmax"
-    CONFIG_DEFAULTS = dict(softmax_impl="auto", softmax_block=64)
+    # softmax_bias: biases on the q/k/v/o projections (GPT-2 and ViT checkpoints have them;
+    # Llama's and our own LMs' do not)
+    CONFIG_DEFAULTS = dict(softmax_impl="auto", softmax_block=64, softmax_bias=False)
     OPTION_RULES = dict(softmax_impl=CAUSAL_IMPLS, softmax_block=">= 1")
     # honours model.causal=False (bidirectional attention, mode="train" only). A subclass
     # computes its scores its own way (sparse masks, routing), so it is causal-only unless its
@@ -68,11 +72,11 @@ class SoftmaxAttention(nnx.Module):
                              f"num_kv_heads={self.num_kv_heads}")
         d, hd = cfg.d_model, self.head_dim
         out_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2 scaled residual init
-        self.q_proj = dense(d, self.num_heads * hd, ("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.k_proj = dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.v_proj = dense(d, self.num_kv_heads * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.o_proj = dense(self.num_heads * hd, d, ("heads", "embed"), dtype=dtype, rngs=rngs,
-                            std=out_std)
+        proj = functools.partial(linear, bias=opts["softmax_bias"], dtype=dtype, rngs=rngs)
+        self.q_proj = proj(d, self.num_heads * hd, ("embed", "heads"))
+        self.k_proj = proj(d, self.num_kv_heads * hd, ("embed", "kv_heads"))
+        self.v_proj = proj(d, self.num_kv_heads * hd, ("embed", "kv_heads"))
+        self.o_proj = proj(self.num_heads * hd, d, ("heads", "embed"), std=out_std)
 
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> dict:
         shape = (batch, max_len, self.num_kv_heads, self.head_dim)

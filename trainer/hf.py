@@ -4,8 +4,7 @@ here, trainer/convert.py runs them).
 `HFImporter`: how one architecture maps onto a family (a Task's `hf_importers`). Safetensors
 files are read with a small memory-mapped reader (the format: an 8-byte little-endian header
 length, a JSON header of {name: dtype, shape, data_offsets}, the raw little-endian data), one
-tensor at a time: the `safetensors` package is not in the lock yet (re-locking needs an index uv
-can resolve jax 0.12.0.1 from, which these machines' offline mirror does not serve).
+tensor at a time (no torch, no copy of the file in memory).
 """
 from __future__ import annotations
 
