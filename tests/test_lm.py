@@ -13,7 +13,8 @@ from flax import nnx
 from conftest import TINY, run_trainer
 from models.lm import LM, LMTask, generate
 from trainer import load_config
-from trainer.data import ByteCorpus, process_batches, stdlib_files
+from trainer.data import process_batches
+from trainer.text import ByteCorpus, stdlib_files
 
 
 GPT2 = ["model.norm=layernorm", "model.mlp=gelu", "model.position=learned", "model.rope_theta=0",

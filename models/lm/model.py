@@ -26,7 +26,7 @@ from attention.ops.rope import ROPE_SCALINGS
 from models.lm.hf import LLAMA
 from attention.sharding import constrain
 from trainer.config import ConfigError
-from trainer.data import ByteCorpus, ByteWindows, text_files
+from trainer.text import ByteCorpus, ByteWindows, text_files
 from trainer.task import Task, register_task
 
 
