@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import jax
 import numpy as np
 from flax import nnx
+
+from attention.layers import LoRALinear
 
 from trainer.api import load_checkpoint
 from trainer.checkpoint import path_name
@@ -31,6 +34,7 @@ from trainer.cli import apply_overrides
 from trainer.config import ConfigError, to_json
 from trainer.hf import HFImporter, hf_tensors, write_safetensors
 from trainer.task import all_tasks, get_task
+from trainer.tokenizer import check_vocab, load_tokenizer
 from trainer.trainer import Trainer
 
 
@@ -64,6 +68,7 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
             os.path.join(run_dir, "checkpoints")):
         raise ConfigError(f"import-hf: {run_dir!r} already holds checkpoints; import into a new "
                           "directory")
+    copy_tokenizer(hf_dir, config, run_dir, overrides)
     with Trainer(config, run_dir, quiet=True) as trainer:
         state = trainer.initial_state()  # the optimizer state and step of a fresh run
         params = {"nnx/0/" + "/".join(map(str, p)) for p, v in
@@ -113,6 +118,27 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
     return run_dir
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json")
+
+
+def copy_tokenizer(hf_dir: str, config, run_dir: str, overrides=()) -> None:
+    """The model's tokenizer files (when hf_dir has them and the run reads text) copied to
+    run_dir/tokenizer, which becomes the run's data.tokenizer (unless the overrides set one)."""
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    if ("tokenizer" not in config.get("data", {}) or not found
+            or any(o.removeprefix("--config.").startswith("data.tokenizer=") for o in overrides)):
+        return
+    if not {"tokenizer.json", "tokenizer.model"} & set(found):
+        return  # a tokenizer_config.json alone names a Python tokenizer class: nothing to read
+    target = os.path.abspath(os.path.join(run_dir, "tokenizer"))
+    os.makedirs(target, exist_ok=True)
+    for name in found:
+        shutil.copy2(os.path.join(hf_dir, name), os.path.join(target, name))
+    config.data.tokenizer = target
+    check_vocab(load_tokenizer(target), config.model.vocab_size)
+
+
 RUN_CONFIG = '''"""The config of a run imported from {source} (python -m trainer.convert import-hf):
 python -m trainer.main --config=THIS_FILE --workdir=THIS_DIRECTORY trains on from step 0."""
 import json
@@ -152,6 +178,11 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
     params = {"/".join(map(str, path)): np.asarray(v.get_value() if hasattr(v, "get_value")
                                                    else v.value)
               for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for path, module in nnx.iter_modules(model):  # LoRA fine-tunes export their merged weights
+        if isinstance(module, LoRALinear):
+            name = "/".join(map(str, path))
+            params[f"{name}/kernel"] = np.asarray(module.merged_kernel())
+            del params[f"{name}/lora_a"], params[f"{name}/lora_b"]
     out = {}
     for name, (hf_name, _, to_hf) in importer.tensors(config).items():
         out[hf_name] = np.ascontiguousarray(to_hf(params.pop(name)), np.float32)
@@ -166,6 +197,13 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(dict(hf_config, architectures=[arch], torch_dtype="float32"), f, indent=2,
                   sort_keys=True)
+    # the run's tokenizer beside it (the files it was read from: tokenizer.json and its
+    # tokenizer_config.json, or a SentencePiece model), as AutoTokenizer expects them
+    spec = config.get("data", {}).get("tokenizer", "bytes")
+    for path in load_tokenizer(spec).files:
+        name = os.path.basename(path)
+        name = "tokenizer.model" if name.endswith(".model") else name
+        shutil.copy2(path, os.path.join(hf_dir, name))
     return hf_dir
 
 
@@ -190,7 +228,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "export-hf":
             export_hf(args.run_dir, args.hf_dir, args.step)
-            print(f"exported {args.run_dir} into {args.hf_dir} (config.json, model.safetensors)")
+            tok = any(os.path.exists(os.path.join(args.hf_dir, n))
+                      for n in ("tokenizer.json", "tokenizer.model"))
+            print(f"exported {args.run_dir} into {args.hf_dir} (config.json, model.safetensors"
+                  f"{', the tokenizer' if tok else ''})")
             return 0
         import_hf(args.hf_dir, args.run_dir, [a[len("--config."):] for a in rest])
     except ConfigError as e:
