@@ -24,7 +24,7 @@ import attention
 from attention.layers import compute_dtype, dense, layer_norm, linear
 from attention.ops.fusion import materialize
 from attention.ops.rope import ROPE_SCALINGS
-from models.lm.hf import LLAMA
+from models.lm.hf import GPT2, LLAMA
 from attention.sharding import constrain
 from trainer.config import ConfigError
 from trainer.data import ByteCorpus, ByteWindows, text_files
@@ -215,7 +215,7 @@ class LMTask(Task):
 
     throughput_unit = "tokens"
     _corpus = None  # read on first use
-    hf_importers = {"LlamaForCausalLM": LLAMA}  # models/lm/hf.py
+    hf_importers = {"LlamaForCausalLM": LLAMA, "GPT2LMHeadModel": GPT2}  # models/lm/hf.py
     FIELD_RULES = {
         "model.vocab_size": ">= 256",  # byte-level data: every byte value is a token
         "model.num_layers": ">= 1", "model.d_model": ">= 1", "model.num_heads": ">= 1",
