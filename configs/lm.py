@@ -112,6 +112,7 @@ def get_config(variant=None):
     # architecture switches (models/lm/model.py): Llama style by default, GPT-2 style for the peers
     m.norm = "rmsnorm"
     m.mlp = "swiglu"
+    m.mlp_bias = False  # biases on the MLP's linear layers (GPT-2 checkpoints have them)
     m.position = "rope"
     m.max_len = 0  # learned positions only: how many
     m.tie_embeddings = False

@@ -63,7 +63,15 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
     arch, importer = importer_for(hf_config)
     config = apply_overrides(importer.config(hf_config), list(overrides))
     tensors = hf_tensors(hf_dir)
+    stored = {name: name for name in tensors}  # our HF name -> its name in the file
+    prefix = importer.base_prefix
+    if prefix and not any(name.startswith(prefix) for name in tensors):
+        stored = {prefix + name: name for name in tensors}  # saved from the bare base model
+        tensors = {prefix + name: st for name, st in tensors.items()}
     mapping = importer.tensors(config)
+    fused = {}  # HF tensor -> the parameters it holds, in the map's order (HFImporter)
+    for ours, (hf_name, _, _) in mapping.items():
+        fused.setdefault(hf_name, []).append(ours)
     if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
             os.path.join(run_dir, "checkpoints")):
         raise ConfigError(f"import-hf: {run_dir!r} already holds checkpoints; import into a new "
@@ -74,6 +82,8 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
         params = {"nnx/0/" + "/".join(map(str, p)) for p, v in
                   nnx.to_flat_state(trainer.abstract_state.nnx[0]) if isinstance(v, nnx.Param)}
         leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        shapes = {path_name(key)[len("nnx/0/"):]: leaf.shape for key, leaf in leaves
+                  if path_name(key) in params}
         out, problems, used = [], [], set()
         for key, leaf in leaves:
             name = path_name(key)
@@ -90,18 +100,27 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
                 problems.append(f"{short}: tensor {hf_name!r} is not in {hf_dir}")
                 out.append(leaf)
                 continue
-            value = np.asarray(transform(tensors[hf_name][hf_name]))
+            transform = mapping[fused[hf_name][0]][1]  # a fused tensor's: its first entry's
+            value = np.asarray(transform(tensors[hf_name][stored[hf_name]]))
             used.add(hf_name)
-            if value.shape != leaf.shape:
+            parts = [p for p in fused[hf_name] if p in shapes]
+            need, held = leaf.shape, ""
+            if len(parts) > 1:  # a slice of a fused tensor
+                need = leaf.shape[:-1] + (sum(shapes[p][-1] for p in parts),)
+                held = f" (it holds {', '.join(parts)} on its last axis)"
+            if value.shape != need:
                 problems.append(f"{short}: tensor {hf_name!r} has shape "
-                                f"{tuple(tensors[hf_name].header[hf_name]['shape'])}, which maps "
-                                f"to {value.shape}; this model needs {leaf.shape}")
+                                f"{tuple(tensors[hf_name].header[stored[hf_name]]['shape'])}, "
+                                f"which maps to {value.shape}; this model needs {need}{held}")
                 out.append(leaf)
                 continue
+            if len(parts) > 1:
+                start = sum(shapes[p][-1] for p in parts[:parts.index(short)])
+                value = value[..., start:start + leaf.shape[-1]]
             out.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
         unused = sorted(n for n in tensors if n not in used and not any(
             n.endswith(s) for s in importer.ignored))
-        problems += [f"tensor {n!r} of {hf_dir} maps to no parameter" for n in unused]
+        problems += [f"tensor {stored[n]!r} of {hf_dir} maps to no parameter" for n in unused]
         if problems:
             raise ConfigError(f"import-hf: {hf_dir} ({arch}) does not match the model its config "
                               "builds:\n  " + "\n  ".join(problems[:20])
@@ -183,9 +202,14 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
             name = "/".join(map(str, path))
             params[f"{name}/kernel"] = np.asarray(module.merged_kernel())
             del params[f"{name}/lora_a"], params[f"{name}/lora_b"]
-    out = {}
+    fused = {}  # HF tensor -> (to_hf, the parameters it holds in order: HFImporter)
     for name, (hf_name, _, to_hf) in importer.tensors(config).items():
-        out[hf_name] = np.ascontiguousarray(to_hf(params.pop(name)), np.float32)
+        fused.setdefault(hf_name, (to_hf, []))[1].append(name)
+    out = {}
+    for hf_name, (to_hf, names) in fused.items():
+        whole = np.concatenate([params.pop(n) for n in names], axis=-1) if len(names) > 1 \
+            else params.pop(names[0])
+        out[hf_name] = np.ascontiguousarray(to_hf(whole), np.float32)
     if params:
         raise ConfigError(f"export-hf: {arch} has no place for {', '.join(sorted(params))}")
     os.makedirs(hf_dir, exist_ok=True)

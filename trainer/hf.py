@@ -28,12 +28,18 @@ class HFImporter:
     config(hf_config: dict) -> the run's ConfigDict (a family config with the HF values);
     hf_config(config) -> the config.json of a run (ConfigError when the run's model is not of
     this architecture); tensors(config) -> {parameter name ('blocks/0/attn/q_proj/kernel'):
-    (HF tensor name, to_ours, to_hf)}, the two layout maps of np.ndarrays; ignored: HF tensor
-    names that carry nothing (e.g. a cached rotary inv_freq)."""
+    (HF tensor name, to_ours, to_hf)}, the two layout maps of np.ndarrays. Parameters that name
+    the same HF tensor are its slices along the last axis in our layout (after to_ours), in the
+    map's order: a fused tensor (GPT-2's c_attn holds q, k and v) is split on import and
+    concatenated on export, to_ours / to_hf (the first entry's) acting on the whole tensor.
+    ignored: HF tensor names that carry nothing (e.g. a cached rotary inv_freq). base_prefix:
+    transformers' base_model_prefix with its dot ('transformer.'), which the tensor names of a
+    checkpoint saved from the bare base model lack (the hub's gpt2): import adds it then."""
     config: Callable
     hf_config: Callable
     tensors: Callable
     ignored: tuple[str, ...] = ()
+    base_prefix: str = ""
 
 
 # ----------------------------------------------------------------------------- safetensors

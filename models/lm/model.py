@@ -5,7 +5,8 @@ attention module, which comes from the registry by `config.model.attention`, so 
 of attention/ plugs in without touching this file. Defaults (Llama style): RMSNorm, SwiGLU,
 RoPE, untied head. GPT-2 style, as the peers in ../shared/peers: `model.norm="layernorm"`,
 `model.mlp="gelu"` (tanh GELU), `model.position="learned"` (with `rope_theta=0`),
-`model.tie_embeddings=True` (configs/lm.py peer_a / peer_b).
+`model.tie_embeddings=True` (configs/lm.py peer_a / peer_b); a GPT-2 checkpoint adds
+`model.mlp_bias=True` and `model.softmax_bias=True` (biases on every linear layer but the head).
 
 Shapes: tokens [B, T] int32 -> logits [B, T, vocab] float32.
 """
@@ -21,10 +22,10 @@ import numpy as np
 from flax import nnx
 
 import attention
-from attention.layers import LoRALinear, compute_dtype, dense
+from attention.layers import LoRALinear, compute_dtype, dense, layer_norm, linear
 from attention.ops.fusion import materialize
 from attention.ops.rope import ROPE_SCALINGS
-from models.lm.hf import LLAMA
+from models.lm.hf import GPT2, LLAMA
 from attention.sharding import constrain
 from trainer.config import ConfigError
 from trainer.text import (ByteCorpus, TokenWindows, is_shards, shard_tokens, text_files,
@@ -50,20 +51,18 @@ def norm_layer(cfg, *, dtype, rngs):
     eps = getattr(cfg, "norm_eps", 0.0)
     if getattr(cfg, "norm", "rmsnorm") == "rmsnorm":
         return rms_norm(cfg.d_model, dtype=dtype, rngs=rngs, eps=eps or 1e-6)
-    return nnx.LayerNorm(cfg.d_model, epsilon=eps or 1e-5, dtype=dtype, param_dtype=jnp.float32,
-                         scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
-                         rngs=rngs)
+    return layer_norm(cfg.d_model, dtype=dtype, rngs=rngs, eps=eps or 1e-5)
 
 
 class SwiGLU(nnx.Module):
-    """FFN_SwiGLU(x) = (Swish(x W1) * x W3) W2  (Shazeer 2020, eq. 6)."""
+    """FFN_SwiGLU(x) = (Swish(x W1) * x W3) W2  (Shazeer 2020, eq. 6); bias: a bias on each of
+    the three (config.model.mlp_bias; none by default)."""
 
-    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs):
-        self.w1 = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.w3 = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.w2 = dense(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs,
-                        std=0.02 / (2 * num_layers) ** 0.5)
+    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs, bias: bool = False):
+        self.w1 = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, bias=bias)
+        self.w3 = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, bias=bias)
+        self.w2 = linear(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, bias=bias,
+                         std=0.02 / (2 * num_layers) ** 0.5)
 
     def __call__(self, x):
         h = jax.nn.silu(self.w1(x)) * self.w3(x)
@@ -71,13 +70,14 @@ class SwiGLU(nnx.Module):
 
 
 class GeluMLP(nnx.Module):
-    """FFN(x) = GELU(x W_fc) W_proj with the tanh GELU (Hendrycks & Gimpel 2016, eq. in sec. 2;
-    GPT-2's MLP)."""
+    """FFN(x) = GELU(x W_fc + b_fc) W_proj + b_proj with the tanh GELU (Hendrycks & Gimpel 2016,
+    eq. in sec. 2; GPT-2's MLP); bias: the two biases (config.model.mlp_bias; GPT-2 has them,
+    none by default)."""
 
-    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs):
-        self.fc = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.proj = dense(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs,
-                          std=0.02 / (2 * num_layers) ** 0.5)
+    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs, bias: bool = False):
+        self.fc = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, bias=bias)
+        self.proj = linear(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, bias=bias,
+                           std=0.02 / (2 * num_layers) ** 0.5)
 
     def __call__(self, x):
         h = jax.nn.gelu(self.fc(x), approximate=True)
@@ -103,7 +103,8 @@ class Block(nnx.Module):
         self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs, layer=layer)
         self.mlp_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
         mlp = SwiGLU if getattr(cfg, "mlp", "swiglu") == "swiglu" else GeluMLP
-        self.mlp = mlp(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs)
+        self.mlp = mlp(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs,
+                       bias=bool(getattr(cfg, "mlp_bias", False)))
         if getattr(cfg, "lora_rank", 0):  # LoRA fine-tuning (Hu et al. 2022, eq. 3)
             add_lora(self.attn, cfg, rngs=rngs)
 
@@ -116,7 +117,8 @@ class Block(nnx.Module):
 
 class LM(nnx.Module):
     """cfg: config.model (vocab_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
-    mlp_dim, rope_theta, attention; optional norm, mlp, position + max_len, tie_embeddings)."""
+    mlp_dim, rope_theta, attention; optional norm, norm_eps, mlp, mlp_bias, position + max_len,
+    tie_embeddings)."""
 
     def __init__(self, cfg, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         self.remat = remat
@@ -233,7 +235,7 @@ class LMTask(Task):
     throughput_unit = "tokens"
     _corpus = None  # read on first use
     _tokens = None
-    hf_importers = {"LlamaForCausalLM": LLAMA}  # models/lm/hf.py
+    hf_importers = {"LlamaForCausalLM": LLAMA, "GPT2LMHeadModel": GPT2}  # models/lm/hf.py
     FIELD_RULES = {
         "model.vocab_size": ">= 1",  # >= the tokenizer's vocabulary (validate_data)
         "model.num_layers": ">= 1", "model.d_model": ">= 1", "model.num_heads": ">= 1",
@@ -242,6 +244,7 @@ class LMTask(Task):
         "model.rope_theta": ">= 0",  # 0: no RoPE
         "model.max_len": ">= 0",  # learned positions only
         "model.norm": NORMS, "model.mlp": MLPS, "model.position": POSITIONS,
+        "model.mlp_bias": (False, True),  # biases on the MLP's linear layers (GPT-2)
         "model.norm_eps": ">= 0",  # 0: the norm's default
         "model.lora_rank": ">= 0",  # 0: no LoRA
         "model.lora_alpha": "> 0", "model.lora_targets": ("q", "k", "v", "o"),
