@@ -53,6 +53,12 @@ BENCHMARKS = {
     "resilience": ("bench/resilience.py", ["--cycles", "8"], ["--cycles", "24"], 600, 1800),
     # data.num_workers 0 vs 2 on an input-bound ViT (~2 min)
     "input": ("bench/input.py", ["--reps", "2"], ["--reps", "3"], 600, 1200),
+    # pre-tokenized shards vs raw text, and the time to prepare the text (~3 min for 20 MB;
+    # the documented 100 MB: ~10 min)
+    "tokens": ("bench/tokens.py", ["--mb", "20", "--batches", "200"], [], 900, 2400),
+    # import-hf's peak host memory on a random Llama: 4 layers quick, the documented 1.1B full
+    # (~3 min, 9 GB of disk under $BENCH_TMP or /tmp)
+    "hf_import": ("bench/hf_import.py", ["--layers", "4"], [], 900, 1800),
 }
 
 MARKER = re.compile(r"(<!-- bench:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)",

@@ -9,7 +9,8 @@ bytes instead of tiny's 64 so that the block-sparse methods have blocks to choos
 - trained rows: `model.attention=<name>` for softmax, gla, hedgehog (from scratch, no
   distillation), routing, landmark, ssa, moh, complexformer, and TokenFormer
   (configs/tokenformer.py:tiny: the same d_model / layers / heads, context, batch and schedule,
-  64 / 128 parameter tokens). Eval bits/byte: the Trainer's evaluation (eval.batches batches of
+  64 / 128 parameter tokens), and softmax on the tokens of a 1,024-token byte-level BPE trained
+  on the embedded train split (bits per byte stay per byte of the held-out text). Eval bits/byte: the Trainer's evaluation (eval.batches batches of
   the held-out files); tokens/s: the Trainer's own train throughput (all steps after the first,
   which compiles); peak memory: XLA's memory analysis of the compiled train step, arguments +
   outputs - donated (aliased) + temporaries, the bytes live at once.
@@ -53,7 +54,12 @@ LM_TRAINED = [
     ("moh", "configs/lm.py:tiny", ["model.attention=moh"]),
     ("complexformer", "configs/lm.py:tiny", ["model.attention=complexformer"]),
     ("tokenformer", "configs/tokenformer.py:tiny", []),
+    # the softmax LM on a byte-level BPE's tokens (trained here on the embedded train split):
+    # the same steps of 8 x 256 tokens, each token ~2.6 bytes of text
+    ("softmax, BPE 1024", "configs/lm.py:tiny",
+     ["model.attention=softmax", "data.tokenizer={bpe}", "model.vocab_size=1024"]),
 ]
+BPE_VOCAB = 1024
 # eval-time rows on the trained softmax LM: (label, mechanism spec for bench/sparse_quality._build)
 # blocks of 32 over the 256-byte context (8 blocks); budgets of about a third of the pairs
 LM_EVAL_TIME = [
@@ -256,9 +262,14 @@ def _count(model) -> int:
 
 
 def lm_table(steps: int, cmd: str) -> str:
+    from trainer.tokenizer import documents, train_bpe
+
     rows, keep = [], {}
     with tempfile.TemporaryDirectory() as tmp:
+        bpe = os.path.join(tmp, "bpe")
+        train_bpe(documents(()), BPE_VOCAB, bpe, progress=False)
         for label, spec, extra in LM_TRAINED:
+            extra = [e.replace("{bpe}", bpe) for e in extra]
             try:
                 row, info = train_lm(label, spec, extra, steps, os.path.join(tmp, label))
             except Exception as e:  # one broken mechanism must not hide the others
@@ -278,15 +289,18 @@ def lm_table(steps: int, cmd: str) -> str:
                             "64 / 128 parameter tokens",
              "moh": "1 shared + top-2 of 3 routed heads", "landmark": "blocks of 32",
              "ssa": "blocks of 32, keep 25% in training, dense eval",
-             "routing": "4 clusters, 2 local heads"}
+             "routing": "4 clusters, 2 local heads",
+             "softmax, BPE 1024": "a byte-level BPE of 1,024 tokens (python -m trainer.tokenizer "
+                                  "train) on the train split: 256 tokens of ~2.6 bytes each"}
     for r in rows:
         if r["kind"] == "trained" and not r.get("notes"):
             r["notes"] = first.get(r["mechanism"], "")
     text = "\n".join([
         _header(cmd), "",
-        f"Every trained row: {steps} steps of {BATCH} x {SEQ_LEN} bytes, lr {LR} (warmup "
+        f"Every trained row: {steps} steps of {BATCH} x {SEQ_LEN} bytes (tokens of the BPE for "
+        f"its row), lr {LR} (warmup "
         f"{WARMUP}, cosine), 2 layers x 64, 4 heads (2 key-value heads where the mechanism has "
-        "them). tokens/s: training throughput for trained rows, prefill (eval) throughput for "
+        "them). Bits per byte: per byte of the held-out text whatever the tokenizer. tokens/s: training throughput for trained rows, prefill (eval) throughput for "
         "eval-time rows. Peak memory: XLA memory analysis of the compiled train step (arguments + "
         "outputs - donated + temporaries), of the compiled prefill for eval-time rows.", "",
         markdown_table(LM_COLUMNS, rows), "", *[f"{n}." for n in notes]])

@@ -91,3 +91,66 @@ def test_init_from_config_errors(imported, tmp_path):
     c = load_config("configs/lm.py:finetune", [f"init_from={imported['run']}",
                                                "model.lora_alpha=4.0", "data.tokenizer=bytes"])
     assert c.data.tokenizer == "bytes" and c.model.lora_alpha == 4.0 and c.model.d_model == 32
+
+
+def test_imported_run_trains_on_in_its_own_directory(imported, tmp_path):
+    """The import is a params-only checkpoint: a run in RUN_DIR resumes it with its parameters,
+    a fresh optimizer and step 0, then checkpoints and resumes as any run."""
+    import jax
+
+    from trainer import Trainer
+    from trainer.api import load_checkpoint
+    from trainer.checkpoint import Checkpoints
+
+    run = str(tmp_path / "run")
+    shutil.copytree(imported["run"], run)
+    c = Checkpoints(run, async_save=False)
+    assert c.params_only(0)
+    c.close()
+    config = load_config(os.path.join(run, "config.py"),
+                         [f"data.paths={imported['corpus']}", *SMALL, "train.steps=2",
+                          "checkpoint.every=2", "train.schedule_steps=3"])
+    imported_params = param_arrays(load_checkpoint(run)[0])
+    with Trainer(config, run, quiet=True) as t:
+        state = t.initial_state()
+        assert int(state.step) == 0
+        params = param_arrays(t.model)
+        for k, v in imported_params.items():
+            np.testing.assert_array_equal(params[k], v, err_msg=k)
+        moments = [np.abs(np.asarray(x)).max() for p, x in
+                   jax.tree_util.tree_flatten_with_path(state.nnx[1])[0]
+                   if "mu" in jax.tree_util.keystr(p) or "nu" in jax.tree_util.keystr(p)]
+        assert moments and max(moments) == 0.0  # a fresh optimizer
+        t.fit()
+    again = run_trainer(load_config(os.path.join(run, "config.py"), [
+        f"data.paths={imported['corpus']}", *SMALL, "train.steps=3", "checkpoint.every=3",
+        "train.schedule_steps=3"]), run)
+    assert sorted(again.losses) == [3]  # resumed at 2, trained step 3
+
+
+def test_an_interrupted_import_leaves_no_checkpoint(tmp_path):
+    import jax.numpy as jnp
+
+    from trainer.checkpoint import Checkpoints, write_params_checkpoint
+
+    def arrays(fail: bool):
+        yield "a/kernel", jnp.ones((4, 3))
+        if fail:
+            raise OSError("disk full")
+        yield "b/scale", jnp.full((3,), 2.0)
+
+    with pytest.raises(OSError, match="disk full"):
+        write_params_checkpoint(str(tmp_path), 0, arrays(True), '{"task": "lm"}')
+    assert not os.path.exists(tmp_path / "checkpoints" / "0")
+    write_params_checkpoint(str(tmp_path), 0, arrays(False), '{"task": "lm"}')  # a retry
+    c = Checkpoints(str(tmp_path), async_save=False)
+    try:
+        assert c.all_steps() == [0] and c.params_only(0)
+        flat = c.restore_flat(0, lambda n, s: None)
+        assert sorted(flat) == ["nnx/0/a/kernel", "nnx/0/b/scale"]
+        assert c.restore_config(0) == {"task": "lm"}
+    finally:
+        c.close()
+    assert not os.path.exists(tmp_path / "checkpoints.import-tmp")
+    with pytest.raises(FileExistsError):
+        write_params_checkpoint(str(tmp_path), 0, arrays(False), "{}")

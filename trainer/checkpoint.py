@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+PARAMS = "nnx/0/"  # the model's arrays in a train state's names (by_name); "nnx/1/": optimizer
 
 
 class UnreadableCheckpoint(RuntimeError):
@@ -180,17 +182,27 @@ class Checkpoints:
             "storage problem: nothing was moved or skipped; rerun when the storage is back") \
             from error
 
+    def params_only(self, step: int) -> bool:
+        """Whether checkpoint `step` holds only model arrays ('nnx/0/...'), no optimizer state
+        or counters: what write_params_checkpoint writes (trainer.convert import-hf); a run
+        resumes it with a fresh optimizer at step 0."""
+        saved = self.read(step, lambda: by_name(self.manager.item_metadata(step)["state"]))
+        return bool(saved) and all(n.startswith(PARAMS) for n in saved)
+
     def mismatches(self, step: int, abstract_state) -> list[str]:
         """Arrays of `abstract_state` whose shape or presence differs in checkpoint `step`
-        ('path: shape A in the checkpoint, B here'); reading the metadata fails as read() says."""
+        ('path: shape A in the checkpoint, B here'; of a params-only checkpoint, the arrays it
+        holds, the others being fresh); reading the metadata fails as read() says."""
         saved = self.read(step, lambda: by_name(self.manager.item_metadata(step)["state"]))
         if not saved:
             raise UnreadableCheckpoint(step, self.step_dir(step), "no state metadata")
         ours = by_name(abstract_state)
+        only = all(n.startswith(PARAMS) for n in saved)
         problems = []
         for name, a in ours.items():
             if name not in saved:
-                problems.append(f"{name}: missing in the checkpoint")
+                if not only:
+                    problems.append(f"{name}: missing in the checkpoint")
             elif tuple(saved[name].shape) != tuple(a.shape):
                 problems.append(f"{name}: shape {tuple(saved[name].shape)} in the checkpoint, "
                                 f"{tuple(a.shape)} here")
@@ -287,3 +299,51 @@ def path_name(path) -> str:
 def by_name(tree) -> dict:
     """{'a/b/c': leaf} of a (metadata or abstract) state tree, NNX 'value' wrappers dropped."""
     return {path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def write_params_checkpoint(workdir: str, step: int, arrays, config_json: str) -> str:
+    """Writes checkpoint `step` of workdir holding only model arrays, one at a time: `arrays`
+    yields (name, jax.Array) with names as by_name gives them without the 'nnx/0/' prefix
+    ('blocks/0/attn/q_proj/kernel'); each is saved (Orbax partial saving) before the next is
+    read, so the host holds one array at a time, never the model. Written under
+    workdir/checkpoints.import-tmp and renamed into place at the end (an interrupted write
+    leaves no checkpoint). Returns the step's directory."""
+    import orbax.checkpoint.experimental.v1 as ocp1  # (the partial-saving API: here only)
+
+    final = os.path.join(workdir, "checkpoints", str(step))
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} exists")
+    tmp = os.path.join(workdir, "checkpoints.import-tmp", str(step))
+    if os.path.isdir(os.path.dirname(tmp)):
+        shutil.rmtree(os.path.dirname(tmp))  # a previous interrupted import's
+    os.makedirs(os.path.dirname(tmp))
+    for name, array in arrays:
+        tree: dict = {}
+        node = tree
+        parts = ["nnx", "0", *name.split("/")]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = array
+        # uncompressed: a compressed array's chunks are held until its write commits (a second
+        # copy of the tensor in memory); float weights barely compress anyway
+        with ocp1.Context(array_options=ocp1.options.ArrayOptions(
+                saving=ocp1.options.ArrayOptions.Saving(use_compression=False))):
+            ocp1.partial.save(tmp, tree)
+        del tree, node, array
+    ocp1.partial.finalize(tmp)
+    ocp.Checkpointer(ocp.JsonCheckpointHandler()).save(os.path.join(tmp, "config"),
+                                                        json.loads(config_json))
+    # the metadata names the handlers a CheckpointManager reads these items with (ours)
+    meta_path = os.path.join(tmp, "_CHECKPOINT_METADATA")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["item_handlers"] = {
+        "state": "orbax.checkpoint._src.handlers.standard_checkpoint_handler."
+                 "StandardCheckpointHandler",
+        "config": "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler"}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(tmp, final)
+    os.rmdir(os.path.dirname(tmp))
+    return final

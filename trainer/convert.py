@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -29,7 +30,7 @@ from flax import nnx
 from attention.layers import LoRALinear
 
 from trainer.api import load_checkpoint
-from trainer.checkpoint import path_name
+from trainer.checkpoint import path_name, write_params_checkpoint
 from trainer.cli import apply_overrides
 from trainer.config import ConfigError, to_json
 from trainer.hf import HFImporter, hf_tensors, write_safetensors
@@ -77,64 +78,103 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
         raise ConfigError(f"import-hf: {run_dir!r} already holds checkpoints; import into a new "
                           "directory")
     copy_tokenizer(hf_dir, config, run_dir, overrides)
-    with Trainer(config, run_dir, quiet=True) as trainer:
-        state = trainer.initial_state()  # the optimizer state and step of a fresh run
-        params = {"nnx/0/" + "/".join(map(str, p)) for p, v in
+    with Trainer(config, run_dir, quiet=True) as trainer:  # the model's arrays, abstract
+        params = {"/".join(map(str, p)) for p, v in
                   nnx.to_flat_state(trainer.abstract_state.nnx[0]) if isinstance(v, nnx.Param)}
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-        shapes = {path_name(key)[len("nnx/0/"):]: leaf.shape for key, leaf in leaves
-                  if path_name(key) in params}
-        out, problems, used = [], [], set()
-        for key, leaf in leaves:
-            name = path_name(key)
-            if name not in params:
-                out.append(leaf)
-                continue
-            short = name[len("nnx/0/"):]
-            if short not in mapping:
-                problems.append(f"{short}: no Hugging Face tensor maps to it")
-                out.append(leaf)
-                continue
-            hf_name, transform, _ = mapping[short]
-            if hf_name not in tensors:
-                problems.append(f"{short}: tensor {hf_name!r} is not in {hf_dir}")
-                out.append(leaf)
-                continue
-            transform = mapping[fused[hf_name][0]][1]  # a fused tensor's: its first entry's
-            value = np.asarray(transform(tensors[hf_name][stored[hf_name]]))
-            used.add(hf_name)
-            parts = [p for p in fused[hf_name] if p in shapes]
-            need, held = leaf.shape, ""
-            if len(parts) > 1:  # a slice of a fused tensor
-                need = leaf.shape[:-1] + (sum(shapes[p][-1] for p in parts),)
-                held = f" (it holds {', '.join(parts)} on its last axis)"
-            if value.shape != need:
-                problems.append(f"{short}: tensor {hf_name!r} has shape "
-                                f"{tuple(tensors[hf_name].header[stored[hf_name]]['shape'])}, "
-                                f"which maps to {value.shape}; this model needs {need}{held}")
-                out.append(leaf)
-                continue
-            if len(parts) > 1:
-                start = sum(shapes[p][-1] for p in parts[:parts.index(short)])
-                value = value[..., start:start + leaf.shape[-1]]
-            out.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
-        unused = sorted(n for n in tensors if n not in used and not any(
-            n.endswith(s) for s in importer.ignored))
-        problems += [f"tensor {stored[n]!r} of {hf_dir} maps to no parameter" for n in unused]
-        if problems:
-            raise ConfigError(f"import-hf: {hf_dir} ({arch}) does not match the model its config "
-                              "builds:\n  " + "\n  ".join(problems[:20])
-                              + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
-                                 else ""))
-        trainer.state = jax.tree_util.tree_unflatten(treedef, out)
-        trainer.save()
-        trainer.checkpoints.wait()
+        leaves = [(path_name(key), leaf) for key, leaf in
+                  jax.tree_util.tree_flatten_with_path(trainer.abstract_state.nnx[0])[0]]
+    leaves = [(name, leaf) for name, leaf in leaves if name in params]
+    shapes = {name: leaf.shape for name, leaf in leaves}
+    # first every check, from the files' headers only (nothing is written when one fails)
+    plan, problems, used = [], [], set()
+    for short, leaf in leaves:
+        if short not in mapping:
+            problems.append(f"{short}: no Hugging Face tensor maps to it")
+            continue
+        hf_name = mapping[short][0]
+        if hf_name not in tensors:
+            problems.append(f"{short}: tensor {hf_name!r} is not in {hf_dir}")
+            continue
+        transform = mapping[fused[hf_name][0]][1]  # a fused tensor's: its first entry's
+        header = tensors[hf_name].header[stored[hf_name]]
+        value = transform(_placeholder(header["shape"]))  # the shape it maps to, no data read
+        used.add(hf_name)
+        parts = [p for p in fused[hf_name] if p in shapes]
+        need, held, start = leaf.shape, "", None
+        if len(parts) > 1:  # a slice of a fused tensor
+            need = leaf.shape[:-1] + (sum(shapes[p][-1] for p in parts),)
+            held = f" (it holds {', '.join(parts)} on its last axis)"
+            start = sum(shapes[p][-1] for p in parts[:parts.index(short)])
+        if value.shape != need:
+            problems.append(f"{short}: tensor {hf_name!r} has shape {tuple(header['shape'])}, "
+                            f"which maps to {value.shape}; this model needs {need}{held}")
+            continue
+        plan.append((short, tensors[hf_name], stored[hf_name], transform, start, leaf))
+    unused = sorted(n for n in tensors if n not in used and not any(
+        n.endswith(s) for s in importer.ignored))
+    problems += [f"tensor {stored[n]!r} of {hf_dir} maps to no parameter" for n in unused]
+    if problems:
+        raise ConfigError(f"import-hf: {hf_dir} ({arch}) does not match the model its config "
+                          "builds:\n  " + "\n  ".join(problems[:20])
+                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20
+                             else ""))
+    # then tensor by tensor into a params-only checkpoint at step 0 (a run resumes it with a
+    # fresh optimizer): the host holds one tensor at a time, never the model
+    write_params_checkpoint(run_dir, 0, (
+        (short, _read_tensor(st, name, transform, start, leaf.shape, leaf.dtype))
+        for short, st, name, transform, start, leaf in plan), to_json(config))
     # the run's config as a config file, so the CLI trains on with --config=RUN_DIR/config.py
     with open(os.path.join(run_dir, "polyformer_config.json"), "w") as f:
         f.write(to_json(config))
     with open(os.path.join(run_dir, "config.py"), "w") as f:
         f.write(RUN_CONFIG.format(source=os.path.abspath(hf_dir)))
     return run_dir
+
+
+def _placeholder(shape) -> np.ndarray:
+    """A float32 array of `shape` that occupies one element (all strides 0): a layout map
+    applied to it gives the shape it maps to without reading or allocating a tensor."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=tuple(shape),
+                                           strides=(0,) * len(shape))
+
+
+def _file_mapping(a: np.ndarray) -> mmap.mmap | None:
+    while a is not None and not isinstance(a, mmap.mmap):
+        a = getattr(a, "base", None)
+    return a
+
+
+_CHUNK_BYTES = 16 << 20
+
+
+def _read_tensor(st, name: str, transform, start, shape, dtype) -> jax.Array:
+    """One parameter from a safetensors file: the HF tensor (memory-mapped) through its layout
+    map (a transpose or the identity: a view) and, for a fused tensor, its slice, copied in
+    16 MiB blocks of the file into a fresh 64-byte-aligned buffer that becomes the jax.Array without a
+    copy (dlpack); after each block the file's pages leave this process (MADV_DONTNEED), so
+    the host holds about one tensor, not the tensor twice."""
+    src = transform(st[name])
+    if start is not None:
+        src = src[..., start:start + shape[-1]]
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    dest = raw[off:off + nbytes].view(dtype).reshape(shape)
+    mapping = _file_mapping(src)
+    if dest.ndim == 0:
+        dest[...] = src
+    else:
+        # blocks along the file's outermost axis (a transposed view's last one), so a block
+        # reads contiguous bytes of the file, not a stripe of every page
+        axis = int(np.argmax(np.abs(src.strides)))
+        step = max(1, _CHUNK_BYTES * shape[axis] // max(1, nbytes))
+        for r in range(0, shape[axis], step):
+            block = (slice(None),) * axis + (slice(r, r + step),)
+            dest[block] = src[block]
+            if mapping is not None:
+                mapping.madvise(mmap.MADV_DONTNEED)
+    del src, mapping
+    return jax.dlpack.from_dlpack(dest)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",

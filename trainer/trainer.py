@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels import platform as kernel_platform
 from trainer import perf, plan, transfer
-from trainer.checkpoint import CheckpointError, Checkpoints, UnreadableCheckpoint, first_line
+from trainer.checkpoint import (CheckpointError, Checkpoints, UnreadableCheckpoint, by_name,
+                                first_line, path_name)
 from trainer.cli import check
 from trainer.config import ConfigError, resume_changes, to_json
 from trainer.data import BadExample, SkipBad, global_batch, process_batches
@@ -220,9 +221,12 @@ class Trainer:
         for step in reversed(steps):
             try:
                 self._check_resumable(step)
-                state, position = self.checkpoints.restore(
-                    step, self.abstract_state.as_dict(), self.state_shardings.as_dict())
-                state = TrainState.from_dict(state)
+                if self.checkpoints.params_only(step):  # an import: a fresh optimizer, step 0
+                    state, position = self._fresh_with_params(step), None
+                else:
+                    state, position = self.checkpoints.restore(
+                        step, self.abstract_state.as_dict(), self.state_shardings.as_dict())
+                    state = TrainState.from_dict(state)
             except UnreadableCheckpoint as e:
                 self._warn(f"skipping unreadable checkpoint {e}")
                 unreadable.append(step)
@@ -279,11 +283,24 @@ class Trainer:
             self._read_from(position["iterator"]["next_index"] * position.get(
                 "global_batch_size", self.config.train.global_batch_size))
 
+    def _fresh_with_params(self, step: int):
+        """A fresh train state whose model arrays are those of params-only checkpoint `step`
+        (trainer.checkpoint.write_params_checkpoint), each read into this mesh's layout."""
+        state = self._fresh_state()
+        shardings = by_name(self.state_shardings.as_dict())
+        flat = self.checkpoints.restore_flat(step, lambda name, shape: shardings[name])
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state.as_dict())
+        out = [flat[n].astype(leaf.dtype) if (n := path_name(p)) in flat else leaf
+               for p, leaf in leaves]
+        return TrainState.from_dict(jax.tree_util.tree_unflatten(treedef, out))
+
     def _check_resumable(self, step: int) -> None:
         """Raises ConfigError when checkpoint `step` is of another model or was saved with a
         config whose model, data stream or schedule differ from this one's."""
         changes = resume_changes(self.checkpoints.restore_config(step), self.config,
                                  self.task.resume_free, training=self.config.train.steps > step)
+        if self.checkpoints.params_only(step):  # an import: only the model must be the same
+            changes = [c for c in changes if c.startswith(("task", "model."))]
         if changes:
             fields = ",".join(dict.fromkeys(c.split(":")[0] for c in changes))
             raise ConfigError(
