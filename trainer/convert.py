@@ -1,5 +1,5 @@
 """Hugging Face checkpoints in and out: `python -m trainer.convert import-hf HF_DIR RUN_DIR`,
-`python -m trainer.convert export-hf RUN_DIR HF_DIR [--step N]`.
+`python -m trainer.convert export-hf RUN_DIR HF_DIR [--step N] [--architecture NAME]`.
 
 Reads a Hugging Face model directory (config.json plus model.safetensors, or the shards named
 by model.safetensors.index.json) and writes a polyformer run directory: the config saved with
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import jax
@@ -64,7 +65,8 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
             os.path.join(run_dir, "checkpoints")):
         raise ConfigError(f"import-hf: {run_dir!r} already holds checkpoints; import into a new "
                           "directory")
-    with Trainer(config, run_dir, quiet=True) as trainer:
+    # the model's label set is the checkpoint's, not the config's data's (match_data)
+    with Trainer(config, run_dir, quiet=True, match_data=False) as trainer:
         state = trainer.initial_state()  # the optimizer state and step of a fresh run
         params = {"nnx/0/" + "/".join(map(str, p)) for p, v in
                   nnx.to_flat_state(trainer.abstract_state.nnx[0]) if isinstance(v, nnx.Param)}
@@ -77,20 +79,28 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
                 continue
             short = name[len("nnx/0/"):]
             if short not in mapping:
-                problems.append(f"{short}: no Hugging Face tensor maps to it")
-                out.append(leaf)
+                if not (importer.ours_only and re.search(importer.ours_only, short)):
+                    problems.append(f"{short}: no Hugging Face tensor maps to it")
+                out.append(leaf)  # (ours_only: its initial value)
                 continue
             hf_name, transform, _ = mapping[short]
-            if hf_name not in tensors:
-                problems.append(f"{short}: tensor {hf_name!r} is not in {hf_dir}")
+            names = hf_name if isinstance(hf_name, tuple) else (hf_name,)  # (several: HFImporter)
+            absent = [n for n in names if n not in tensors]
+            if absent:
+                problems.append(f"{short}: tensor {absent[0]!r} is not in {hf_dir}")
                 out.append(leaf)
                 continue
-            value = np.asarray(transform(tensors[hf_name][hf_name]))
-            used.add(hf_name)
-            if value.shape != leaf.shape:
-                problems.append(f"{short}: tensor {hf_name!r} has shape "
-                                f"{tuple(tensors[hf_name].header[hf_name]['shape'])}, which maps "
-                                f"to {value.shape}; this model needs {leaf.shape}")
+            used.update(names)
+            shapes = " and ".join(str(tuple(tensors[n].header[n]["shape"])) for n in names)
+            try:
+                value = np.asarray(transform(*(tensors[n][n] for n in names)))
+            except ValueError:  # a layout map that cannot take that shape (a reshape)
+                value = None
+            if value is None or value.shape != leaf.shape:
+                problems.append(f"{short}: tensor {' + '.join(map(repr, names))} has shape "
+                                f"{shapes}, which maps to "
+                                f"{'nothing' if value is None else value.shape}; this model "
+                                f"needs {leaf.shape}")
                 out.append(leaf)
                 continue
             out.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
@@ -130,16 +140,23 @@ def get_config(variant=None):
 '''
 
 
-def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
+def export_hf(run_dir: str, hf_dir: str, step: int | None = None,
+              architecture: str | None = None) -> str:
     """Writes checkpoint `step` (default: the newest) of run_dir as a Hugging Face model
-    directory (config.json + model.safetensors, float32) of the architecture whose importer
-    can express the run's model; returns hf_dir."""
+    directory (config.json + model.safetensors, float32) of `architecture`, by default the
+    first of the family's that can express the run's model; returns hf_dir."""
     try:
         model, config = load_checkpoint(run_dir, step)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"export-hf: {e}") from None
     reasons = []
-    for arch, importer in get_task(config.task).__dict__.get("hf_importers", {}).items():
+    importers = get_task(config.task).__dict__.get("hf_importers", {})
+    if architecture is not None:
+        if architecture not in importers:
+            raise ConfigError(f"export-hf: --architecture={architecture!r}: a {config.task!r} "
+                              f"run is written as {', '.join(importers) or 'nothing'}")
+        importers = {architecture: importers[architecture]}
+    for arch, importer in importers.items():
         try:
             hf_config = importer.hf_config(config)
             break
@@ -154,7 +171,12 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
               for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     out = {}
     for name, (hf_name, _, to_hf) in importer.tensors(config).items():
-        out[hf_name] = np.ascontiguousarray(to_hf(params.pop(name)), np.float32)
+        value = to_hf(params.pop(name))
+        for n, v in zip(*((hf_name, value) if isinstance(hf_name, tuple) else
+                          ((hf_name,), (value,)))):
+            out[n] = np.ascontiguousarray(v, np.float32)
+    if importer.ours_only:  # parameters the architecture has no place for (HFImporter)
+        params = {k: v for k, v in params.items() if not re.search(importer.ours_only, k)}
     if params:
         raise ConfigError(f"export-hf: {arch} has no place for {', '.join(sorted(params))}")
     os.makedirs(hf_dir, exist_ok=True)
@@ -181,6 +203,10 @@ def main(argv=None) -> int:
     exp.add_argument("run_dir")
     exp.add_argument("hf_dir")
     exp.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    exp.add_argument("--architecture", default=None,
+                     help="the Hugging Face architecture to write (default: the first of the "
+                          "run's family that can hold it, e.g. ViTForImageClassification "
+                          "before ViTModel)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [a for a in rest if args.command == "export-hf" or not a.startswith("--config.")]
     if bad:
@@ -189,7 +215,7 @@ def main(argv=None) -> int:
             if args.command == "import-hf" else ""))
     try:
         if args.command == "export-hf":
-            export_hf(args.run_dir, args.hf_dir, args.step)
+            export_hf(args.run_dir, args.hf_dir, args.step, args.architecture)
             print(f"exported {args.run_dir} into {args.hf_dir} (config.json, model.safetensors)")
             return 0
         import_hf(args.hf_dir, args.run_dir, [a[len("--config."):] for a in rest])

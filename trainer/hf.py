@@ -28,12 +28,17 @@ class HFImporter:
     config(hf_config: dict) -> the run's ConfigDict (a family config with the HF values);
     hf_config(config) -> the config.json of a run (ConfigError when the run's model is not of
     this architecture); tensors(config) -> {parameter name ('blocks/0/attn/q_proj/kernel'):
-    (HF tensor name, to_ours, to_hf)}, the two layout maps of np.ndarrays; ignored: HF tensor
-    names that carry nothing (e.g. a cached rotary inv_freq)."""
+    (HF tensor name, to_ours, to_hf)}, the two layout maps of np.ndarrays. A parameter held in
+    several HF tensors names them as a tuple: to_ours(*their arrays) -> ours, to_hf(ours) -> a
+    tuple in that order (AST's CLS and distillation tokens are one [1, 2, D] parameter here).
+    ignored: HF tensor names that carry nothing (e.g. a cached rotary inv_freq). ours_only: a
+    regular expression over our parameter names the architecture has no tensor for: on import
+    they keep their initial values, on export they are left out (ViTModel: the classifier)."""
     config: Callable
     hf_config: Callable
     tensors: Callable
     ignored: tuple[str, ...] = ()
+    ours_only: str = ""
 
 
 # ----------------------------------------------------------------------------- safetensors
