@@ -7,7 +7,7 @@ A rule is one of
   a string of terms joined by " or ", each a comparison (">= 1", "> 0", "== -1", "<= 1") or an
       interval ("[0, 1]", "[0, 1)", "(0, 1]", "(0, 1)"): numbers; a tuple or list value has
       every element checked;
-  a tuple of allowed values: ("auto", "xla", "pallas").
+  a tuple of allowed values: ("auto", "xla", "pallas"); a tuple value: each of its elements.
 `check(field, value, rule)` raises ValueError "config.<field>=<value>: must be >= 1" (or
 "allowed: ...").
 """
@@ -35,6 +35,8 @@ def _term(term: str, value) -> bool:
 def ok(value, rule) -> bool:
     """Whether `value` satisfies `rule` (see the module docstring)."""
     if isinstance(rule, (tuple, list)):
+        if isinstance(value, (tuple, list)) and not any(isinstance(r, (tuple, list)) for r in rule):
+            return all(v in rule for v in value)  # a tuple of choices, e.g. LoRA's targets
         return value in rule
     if isinstance(value, (tuple, list)):
         return all(ok(v, rule) for v in value)
@@ -52,8 +54,7 @@ def describe(rule) -> str:
 def check(field: str, value, rule) -> None:
     """Raises ValueError naming config.<field>, its value and what the rule allows."""
     if not ok(value, rule):
-        each = " (each element)" if isinstance(value, (tuple, list)) and not isinstance(
-            rule, (tuple, list)) else ""
+        each = " (each element)" if isinstance(value, (tuple, list)) else ""
         raise ValueError(f"config.{field}={value!r}: {describe(rule)}{each}")
 
 

@@ -74,3 +74,32 @@ class Mlp(nnx.Module):
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class LoRALinear(nnx.Module):
+    """A frozen projection W plus a low-rank update (Hu et al. 2022, eq. 3):
+    y = x W + (alpha / r) (x A) B, A [D_in, r] random, B [r, D_out] zero. It keeps the wrapped
+    layer's `kernel` (the same parameter, under the same name, so a pretrained checkpoint still
+    loads into it). x [..., D_in] -> [..., D_out]."""
+
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs):
+        din, dout = base.kernel.shape
+        self.kernel = base.kernel
+        self.bias = base.bias if base.use_bias else None
+        self.dtype = base.dtype
+        self.scale = alpha / rank
+        self.lora_a = param(rngs, nnx.initializers.lecun_normal(), (din, rank), ("embed", None))
+        self.lora_b = param(rngs, nnx.initializers.zeros, (rank, dout), (None, None))
+
+    def merged_kernel(self):
+        """W + (alpha / r) A B: the one matrix the layer computes with (an export holds it)."""
+        return self.kernel[...] + self.scale * (self.lora_a[...] @ self.lora_b[...])
+
+    def __call__(self, x):
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = x @ self.kernel[...].astype(dtype)
+        y = y + self.scale * ((x @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return materialize(y)

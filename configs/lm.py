@@ -5,7 +5,8 @@ Variants: tiny (tests, seconds), default (`make train`, ~5 minutes on a 2-core C
 gla_tiny and gla: the tiny and default LMs with gated linear attention; moh_tiny and
 complexformer_tiny: the tiny LM with Mixture-of-Head / ComplexFormer attention;
 hedgehog_distill then hedgehog_finetune: converting the default softmax LM (runs/lm, from
-`make train`) to Hedgehog; long: 2k-byte context for the sparse prefill methods; 1b, 8b,
+`make train`) to Hedgehog; finetune (LoRA) and finetune_full: an imported or trained LM
+(--config.init_from=RUN_DIR: its shapes and tokenizer) on your text (--config.data.paths); long: 2k-byte context for the sparse prefill methods; 1b, 8b,
 gla_1b, gla_8b: pod-scale shapes for planning (`--dry_run --topology=v5p:4x4x4`, README
 "Planning a pod run").
 """
@@ -60,6 +61,12 @@ VARIANTS = {
                    steps=100, lr=3e-4, warmup=0, gpt2=True),
     "peer_b": dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=8, seq_len=256, batch=8,
                    steps=100, lr=3e-4, warmup=0, gpt2=True),
+    # fine-tuning an imported (or any trained) LM on your text with its tokenizer: the model's
+    # shapes and data.tokenizer come from --config.init_from=RUN_DIR (config.init_from_config);
+    # finetune: LoRA rank 8 on W_q, W_v (only lora_a / lora_b train); finetune_full: every weight
+    "finetune": dict(base="default", finetune=True, lora_rank=8, steps=200, lr=2e-4, warmup=10,
+                     trainable="lora_"),
+    "finetune_full": dict(base="default", finetune=True, steps=200, lr=2e-5, warmup=10),
     "gla_1b": dict(base="1b", attention="gla", num_heads=4, num_kv_heads=4),
     "gla_8b": dict(base="8b", attention="gla", num_heads=8, num_kv_heads=8),
 }
@@ -72,6 +79,9 @@ def byte_lm_base(task: str, v: dict):
     c.task = task
     c.eval.batches = 8
     c.data.seq_len = v["seq_len"]
+    # bytes | a Hugging Face tokenizer.json | a SentencePiece .model (trainer/tokenizer.py);
+    # model.vocab_size must hold its vocabulary
+    c.data.tokenizer = "bytes"
     return c
 
 
@@ -102,9 +112,15 @@ def get_config(variant=None):
     # architecture switches (models/lm/model.py): Llama style by default, GPT-2 style for the peers
     m.norm = "rmsnorm"
     m.mlp = "swiglu"
+    m.mlp_bias = False  # biases on the MLP's linear layers (GPT-2 checkpoints have them)
     m.position = "rope"
     m.max_len = 0  # learned positions only: how many
     m.tie_embeddings = False
+    # LoRA (Hu et al. 2022) on the attention projections: rank 0 = off; the finetune variant
+    # sets it with train.trainable="lora_" (only the low-rank updates train)
+    m.lora_rank = v.get("lora_rank", 0)
+    m.lora_alpha = 16.0
+    m.lora_targets = ("q", "v")
     if v.get("gpt2"):
         m.norm, m.mlp, m.position, m.rope_theta = "layernorm", "gelu", "learned", 0.0
         m.max_len, m.tie_embeddings, m.mlp_dim = v["seq_len"], True, 4 * v["d_model"]
@@ -117,6 +133,10 @@ def get_config(variant=None):
     if v.get("distill"):
         c.init_from_new = "feature_map"  # the softmax source has no feature maps
     c.train.trainable = v.get("trainable", "")
+    if v.get("finetune"):
+        c.init_from_config = "model,-model.lora_,data.tokenizer"
+        c.init_from_new = "lora_" if m.lora_rank else ""
+        c.train.weight_decay = 0.0
     if v.get("pod"):
         c.train.compute_dtype = "bfloat16"
         c.train.remat = True

@@ -22,7 +22,8 @@ from conftest import REPO_ROOT
 
 PACKAGES = ("pallas_kernels", "attention", "models", "trainer", "configs")
 # the generic pieces of trainer/ a family builds on (one floor below the families)
-TRAINER_BASE = ("trainer.config", "trainer.cli", "trainer.task", "trainer.data", "trainer.sharding",
+TRAINER_BASE = ("trainer.config", "trainer.cli", "trainer.task", "trainer.data", "trainer.text",
+                "trainer.tokenizer", "trainer.sharding",
                 "trainer.hf")
 # a family's command-line tools drive a trained run through the loop: they live with their
 # family (models/<family>/) but stand on the loop's floor

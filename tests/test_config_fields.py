@@ -57,6 +57,7 @@ ACCEPTED = {
     ("data.noise", "0"): "clean synthetic images",
     ("data.negative_ratio", "0"): "positives only (stage 1 trains the box)",
     ("data.num_distractors", "0"): "sequences without distractors",
+    ("lm:model.lora_rank", "0"): "no LoRA (every weight as the config trains it)",
     ("data.scale_jitter", "0"): "no jitter",
     ("data.center_jitter", "0"): "no jitter",
     ("data.template_jitter", "0"): "no jitter",
@@ -158,7 +159,10 @@ def _small(config) -> list[str]:
 def _walk(family: str, spec: str, tmp_path, monkeypatch, done: set):
     """{(field, value): error or None} for every bad value of every field of `spec`."""
     base = load_config(spec)
-    fix = _small(base) + ([f"init_from={tmp_path}"] if base.init_from else [])
+    fix = _small(base) + ([f"init_from={tmp_path}"] if base.init_from or base.init_from_config
+                          else [])
+    # a fine-tuning variant's shapes come from its init_from run: walked with its own instead
+    fix += ["init_from_config="] if base.init_from_config else []
     staged = {k for stage in base.stages for k in stage}  # each stage sets these itself
     out = {}
     for field, value in _leaves(base):

@@ -126,10 +126,11 @@ def test_export_names_what_the_architecture_cannot_hold(runs, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"probe='ep' \(ViTForImageClassification: ''"):
         vit_hf.VIT_CLASSIFIER.hf_config(load_config(f"{VIT}:probe_ep", [
             "model.pool=cls", "model.softmax_bias=True"]))
-    lora = load_config(f"{AST}:lora", ["model.pool=cls_dist", "model.classifier_norm=True",
-                                       "model.softmax_bias=True"])
-    with pytest.raises(ConfigError, match=r"petl='lora' \(ASTForAudioClassification holds no"):
-        ast_hf.AST.hf_config(lora)
+    adapter = load_config(f"{AST}:adapter", ["model.pool=cls_dist", "model.classifier_norm=True",
+                                             "model.softmax_bias=True"])
+    with pytest.raises(ConfigError, match=r"petl='adapter' \(ASTForAudioClassification has no "
+                                          r"place for its adapter parameters"):
+        ast_hf.AST.hf_config(adapter)
     with pytest.raises(ConfigError, match=r"classifier_norm=False"):
         ast_hf.AST.hf_config(load_config(f"{AST}:tiny", ["model.pool=cls_dist",
                                                          "model.softmax_bias=True"]))
@@ -241,11 +242,13 @@ def test_ast_petl_trains_on_an_imported_backbone(runs, tmp_path):
     """Item 6: configs/ast.py:lora with init_from = the imported AST (a frozen backbone for
     PETL) on shorter clips (20 frames, not 24) and another label set (4 classes, not 3): the
     backbone's parameters stay those of the checkpoint (the position embeddings cut to the
-    shorter grid), LoRA and the new classifier learn. The imported run's front-end fields
-    (AudioSet's mean / std) must be the run's."""
+    shorter grid), LoRA and the new classifier learn; exported (LoRA merged into W_q, W_v) and
+    imported back, it is a plain AST computing the same logits. The imported run's front-end
+    fields (AudioSet's mean / std) must be the run's."""
     from models.ast import adapt_pos_embed, patch_grid
     from trainer import Trainer, load_config
     from trainer.api import load_checkpoint
+    from trainer.convert import main
 
     _, src = load_checkpoint(runs["ast_tiny"])
     over = [*_backbone_fields(src, ("d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -255,7 +258,8 @@ def test_ast_petl_trains_on_an_imported_backbone(runs, tmp_path):
             "data.target_length=20",
             f"init_from={runs['ast_tiny']}", "train.steps=1", "data.synthetic_per_fold=2",
             f"data.embedded_dir={tmp_path / 'data'}", *RUN]
-    c = load_config(f"{AST}:lora", over)
+    # AST's own head (so that ASTForAudioClassification can hold the result)
+    c = load_config(f"{AST}:lora", [*over, "model.pool=cls_dist", "model.classifier_norm=True"])
     assert c.init_from_skip == "^classifier" and c.train.trainable == "lora_|^classifier"
     with Trainer(c, str(tmp_path / "lora"), quiet=True) as t:
         before = param_arrays(t.model)
@@ -273,6 +277,15 @@ def test_ast_petl_trains_on_an_imported_backbone(runs, tmp_path):
         np.testing.assert_array_equal(after[k], source[k], err_msg=k)
     learned = [k for k in after if "lora_b" in k or k.startswith("['classifier']")]
     assert learned and all(not np.array_equal(after[k], before[k]) for k in learned)
+    assert main(["export-hf", str(tmp_path / "lora"), str(tmp_path / "hf")]) == 0
+    assert main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    lora, _ = load_checkpoint(str(tmp_path / "lora"))
+    plain, back = load_checkpoint(str(tmp_path / "back"))
+    assert back.model.petl == "full" and (back.data.target_length, back.model.num_classes) == (
+        20, 4)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 20, 16)), jnp.float32)
+    want = np.asarray(lora(x))
+    assert relative_error(plain(x), want) < 1e-5
     # the spectrogram statistics of the checkpoint are part of its backbone
     c = load_config(f"{AST}:lora", [*over, "data.norm_mean=-2.33"])
     with pytest.raises(ConfigError, match=r"data.norm_mean=-2.33, but the source has "

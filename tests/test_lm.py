@@ -13,7 +13,8 @@ from flax import nnx
 from conftest import TINY, run_trainer
 from models.lm import LM, LMTask, generate
 from trainer import load_config
-from trainer.data import ByteCorpus, process_batches, stdlib_files
+from trainer.data import process_batches
+from trainer.text import ByteCorpus, stdlib_files
 
 
 GPT2 = ["model.norm=layernorm", "model.mlp=gelu", "model.position=learned", "model.rope_theta=0",
@@ -254,3 +255,27 @@ def test_llama_switches_reach_the_model():
         LMTask(load_config(TINY, ["model.rope_scaling=llama3",
                                   "model.rope_high_freq_factor=1"])).check(
             {"data": 1, "fsdp": 1, "tensor": 1})
+
+
+def test_bias_switches_reach_the_model():
+    """model.mlp_bias (either MLP) and softmax attention's model.softmax_bias add the biases of a
+    GPT-2 checkpoint, and nothing else; model.norm_eps reaches the LayerNorm too."""
+    def params(*overrides):
+        cfg = load_config(TINY, list(overrides)).model
+        model = nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+        return model, {"/".join(map(str, p)): v.shape
+                       for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    _, plain = params(*GPT2)
+    model, biased = params(*GPT2, "model.mlp_bias=true", "model.softmax_bias=true",
+                           "model.norm_eps=1e-6")
+    assert model.blocks[0].attn_norm.epsilon == 1e-6 and model.final_norm.epsilon == 1e-6
+    assert set(plain) < set(biased)
+    assert {n: s for n, s in biased.items() if n not in plain} == {
+        f"blocks/{i}/{layer}/bias": (size,) for i in range(2) for layer, size in (
+            ("mlp/fc", 256), ("mlp/proj", 64), ("attn/q_proj", 64), ("attn/k_proj", 32),
+            ("attn/v_proj", 32), ("attn/o_proj", 64))}
+    _, plain = params()
+    _, biased = params("model.mlp_bias=true")
+    assert {n for n in biased if n not in plain} == {
+        f"blocks/{i}/mlp/{w}/bias" for i in range(2) for w in ("w1", "w2", "w3")}

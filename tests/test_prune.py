@@ -36,6 +36,8 @@ def test_refuses_what_it_cannot_prune_and_renumbers_act_heads():
         prune.check_prunable(make_tiny_config(), 0.75)  # GQA 4/2: whole groups
     with pytest.raises(ConfigError, match=r"config.model.attention='gla'.*allowed"):
         prune.check_prunable(make_tiny_config("model.attention=gla"), 0.3)
+    with pytest.raises(ConfigError, match=r"config.model.mlp_bias=True: .*allowed: False"):
+        prune.check_prunable(make_tiny_config("model.mlp_bias=true"), 0.3)
     config = make_tiny_config("model.attention=act", "model.num_kv_heads=4", "model.act_heads=0:1,0:2")
     keep = [{"heads": np.array([0, 2, 3]), "kv": np.array([0, 2, 3]), "mlp": np.arange(90)}]
     new = prune.pruned_config(config, keep)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 from typing import Any, Sequence
 
@@ -111,10 +112,62 @@ def finish_config(config: ConfigDict) -> ConfigDict:
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     """Loads `path/to/file.py[:variant]` (finish_config: its attention mechanism's options
-    added, locked) and applies `a.b=value` overrides."""
+    added, locked) and applies `a.b=value` overrides; then the fields config.init_from_config
+    takes from the init_from run (inherit_config), and the overrides again (they win)."""
     path, _, variant = spec.partition(":")
     config = finish_config(_load_module(path).get_config(variant or None))
-    return apply_overrides(config, overrides)
+    apply_overrides(config, overrides)
+    if config.get("init_from_config") and config.init_from:  # (without one: check() refuses)
+        apply_overrides(inherit_config(config), overrides)
+    return config
+
+
+def saved_config(workdir: str, field: str = "init_from") -> dict:
+    """The resolved config saved with the newest complete checkpoint of a run directory (read
+    as JSON, without starting Orbax); ConfigError naming `field` when there is none."""
+    root = os.path.join(workdir, "checkpoints")
+    steps = sorted((int(n) for n in (os.listdir(root) if os.path.isdir(root) else ())
+                    if n.isdigit() and os.path.isfile(os.path.join(root, n, "config", "metadata"))),
+                   reverse=True)
+    if not steps:
+        raise ConfigError(f"config.{field}: {workdir!r} holds no checkpoint with a saved config "
+                          "(a run directory of trainer.main or trainer.convert import-hf)")
+    with open(os.path.join(root, str(steps[0]), "config", "metadata")) as f:
+        return json.load(f)
+
+
+def inherit_config(config: ConfigDict) -> ConfigDict:
+    """Sets the fields named by config.init_from_config (fields or groups, comma-separated; a
+    "-prefix" entry leaves out the fields starting with it, e.g. "model,-model.lora_") to their
+    values in the init_from run's saved config; fields the source lacks keep their values.
+    ConfigError without an init_from, or for a source of another task."""
+    entries = [f.strip() for f in config.init_from_config.split(",") if f.strip()]
+    names = [f for f in entries if not f.startswith("-")]
+    left_out = [f[1:] for f in entries if f.startswith("-")]
+    field = f"init_from_config={config.init_from_config!r} with init_from"
+    saved = saved_config(config.init_from, field)
+    if saved.get("task") != config.task:
+        raise ConfigError(f"config.{field}: {config.init_from!r} is a {saved.get('task')!r} run; "
+                          f"this config is {config.task!r}")
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+    for key, value in leaves(saved):
+        if (not any(key == n or key.startswith(n + ".") for n in names)
+                or any(key.startswith(x) for x in left_out)):
+            continue
+        node, parts = config, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, ConfigDict) else None
+        if not isinstance(node, ConfigDict) or parts[-1] not in node:
+            continue
+        current = node[parts[-1]]
+        set_field(config, key, tuple(value) if isinstance(current, tuple) else value)
+    if config.get("model") is not None and "attention" in config.model:
+        registry.add_options(config.model)
+    return config
 
 
 # ----------------------------------------------------------------------------- checks

@@ -44,6 +44,10 @@ def base_config() -> ConfigDict:
     # "params+optimizer" (Adam moments carried, step and schedule restart at 0);
     # "params+optimizer+step" (moments, step, schedule and data position continue)
     c.init_from_carry = "params"
+    # fields taken from the init_from run's saved config (comma-separated fields or groups,
+    # e.g. "model.d_model,data.tokenizer"; trainer.cli.inherit_config): a fine-tuning recipe
+    # builds the source's architecture whatever its size; --config.<field> overrides still win
+    c.init_from_config = ""
     # a schedule of runs in one command (trainer/stages.py): dicts of field overrides, e.g.
     # ({"train.steps": 100}, {"model.param_tokens": 128, "train.steps": 200}); stage i trains in
     # <workdir>/stage_<i> and initialises from stage i-1 (config.init_from_carry)
@@ -290,6 +294,9 @@ def validate(config: ConfigDict) -> None:
             "(comma-separated names such as data.paths,train.lr or a group such as data)")
     require(not config.init_from or os.path.isdir(config.init_from), "init_from",
             f"{config.init_from!r} is not a directory")
+    require(not config.get("init_from_config") or config.init_from, "init_from_config",
+            f"{config.get('init_from_config')!r} takes fields from the run config.init_from "
+            "names: set --config.init_from=RUN_DIR")
     for field, value in (("train.trainable", config.train.trainable),
                          ("init_from_new", config.init_from_new),
                          ("init_from_skip", config.init_from_skip)):
@@ -304,6 +311,7 @@ def validate(config: ConfigDict) -> None:
 # (task, seed, model.*, data.*, the optimizer and schedule, a family's own groups such as a loss)
 # defines the model, the data stream or the schedule, and a change is refused unless allowed.
 RESUME_FREE = ("mesh.", "checkpoint.", "eval.", "stages", "init_from", "init_from_new",
+               "init_from_config",
                "init_from_skip", "init_from_carry", "data.num_workers", "data.skip_bad",
                "train.log_every",
                "train.remat", "train.nan_policy", "train.grad_accum_steps", "train.steps")

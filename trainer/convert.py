@@ -20,11 +20,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 
 import jax
 import numpy as np
 from flax import nnx
+
+from attention.layers import LoRALinear
 
 from trainer.api import load_checkpoint
 from trainer.checkpoint import path_name
@@ -32,6 +35,7 @@ from trainer.cli import apply_overrides
 from trainer.config import ConfigError, to_json
 from trainer.hf import HFImporter, hf_tensors, write_safetensors
 from trainer.task import all_tasks, get_task
+from trainer.tokenizer import check_vocab, load_tokenizer
 from trainer.trainer import Trainer
 
 
@@ -60,17 +64,28 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
     arch, importer = importer_for(hf_config)
     config = apply_overrides(importer.config(hf_config), list(overrides))
     tensors = hf_tensors(hf_dir)
+    stored = {name: name for name in tensors}  # our HF name -> its name in the file
+    prefix = importer.base_prefix
+    if prefix and not any(name.startswith(prefix) for name in tensors):
+        stored = {prefix + name: name for name in tensors}  # saved from the bare base model
+        tensors = {prefix + name: st for name, st in tensors.items()}
     mapping = importer.tensors(config)
+    fused = {}  # HF tensor -> the parameters it holds, in the map's order (HFImporter)
+    for ours, (hf_name, _, _) in mapping.items():
+        fused.setdefault(hf_name, []).append(ours)
     if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
             os.path.join(run_dir, "checkpoints")):
         raise ConfigError(f"import-hf: {run_dir!r} already holds checkpoints; import into a new "
                           "directory")
+    copy_tokenizer(hf_dir, config, run_dir, overrides)
     # the model's label set is the checkpoint's, not the config's data's (match_data)
     with Trainer(config, run_dir, quiet=True, match_data=False) as trainer:
         state = trainer.initial_state()  # the optimizer state and step of a fresh run
         params = {"nnx/0/" + "/".join(map(str, p)) for p, v in
                   nnx.to_flat_state(trainer.abstract_state.nnx[0]) if isinstance(v, nnx.Param)}
         leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        shapes = {path_name(key)[len("nnx/0/"):]: leaf.shape for key, leaf in leaves
+                  if path_name(key) in params}
         out, problems, used = [], [], set()
         for key, leaf in leaves:
             name = path_name(key)
@@ -90,23 +105,33 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
                 problems.append(f"{short}: tensor {absent[0]!r} is not in {hf_dir}")
                 out.append(leaf)
                 continue
+            transform = mapping[fused[hf_name][0]][1]  # a fused tensor's: its first entry's
             used.update(names)
-            shapes = " and ".join(str(tuple(tensors[n].header[n]["shape"])) for n in names)
+            held_shapes = " and ".join(str(tuple(tensors[n].header[stored[n]]["shape"]))
+                                       for n in names)
             try:
-                value = np.asarray(transform(*(tensors[n][n] for n in names)))
+                value = np.asarray(transform(*(tensors[n][stored[n]] for n in names)))
             except ValueError:  # a layout map that cannot take that shape (a reshape)
                 value = None
-            if value is None or value.shape != leaf.shape:
+            parts = [p for p in fused[hf_name] if p in shapes]
+            need, held = leaf.shape, ""
+            if len(parts) > 1:  # a slice of a fused tensor
+                need = leaf.shape[:-1] + (sum(shapes[p][-1] for p in parts),)
+                held = f" (it holds {', '.join(parts)} on its last axis)"
+            if value is None or value.shape != need:
                 problems.append(f"{short}: tensor {' + '.join(map(repr, names))} has shape "
-                                f"{shapes}, which maps to "
+                                f"{held_shapes}, which maps to "
                                 f"{'nothing' if value is None else value.shape}; this model "
-                                f"needs {leaf.shape}")
+                                f"needs {need}{held}")
                 out.append(leaf)
                 continue
+            if len(parts) > 1:
+                start = sum(shapes[p][-1] for p in parts[:parts.index(short)])
+                value = value[..., start:start + leaf.shape[-1]]
             out.append(jax.device_put(value.astype(leaf.dtype), leaf.sharding))
         unused = sorted(n for n in tensors if n not in used and not any(
             n.endswith(s) for s in importer.ignored))
-        problems += [f"tensor {n!r} of {hf_dir} maps to no parameter" for n in unused]
+        problems += [f"tensor {stored[n]!r} of {hf_dir} maps to no parameter" for n in unused]
         if problems:
             raise ConfigError(f"import-hf: {hf_dir} ({arch}) does not match the model its config "
                               "builds:\n  " + "\n  ".join(problems[:20])
@@ -121,6 +146,27 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
     with open(os.path.join(run_dir, "config.py"), "w") as f:
         f.write(RUN_CONFIG.format(source=os.path.abspath(hf_dir)))
     return run_dir
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json")
+
+
+def copy_tokenizer(hf_dir: str, config, run_dir: str, overrides=()) -> None:
+    """The model's tokenizer files (when hf_dir has them and the run reads text) copied to
+    run_dir/tokenizer, which becomes the run's data.tokenizer (unless the overrides set one)."""
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))]
+    if ("tokenizer" not in config.get("data", {}) or not found
+            or any(o.removeprefix("--config.").startswith("data.tokenizer=") for o in overrides)):
+        return
+    if not {"tokenizer.json", "tokenizer.model"} & set(found):
+        return  # a tokenizer_config.json alone names a Python tokenizer class: nothing to read
+    target = os.path.abspath(os.path.join(run_dir, "tokenizer"))
+    os.makedirs(target, exist_ok=True)
+    for name in found:
+        shutil.copy2(os.path.join(hf_dir, name), os.path.join(target, name))
+    config.data.tokenizer = target
+    check_vocab(load_tokenizer(target), config.model.vocab_size)
 
 
 RUN_CONFIG = '''"""The config of a run imported from {source} (python -m trainer.convert import-hf):
@@ -169,9 +215,19 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None,
     params = {"/".join(map(str, path)): np.asarray(v.get_value() if hasattr(v, "get_value")
                                                    else v.value)
               for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    out = {}
+    for path, module in nnx.iter_modules(model):  # LoRA fine-tunes export their merged weights
+        if isinstance(module, LoRALinear):
+            name = "/".join(map(str, path))
+            params[f"{name}/kernel"] = np.asarray(module.merged_kernel())
+            del params[f"{name}/lora_a"], params[f"{name}/lora_b"]
+    fused = {}  # HF tensor -> (to_hf, the parameters it holds in order: HFImporter)
     for name, (hf_name, _, to_hf) in importer.tensors(config).items():
-        value = to_hf(params.pop(name))
+        fused.setdefault(hf_name, (to_hf, []))[1].append(name)
+    out = {}
+    for hf_name, (to_hf, names) in fused.items():
+        whole = np.concatenate([params.pop(n) for n in names], axis=-1) if len(names) > 1 \
+            else params.pop(names[0])
+        value = to_hf(whole)  # (several HF tensors: a tuple, HFImporter)
         for n, v in zip(*((hf_name, value) if isinstance(hf_name, tuple) else
                           ((hf_name,), (value,)))):
             out[n] = np.ascontiguousarray(v, np.float32)
@@ -188,6 +244,13 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None,
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(dict(hf_config, architectures=[arch], torch_dtype="float32"), f, indent=2,
                   sort_keys=True)
+    # the run's tokenizer beside it (the files it was read from: tokenizer.json and its
+    # tokenizer_config.json, or a SentencePiece model), as AutoTokenizer expects them
+    spec = config.get("data", {}).get("tokenizer", "bytes")
+    for path in load_tokenizer(spec).files:
+        name = os.path.basename(path)
+        name = "tokenizer.model" if name.endswith(".model") else name
+        shutil.copy2(path, os.path.join(hf_dir, name))
     return hf_dir
 
 
@@ -216,7 +279,10 @@ def main(argv=None) -> int:
     try:
         if args.command == "export-hf":
             export_hf(args.run_dir, args.hf_dir, args.step, args.architecture)
-            print(f"exported {args.run_dir} into {args.hf_dir} (config.json, model.safetensors)")
+            tok = any(os.path.exists(os.path.join(args.hf_dir, n))
+                      for n in ("tokenizer.json", "tokenizer.model"))
+            print(f"exported {args.run_dir} into {args.hf_dir} (config.json, model.safetensors"
+                  f"{', the tokenizer' if tok else ''})")
             return 0
         import_hf(args.hf_dir, args.run_dir, [a[len("--config."):] for a in rest])
     except ConfigError as e:

@@ -1,4 +1,4 @@
-"""Input pipelines: Grain datasets, per-process sharding, global arrays; byte-level text corpora.
+"""Input pipelines: Grain datasets, per-process sharding, global arrays (text corpora: trainer/text.py).
 
 A Task hands the Trainer an *example*-level `grain.MapDataset`; `process_batches` turns it into
 the host-local batches of this process such that the global batch is the same whatever the
@@ -7,20 +7,25 @@ p reads rows [p*G/P, (p+1)*G/P) of it). `global_batch` assembles the device arra
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
-import sysconfig
+import shutil
+import sys
+import time
 import warnings
-import zlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import grain
 import jax
 import numpy as np
+import tqdm
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from trainer.config import ConfigError
+from trainer.text import MANIFEST, SHARD_FORMAT, is_eval_file, stdlib_files, text_files, token_dtype
+from trainer.tokenizer import load_tokenizer
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -194,123 +199,155 @@ def embedded_dir(kind: str, params: dict, override: str = "") -> str:
     return os.path.join(cache, "polyformer", f"{kind}_{tag}")
 
 
-# ----------------------------------------------------------------------------- text corpora
-_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+# ----------------------------------------------------------------------------- prepared shards
+class _ShardWriter:
+    """Writes one split's token stream as ArrayRecord files of records of `chunk` ids (the last
+    record of the split may be shorter), a new file every `per_file` records."""
+
+    def __init__(self, out: str, split: str, dtype, chunk: int, per_file: int):
+        self.out, self.split, self.dtype, self.chunk, self.per_file = out, split, dtype, chunk, per_file
+        self.files, self.tokens, self.bytes, self.documents = [], 0, 0, 0
+        self.buffer, self.writer, self.records = [], None, 0
+
+    def _record(self, ids: np.ndarray) -> None:
+        if self.writer is None or self.records == self.per_file:
+            self._close_file()
+            name = f"{self.split}-{len(self.files):05d}.array_record"
+            self.writer = ArrayRecordWriter(os.path.join(self.out, name), "group_size:1")
+            self.files.append(name)
+            self.records = 0
+        self.writer.write(ids.astype(self.dtype).tobytes())
+        self.records += 1
+
+    def _close_file(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def add(self, ids: list[int], nbytes: int) -> None:
+        self.buffer.extend(ids)
+        self.tokens += len(ids)
+        self.bytes += nbytes
+        self.documents += 1
+        while len(self.buffer) >= self.chunk:
+            self._record(np.asarray(self.buffer[:self.chunk]))
+            del self.buffer[:self.chunk]
+
+    def close(self) -> dict:
+        if self.buffer:
+            self._record(np.asarray(self.buffer))
+            self.buffer = []
+        self._close_file()
+        return {"files": self.files, "tokens": self.tokens, "bytes": self.bytes,
+                "documents": self.documents}
 
 
-def stdlib_files() -> tuple[str, list[str]]:
-    """The Python standard library's own .py sources (tests excluded), sorted: on every machine."""
-    root = sysconfig.get_paths()["stdlib"]
-    files = []
-    for d, dirs, names in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in _SKIP_DIRS)
-        files += [os.path.relpath(os.path.join(d, f), root) for f in sorted(names) if f.endswith(".py")]
-    return root, sorted(files)
-
-
-def text_files(paths: Sequence[str]) -> list[tuple[str, str]]:
-    """Files named in data.paths as (path, name) pairs, directories walked recursively (sorted,
-    hidden files skipped). The name is the path relative to its data.paths entry (a file's
-    basename for a file entry): the train/eval split hashes it, so the split does not depend on
-    where the corpus lives."""
-    out = []
-    for p in paths:
-        if os.path.isdir(p):
-            for d, dirs, names in os.walk(p):
-                dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-                for f in sorted(names):
-                    if not f.startswith("."):
-                        full = os.path.join(d, f)
-                        out.append((full, os.path.relpath(full, p)))
-        elif os.path.isfile(p):
-            out.append((p, os.path.basename(p)))
-        else:
-            raise ConfigError(f"config.data.paths: {p!r} does not exist")
-    if not out:
-        raise ConfigError(f"config.data.paths: no files under {list(paths)}")
-    return out
-
-
-def is_eval_file(name: str, eval_every: int = 20) -> bool:
-    """Deterministic train/eval split by file: about 1 in `eval_every` files is held out."""
-    return zlib.crc32(name.encode()) % eval_every == 0
-
-
-@dataclass(frozen=True)
-class ByteCorpus:
-    """Byte-level train/eval corpora (uint8 arrays) split by file."""
-    train: np.ndarray
-    eval: np.ndarray
-    train_files: tuple[str, ...]
-    eval_files: tuple[str, ...]
-
-    @classmethod
-    def from_files(cls, root: str, names: Sequence[str],
-                   split_keys: Sequence[str] | None = None) -> "ByteCorpus":
-        """Files root/name; a file is held out for eval by is_eval_file(its split key), which
-        defaults to its name."""
-        parts = {True: [], False: []}
-        for n, key in zip(names, split_keys or names):
-            with open(os.path.join(root, n), "rb") as f:
-                parts[is_eval_file(key)].append((n, f.read()))
-        if not parts[True] or not parts[False]:
-            # too few files to split by file: hold out the last 10% of each file's bytes instead
-            everything = parts[True] + parts[False]
-            cut = [(n, int(len(b) * 0.9)) for n, b in everything]
-            parts = {False: [(n, b[:c]) for (n, b), (_, c) in zip(everything, cut)],
-                     True: [(n, b[c:]) for (n, b), (_, c) in zip(everything, cut)]}
-        join = lambda ps: np.frombuffer(b"".join(b for _, b in ps), dtype=np.uint8)
-        return cls(train=join(parts[False]), eval=join(parts[True]),
-                   train_files=tuple(n for n, _ in parts[False]),
-                   eval_files=tuple(n for n, _ in parts[True]))
-
-    @classmethod
-    def from_config(cls, paths: Sequence[str]) -> "ByteCorpus":
-        """The embedded stdlib corpus when paths is empty, else the given text files/directories."""
-        if not paths:
-            return _stdlib_corpus()
+def prepare(paths: Sequence[str], tokenizer_spec: str, out: str, *, chunk_tokens: int = 4096,
+            file_tokens: int = 1 << 24, progress: bool = True) -> dict:
+    """Tokenizes the text files of `paths` (the embedded corpus when empty) once into
+    ArrayRecord shards under `out` with a manifest.json: the train / eval split by file of the
+    byte-level corpus (trainer.text.ByteCorpus), so the streams equal what a run tokenizes on
+    the fly, read one batch of files at a time (memory: one batch, not the corpus). Written
+    to a temporary directory renamed at the end: an interrupted prepare leaves no half shards.
+    An existing non-empty `out` is refused (nothing is overwritten)."""
+    tokenizer = load_tokenizer(tokenizer_spec)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"prepare: {out!r} exists and is not an empty directory; choose a new "
+                          "output directory (nothing is overwritten)")
+    if paths:
         files = text_files(paths)
-        empty = [f for f, _ in files if os.path.getsize(f) == 0]
-        if len(empty) == len(files):
-            raise ConfigError(f"config.data.paths={tuple(paths)}: every file is empty ("
-                              f"{', '.join(map(repr, empty[:5]))}{' ...' if len(empty) > 5 else ''}"
-                              "); point it at text files with content")
-        return cls.from_files("", [f for f, _ in files], [k for _, k in files])
+    else:
+        root, names = stdlib_files()
+        files = [(os.path.join(root, n), n) for n in names]
+    held_out = [is_eval_file(key) for _, key in files]
+    by_file = any(held_out) and not all(held_out)  # else the last 10% of every file (ByteCorpus)
+    tmp = f"{out.rstrip(os.sep)}.partial-{os.getpid()}"
+    os.makedirs(tmp)
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _ShardWriter(tmp, s, dtype, chunk_tokens, max(1, file_tokens // chunk_tokens))
+               for s in ("train", "eval")}
+    total = sum(os.path.getsize(f) for f, _ in files)
+    bar = tqdm.tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
+                    desc=f"tokenizing {len(files)} files")
+    start = time.perf_counter()
 
-    def describe(self, split: str) -> str:
-        """'the train split of files a, b, ...' for messages."""
-        names = self.train_files if split == "train" else self.eval_files
-        return (f"the {split} split of {', '.join(map(repr, names[:5]))}"
-                f"{' ...' if len(names) > 5 else ''}")
+    def flush(docs):
+        texts = [d.decode("utf-8", errors="replace") for _, d in docs]
+        for (split, d), ids in zip(docs, tokenizer.encode_batch(texts)):
+            writers[split].add(tokenizer.document(ids), len(d))
+
+    batch, batch_bytes = [], 0
+    for (path, _), held in zip(files, held_out):
+        with open(path, "rb") as f:
+            data = f.read()
+        if by_file:
+            parts = [("eval" if held else "train", data)]
+        else:
+            cut = int(len(data) * 0.9)
+            parts = [("train", data[:cut]), ("eval", data[cut:])]
+        batch += parts
+        batch_bytes += len(data)
+        bar.update(len(data))
+        if batch_bytes >= 8 << 20:
+            flush(batch)
+            batch, batch_bytes = [], 0
+    flush(batch)
+    bar.close()
+    # each split in file order, as the byte corpus orders it: the streams agree
+    splits = {s: w.close() for s, w in writers.items()}
+    if tokenizer.files:
+        os.makedirs(os.path.join(tmp, "tokenizer"))
+        for f in tokenizer.files:
+            shutil.copy2(f, os.path.join(tmp, "tokenizer", os.path.basename(f)))
+    manifest = {"format": SHARD_FORMAT, "tokenizer": tokenizer.spec,
+                "tokenizer_sha256": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                "dtype": np.dtype(dtype).name, "chunk_tokens": chunk_tokens,
+                "sources": list(paths) or ["(the embedded corpus)"], "splits": splits,
+                "seconds": round(time.perf_counter() - start, 2)}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+    os.rename(tmp, out)
+    return manifest
 
 
-_CACHE: dict = {}
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer.data",
+                                description="Data tools: pre-tokenized shards for the language "
+                                "families.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("prepare", help="tokenize text files once into ArrayRecord shards",
+                       description="Tokenizes text files into ArrayRecord shards + manifest.json; "
+                       "train from them with --config.data.paths=OUT (and the same "
+                       "--config.data.tokenizer).")
+    s.add_argument("--data.paths", dest="paths", default="",
+                   help="text files or directories, comma-separated (default: the embedded "
+                        "corpus)")
+    s.add_argument("--data.tokenizer", dest="tokenizer", default="bytes",
+                   help="bytes | a tokenizer.json | a SentencePiece .model (or their directory)")
+    s.add_argument("--chunk_tokens", type=int, default=4096, help="ids per record")
+    s.add_argument("--file_tokens", type=int, default=1 << 24, help="ids per shard file")
+    s.add_argument("out", help="output directory (new or empty)")
+    args = p.parse_args(argv)
+    if args.chunk_tokens < 1 or args.file_tokens < 1:
+        p.error("--chunk_tokens and --file_tokens must be >= 1")
+    try:
+        m = prepare([x for x in args.paths.split(",") if x], args.tokenizer, args.out,
+                    chunk_tokens=args.chunk_tokens, file_tokens=args.file_tokens,
+                    progress=sys.stderr.isatty())
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sp = m["splits"]
+    print(f"wrote {args.out}: {sp['train']['tokens']:,} train + {sp['eval']['tokens']:,} eval "
+          f"tokens ({m['vocab_size']}-token {m['tokenizer']!r}) in "
+          f"{len(sp['train']['files']) + len(sp['eval']['files'])} files, {m['seconds']} s; "
+          f"train with --config.data.paths={args.out}"
+          + (f" --config.data.tokenizer={os.path.join(args.out, 'tokenizer')}"
+             if m["tokenizer"] != "bytes" else ""))
+    return 0
 
 
-def _stdlib_corpus() -> ByteCorpus:
-    if "stdlib" not in _CACHE:
-        _CACHE["stdlib"] = ByteCorpus.from_files(*stdlib_files())
-    return _CACHE["stdlib"]
-
-
-class ByteWindows:
-    """Non-overlapping windows of seq_len + 1 bytes: example i = data[i*T : i*T + T + 1]."""
-
-    def __init__(self, data: np.ndarray, seq_len: int, what: str = "the corpus"):
-        self.data, self.seq_len = data, seq_len
-        self.n = (len(data) - 1) // seq_len
-        if self.n < 1:
-            raise ConfigError(f"config.data: {what} ({len(data)} bytes) is shorter than one "
-                              f"window of data.seq_len + 1 = {seq_len + 1} bytes")
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        i = int(i)
-        s = i * self.seq_len
-        return {"tokens": self.data[s:s + self.seq_len + 1].astype(np.int32), "id": np.int32(i)}
-
-    def _getitems(self, indices):
-        """Batched read (grain's SupportsBatchedReadRandomAccessDataSource)."""
-        return [self[i] for i in indices]
+if __name__ == "__main__":
+    sys.exit(main())

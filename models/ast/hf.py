@@ -42,8 +42,9 @@ AST_DEFAULTS = dict(vit_hf.VIT_DEFAULTS, patch_size=16, frequency_stride=10, tim
                     max_length=1024, num_mel_bins=128)
 AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974  # ASTFeatureExtractor's defaults
 PREFIX = "audio_spectrogram_transformer."
-# PETL methods whose parameters are the plain AST's (the others add adapters, LoRA, prompts)
-EXPORTABLE_PETL = ("full", "linear", "bitfit")
+# PETL methods whose result is a plain AST: their parameters are its own, or LoRA's update,
+# which export-hf merges into W_q and W_v; adapters and prompts have no place there
+EXPORTABLE_PETL = ("full", "linear", "bitfit", "lora")
 
 
 def ast_config(hf: dict):
@@ -74,8 +75,8 @@ def ast_hf_config(config) -> dict:
         problems.append(f"classifier_norm=False ({ARCH}: True, a LayerNorm before the "
                         "classifier)")
     if m.petl not in EXPORTABLE_PETL:
-        problems.append(f"petl={m.petl!r} ({ARCH} holds no {m.petl} parameters; "
-                        f"{', '.join(map(repr, EXPORTABLE_PETL))})")
+        problems.append(f"petl={m.petl!r} ({ARCH} has no place for its {m.petl} "
+                        f"parameters; {', '.join(map(repr, EXPORTABLE_PETL))})")
     if problems:
         raise ConfigError(f"config.model: {', '.join(problems)}")
     return dict(vit_hf.encoder_hf_config(m), model_type="audio-spectrogram-transformer",

@@ -56,7 +56,7 @@ import numpy as np
 from flax import nnx
 
 import attention
-from attention.layers import Mlp, compute_dtype, layer_norm, linear, param
+from attention.layers import LoRALinear, Mlp, compute_dtype, layer_norm, linear, param
 from attention.ops.fusion import materialize
 from attention.sharding import constrain
 from models.ast import audio, hf
@@ -108,31 +108,6 @@ class ConformerAdapter(nnx.Module):
         a, g = jnp.split(self.pw1(z), 2, axis=-1)
         h = self.dw(a * jax.nn.sigmoid(g))  # GLU (Dauphin et al. 2017)
         return self.pw2(jax.nn.silu(self.norm(h)))
-
-
-class LoRALinear(nnx.Module):
-    """A frozen projection W plus a low-rank update (Hu et al. 2022, eq. 3):
-    y = x W + (alpha / r) (x A) B, A [D_in, r] random, B [r, D_out] zero. It keeps the wrapped
-    layer's `kernel` (the same parameter, under the same name, so a pretrained checkpoint still
-    loads into it). x [..., D_in] -> [..., D_out]."""
-
-    def __init__(self, base: nnx.Linear, rank: int, alpha: float, *, rngs):
-        din, dout = base.kernel.shape
-        self.kernel = base.kernel
-        self.bias = base.bias if base.use_bias else None
-        self.dtype = base.dtype
-        self.scale = alpha / rank
-        self.lora_a = param(rngs, nnx.initializers.lecun_normal(), (din, rank), ("embed", None))
-        self.lora_b = param(rngs, nnx.initializers.zeros, (rank, dout), (None, None))
-
-    def __call__(self, x):
-        dtype = self.dtype or x.dtype
-        x = x.astype(dtype)
-        y = x @ self.kernel[...].astype(dtype)
-        y = y + self.scale * ((x @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return materialize(y)
 
 
 class DeepPrompt(nnx.Module):

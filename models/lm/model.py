@@ -5,7 +5,8 @@ attention module, which comes from the registry by `config.model.attention`, so 
 of attention/ plugs in without touching this file. Defaults (Llama style): RMSNorm, SwiGLU,
 RoPE, untied head. GPT-2 style, as the peers in ../shared/peers: `model.norm="layernorm"`,
 `model.mlp="gelu"` (tanh GELU), `model.position="learned"` (with `rope_theta=0`),
-`model.tie_embeddings=True` (configs/lm.py peer_a / peer_b).
+`model.tie_embeddings=True` (configs/lm.py peer_a / peer_b); a GPT-2 checkpoint adds
+`model.mlp_bias=True` and `model.softmax_bias=True` (biases on every linear layer but the head).
 
 Shapes: tokens [B, T] int32 -> logits [B, T, vocab] float32.
 """
@@ -17,16 +18,19 @@ import math
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import attention
-from attention.layers import compute_dtype, dense
+from attention.layers import LoRALinear, compute_dtype, dense, layer_norm, linear
 from attention.ops.fusion import materialize
 from attention.ops.rope import ROPE_SCALINGS
-from models.lm.hf import LLAMA
+from models.lm.hf import GPT2, LLAMA
 from attention.sharding import constrain
 from trainer.config import ConfigError
-from trainer.data import ByteCorpus, ByteWindows, text_files
+from trainer.text import (ByteCorpus, TokenWindows, is_shards, shard_tokens, text_files,
+                          tokenized)
+from trainer.tokenizer import Tokenizer, check_vocab, load_tokenizer
 from trainer.task import Task, register_task
 
 
@@ -47,20 +51,18 @@ def norm_layer(cfg, *, dtype, rngs):
     eps = getattr(cfg, "norm_eps", 0.0)
     if getattr(cfg, "norm", "rmsnorm") == "rmsnorm":
         return rms_norm(cfg.d_model, dtype=dtype, rngs=rngs, eps=eps or 1e-6)
-    return nnx.LayerNorm(cfg.d_model, epsilon=eps or 1e-5, dtype=dtype, param_dtype=jnp.float32,
-                         scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-                         bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
-                         rngs=rngs)
+    return layer_norm(cfg.d_model, dtype=dtype, rngs=rngs, eps=eps or 1e-5)
 
 
 class SwiGLU(nnx.Module):
-    """FFN_SwiGLU(x) = (Swish(x W1) * x W3) W2  (Shazeer 2020, eq. 6)."""
+    """FFN_SwiGLU(x) = (Swish(x W1) * x W3) W2  (Shazeer 2020, eq. 6); bias: a bias on each of
+    the three (config.model.mlp_bias; none by default)."""
 
-    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs):
-        self.w1 = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.w3 = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.w2 = dense(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs,
-                        std=0.02 / (2 * num_layers) ** 0.5)
+    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs, bias: bool = False):
+        self.w1 = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, bias=bias)
+        self.w3 = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, bias=bias)
+        self.w2 = linear(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, bias=bias,
+                         std=0.02 / (2 * num_layers) ** 0.5)
 
     def __call__(self, x):
         h = jax.nn.silu(self.w1(x)) * self.w3(x)
@@ -68,17 +70,31 @@ class SwiGLU(nnx.Module):
 
 
 class GeluMLP(nnx.Module):
-    """FFN(x) = GELU(x W_fc) W_proj with the tanh GELU (Hendrycks & Gimpel 2016, eq. in sec. 2;
-    GPT-2's MLP)."""
+    """FFN(x) = GELU(x W_fc + b_fc) W_proj + b_proj with the tanh GELU (Hendrycks & Gimpel 2016,
+    eq. in sec. 2; GPT-2's MLP); bias: the two biases (config.model.mlp_bias; GPT-2 has them,
+    none by default)."""
 
-    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs):
-        self.fc = dense(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.proj = dense(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs,
-                          std=0.02 / (2 * num_layers) ** 0.5)
+    def __init__(self, d: int, hidden: int, num_layers: int, *, dtype, rngs, bias: bool = False):
+        self.fc = linear(d, hidden, ("embed", "mlp"), dtype=dtype, rngs=rngs, bias=bias)
+        self.proj = linear(hidden, d, ("mlp", "embed"), dtype=dtype, rngs=rngs, bias=bias,
+                           std=0.02 / (2 * num_layers) ** 0.5)
 
     def __call__(self, x):
         h = jax.nn.gelu(self.fc(x), approximate=True)
         return self.proj(constrain(h, ("batch", "length", "act_mlp")))
+
+
+def add_lora(attn: nnx.Module, cfg, *, rngs) -> None:
+    """Wraps the attention projections named by cfg.lora_targets ("q", "k", "v", "o") in
+    LoRALinear (attention/layers.py, the PETL family's): the kernels keep their names, so a
+    pretrained checkpoint loads, and only lora_a / lora_b are new."""
+    for t in cfg.lora_targets:
+        base = getattr(attn, f"{t}_proj", None)
+        if not isinstance(base, nnx.Linear):
+            raise ConfigError(f"config.model.lora_targets: {cfg.attention!r} attention has no "
+                              f"{t}_proj projection; LoRA needs a mechanism with q/k/v/o "
+                              "projections (softmax and those built on it)")
+        setattr(attn, f"{t}_proj", LoRALinear(base, cfg.lora_rank, cfg.lora_alpha, rngs=rngs))
 
 
 class Block(nnx.Module):
@@ -87,7 +103,10 @@ class Block(nnx.Module):
         self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs, layer=layer)
         self.mlp_norm = norm_layer(cfg, dtype=dtype, rngs=rngs)
         mlp = SwiGLU if getattr(cfg, "mlp", "swiglu") == "swiglu" else GeluMLP
-        self.mlp = mlp(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs)
+        self.mlp = mlp(cfg.d_model, cfg.mlp_dim, cfg.num_layers, dtype=dtype, rngs=rngs,
+                       bias=bool(getattr(cfg, "mlp_bias", False)))
+        if getattr(cfg, "lora_rank", 0):  # LoRA fine-tuning (Hu et al. 2022, eq. 3)
+            add_lora(self.attn, cfg, rngs=rngs)
 
     def __call__(self, x, positions, cache, mode):
         h, cache = self.attn(self.attn_norm(x), positions=positions, cache=cache, mode=mode)
@@ -98,7 +117,8 @@ class Block(nnx.Module):
 
 class LM(nnx.Module):
     """cfg: config.model (vocab_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
-    mlp_dim, rope_theta, attention; optional norm, mlp, position + max_len, tie_embeddings)."""
+    mlp_dim, rope_theta, attention; optional norm, norm_eps, mlp, mlp_bias, position + max_len,
+    tie_embeddings)."""
 
     def __init__(self, cfg, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
         self.remat = remat
@@ -209,20 +229,25 @@ def generate(model: LM, prompt, max_new_tokens: int, *, temperature: float = 0.0
 # ----------------------------------------------------------------------------- task
 @register_task("lm")
 class LMTask(Task):
-    """Next-byte prediction on a byte corpus (embedded: the Python stdlib's source)."""
+    """Next-token prediction on text (embedded: the Python stdlib's source), as bytes or a
+    tokenizer's ids (config.data.tokenizer), from text files or prepared shards."""
 
     throughput_unit = "tokens"
     _corpus = None  # read on first use
-    hf_importers = {"LlamaForCausalLM": LLAMA}  # models/lm/hf.py
+    _tokens = None
+    hf_importers = {"LlamaForCausalLM": LLAMA, "GPT2LMHeadModel": GPT2}  # models/lm/hf.py
     FIELD_RULES = {
-        "model.vocab_size": ">= 256",  # byte-level data: every byte value is a token
+        "model.vocab_size": ">= 1",  # >= the tokenizer's vocabulary (validate_data)
         "model.num_layers": ">= 1", "model.d_model": ">= 1", "model.num_heads": ">= 1",
         "model.num_kv_heads": ">= 1", "model.mlp_dim": ">= 1",
         "model.head_dim": ">= 0",  # 0: d_model // num_heads
         "model.rope_theta": ">= 0",  # 0: no RoPE
         "model.max_len": ">= 0",  # learned positions only
         "model.norm": NORMS, "model.mlp": MLPS, "model.position": POSITIONS,
+        "model.mlp_bias": (False, True),  # biases on the MLP's linear layers (GPT-2)
         "model.norm_eps": ">= 0",  # 0: the norm's default
+        "model.lora_rank": ">= 0",  # 0: no LoRA
+        "model.lora_alpha": "> 0", "model.lora_targets": ("q", "k", "v", "o"),
         "model.rope_scaling": ROPE_SCALINGS, "model.rope_scaling_factor": ">= 1",
         "model.rope_low_freq_factor": "> 0", "model.rope_high_freq_factor": "> 0",
         "model.rope_original_max_len": ">= 1",
@@ -265,13 +290,23 @@ class LMTask(Task):
         self.validate_data()
 
     def validate_data(self):
-        """The byte data's fields (shared by the byte-level families)."""
-        if self.config.data.paths:
-            text_files(self.config.data.paths)  # raises on missing paths and empty directories
+        """The text data's fields (shared by the token-level families): the paths, the
+        tokenizer, the model's vocabulary against it, pre-tokenized shards against it."""
+        d = self.config.data
+        if d.paths and not is_shards(d.paths):
+            text_files(d.paths)  # raises on missing paths and empty directories
+        check_vocab(self.tokenizer, self.config.model.vocab_size)
+        if is_shards(d.paths):
+            shard_tokens(d.paths[0], self.tokenizer)  # the manifest, the files, the tokenizer
 
     def build_model(self, rngs):
         t = self.config.train
         return LM(self.config.model, dtype=compute_dtype(t.compute_dtype), remat=t.remat, rngs=rngs)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """config.data.tokenizer's (trainer/tokenizer.py; "bytes" when the config predates it)."""
+        return load_tokenizer(self.config.data.get("tokenizer", "bytes"))
 
     @property
     def corpus(self) -> ByteCorpus:
@@ -279,19 +314,35 @@ class LMTask(Task):
             self._corpus = ByteCorpus.from_config(self.config.data.paths)
         return self._corpus
 
+    @property
+    def tokens(self):
+        """(train ids, eval ids): prepared shards (data.paths naming one), else the text files
+        (or the embedded corpus) tokenized now, once."""
+        if self._tokens is None:
+            paths = self.config.data.paths
+            self._tokens = shard_tokens(paths[0], self.tokenizer) if is_shards(paths) else \
+                tokenized(self.corpus, self.tokenizer)
+        return self._tokens
+
     def _describe(self, split: str) -> str:
         paths = self.config.data.paths
         if not paths:
             return f"the embedded corpus's {split} split"
+        if is_shards(paths):
+            return f"the {split} split of the shards config.data.paths={tuple(paths)}"
         return f"{self.corpus.describe(split)} in config.data.paths={tuple(paths)}"
 
+    def _windows(self, split: str) -> TokenWindows:
+        data = self.tokens[split == "eval"]
+        unit = "bytes" if self.tokenizer.spec == "bytes" else "tokens"
+        return TokenWindows(data, self.config.data.seq_len, self._describe(split), unit)
+
     def train_data(self):
-        src = ByteWindows(self.corpus.train, self.config.data.seq_len, self._describe("train"))
-        return grain.MapDataset.source(src).shuffle(seed=self.config.seed).repeat(None)
+        return grain.MapDataset.source(self._windows("train")).shuffle(
+            seed=self.config.seed).repeat(None)
 
     def eval_data(self):
-        src = ByteWindows(self.corpus.eval, self.config.data.seq_len, self._describe("eval"))
-        return grain.MapDataset.source(src).shuffle(seed=1234)
+        return grain.MapDataset.source(self._windows("eval")).shuffle(seed=1234)
 
     def units_per_example(self):
         return self.config.data.seq_len
@@ -303,18 +354,35 @@ class LMTask(Task):
         # losses the trainer adds, loss_with_aux)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
         loss = nll.mean()
-        return loss, {"nll": loss}
+        metrics = {"nll": loss}
+        if self.tokenizer.spec != "bytes":
+            # the text bytes each target token stands for: bits per byte stay comparable
+            # across tokenizers (every batch holds the same number of tokens, so the mean of
+            # the batch means is the corpus ratio)
+            metrics["bytes_per_token"] = jnp.asarray(self._token_bytes)[tokens[:, 1:]].mean(
+                dtype=jnp.float32)
+        return loss, metrics
+
+    @functools.cached_property
+    def _token_bytes(self) -> np.ndarray:
+        return self.tokenizer.token_bytes()
 
     def eval_summary(self, metrics):
         loss = metrics.get("nll", metrics["loss"])  # without auxiliary (distillation) losses
-        return dict(metrics, bits_per_byte=loss / math.log(2), perplexity=math.exp(min(loss, 50.0)))
+        per_byte = loss / max(metrics.get("bytes_per_token", 1.0), 1e-9)
+        return dict(metrics, bits_per_byte=per_byte / math.log(2),
+                    perplexity=math.exp(min(loss, 50.0)))
 
     def on_fit_end(self, model, log):
         s = self.config.sample
         if not s.max_new_tokens:
             return
-        prompt = jnp.asarray([list(s.prompt.encode("utf-8"))], jnp.int32)
+        tok = self.tokenizer
+        ids = tok.encode(s.prompt)
+        if tok.bos_id is not None and tok.bos_id != tok.eos_id:
+            ids = [tok.bos_id] + ids
+        prompt = jnp.asarray([ids], jnp.int32)
         out = generate(model, prompt, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                        rng=jax.random.key(self.config.seed))
-        text = bytes(int(t) for t in out[0]).decode("utf-8", errors="replace")
+        text = tok.decode(np.asarray(out[0]))
         log(f"sample (temperature={s.temperature}, top_k={s.top_k}):\n{s.prompt}{text}")

@@ -169,6 +169,9 @@ def check_prunable(config, ratio: float) -> None:
                           "(its layer is not a SoftmaxAttention); allowed: 'softmax' and the "
                           "SoftmaxAttention subclasses without parameters of their own (e.g. 'act')")
     _mlp_names(m)
+    if m.get("mlp_bias"):  # (attention biases: check_attention_params)
+        raise ConfigError("config.model.mlp_bias=True: pruning slices the kernels of bias-free "
+                          "MLPs only; allowed: False")
     groups = m.num_kv_heads if m.num_kv_heads != m.num_heads else m.num_heads
     what = "key/value head groups (model.num_kv_heads" if groups != m.num_heads else \
         "heads (model.num_heads"

@@ -35,13 +35,24 @@ def llama_tiny():
         eos_token_id=2, torch_dtype="float32")
 
 
+def gpt2_tiny():
+    """GPT-2 shapes at toy size: head dim 8 (6 heads of 48), n_inner null (4 * n_embd), learned
+    positions (32), LayerNorm eps 1e-5, the tanh GELU, tied head."""
+    return transformers.GPT2Config(
+        vocab_size=259, n_embd=48, n_layer=2, n_head=6, n_positions=32, n_inner=None,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+
+
 def write(name, config, cls):
     torch.manual_seed(0)
     model = cls(config).eval()
-    with torch.no_grad():  # random init is N(0, 0.02): widen the norms so they matter too
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
+    with torch.no_grad():  # random init is N(0, 0.02), biases 0: widen the norms and draw the
+        for n, p in model.named_parameters():  # biases so that they matter too
+            if n.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif n.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     out = os.path.join(HERE, name)
     model.save_pretrained(out, safe_serialization=True)
     with torch.no_grad():
@@ -129,4 +140,5 @@ def write_vision_and_audio():
 
 if __name__ == "__main__":
     write("llama_tiny", llama_tiny(), transformers.LlamaForCausalLM)
+    write("gpt2_tiny", gpt2_tiny(), transformers.GPT2LMHeadModel)
     write_vision_and_audio()
