@@ -73,6 +73,7 @@ def get_config(name=None):
     m.num_kv_heads = v["num_heads"]
     m.head_dim = 0  # 0: d_model // num_heads
     m.pool = "mean"  # "cls": a learned CLS token feeds the classifier
+    m.norm_eps = 0.0  # LayerNorm epsilon; 0: the default (1e-6); Hugging Face's ViT: 1e-12
     for field, value in v.get("model", {}).items():  # a variant's mechanism fields
         m[field] = value
     return finish_config(c)

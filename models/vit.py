@@ -3,7 +3,9 @@ families share, and efficient probing of a frozen backbone (Psomas et al., "Atte
 
 ViT: image [B, S, S, 3] -> p x p patches, flattened and linearly embedded, + learned positions
 (+ a CLS token when `model.pool="cls"`) -> pre-norm blocks x + Attn(LN(x)), x + MLP(LN(x)) ->
-final LN. Attention comes from the registry (`model.attention`) with `model.causal=False`.
+final LN (LayerNorm epsilon: `model.norm_eps`, 0 = 1e-6). Attention comes from the registry
+(`model.attention`) with `model.causal=False`. Hugging Face ViTForImageClassification / ViTModel
+checkpoints in and out: models/vit_hf.py.
 
 Every classifier is `ImageClassifier`: a `backbone` (images -> tokens [B, N, D] and a pooled
 [B, D]) and one head, chosen by `model.probe`:
@@ -28,7 +30,7 @@ from flax import nnx
 import attention
 from attention.layers import Mlp, compute_dtype, layer_norm, linear, param  # noqa: F401  (re-exported)
 from attention.sharding import constrain
-from models import images
+from models import images, vit_hf
 from trainer.config import ConfigError
 from trainer.task import Task, register_task
 
@@ -41,6 +43,13 @@ PROBES = ("", "ep", "linear")
 attention_config = attention.registry.layer_config
 
 
+def norm(d: int, cfg, *, dtype, rngs):
+    """LayerNorm over d channels with config.model.norm_eps (0 or absent: layer_norm's default;
+    Hugging Face's ViT and AST: 1e-12)."""
+    eps = getattr(cfg, "norm_eps", 0.0)
+    return layer_norm(d, dtype=dtype, rngs=rngs, **({"eps": eps} if eps else {}))
+
+
 def token_positions(batch: int, n: int):
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
 
@@ -49,9 +58,9 @@ class Block(nnx.Module):
     """x + Attn(LN(x)), then x + MLP(LN(x)); x [B, N, D]."""
 
     def __init__(self, cfg, *, dtype, rngs, layer: int | None = None):
-        self.attn_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.attn_norm = norm(cfg.d_model, cfg, dtype=dtype, rngs=rngs)
         self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs, layer=layer)
-        self.mlp_norm = layer_norm(cfg.d_model, dtype=dtype, rngs=rngs)
+        self.mlp_norm = norm(cfg.d_model, cfg, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(cfg.d_model, cfg.mlp_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
@@ -69,7 +78,7 @@ def patchify(images, p: int):
 
 class ViT(nnx.Module):
     """cfg: config.model (patch_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
-    mlp_dim, pool, attention, rope_theta, causal); image_size from config.data.
+    mlp_dim, pool, attention, rope_theta, causal, norm_eps); image_size from config.data.
     images [B, S, S, 3] -> (tokens [B, N, D] (patch tokens, after the final LN), pooled [B, D])."""
 
     def __init__(self, cfg, image_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -85,7 +94,7 @@ class ViT(nnx.Module):
                                    (n + (cfg.pool == "cls"), d), (None, "embed"))
             self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs, layer=i)
                                     for i in range(cfg.num_layers)])
-            self.final_norm = layer_norm(d, dtype=dtype, rngs=rngs)
+            self.final_norm = norm(d, cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, images):
         x = self.patch_embed(patchify(images, self.patch_size))
@@ -145,6 +154,8 @@ class LinearProbe(nnx.Module):
 class ImageClassifier(nnx.Module):
     """`backbone` (images -> tokens, pooled) and either `classifier` (model.probe = "") or
     `probe` ("ep" / "linear"); the names are what init_from and train.trainable match.
+    model.classifier_norm: a LayerNorm on the pooled features before the classifier (AST's
+    head; named `classifier_norm`, so "^classifier" patterns take it with the classifier).
     images [B, S, S, 3] -> logits [B, num_classes] float32."""
 
     def __init__(self, backbone: nnx.Module, cfg, *, dtype, rngs):
@@ -156,6 +167,8 @@ class ImageClassifier(nnx.Module):
             self.classifier = linear(d, k, ("embed", None), dtype=dtype, rngs=rngs,
                                      std=float(getattr(cfg, "classifier_std", 0.0))) \
                 if cfg.probe == "" else None
+            self.classifier_norm = norm(d, cfg, dtype=dtype, rngs=rngs) \
+                if cfg.probe == "" and getattr(cfg, "classifier_norm", False) else None
             self.probe = (EfficientProbe(d, k, cfg.probe_queries, cfg.probe_d_out, dtype=dtype,
                                          rngs=rngs) if cfg.probe == "ep" else
                           LinearProbe(d, k, dtype=dtype, rngs=rngs) if cfg.probe == "linear"
@@ -163,6 +176,8 @@ class ImageClassifier(nnx.Module):
 
     def __call__(self, images):
         tokens, pooled = self.backbone(images)
+        if self.classifier_norm is not None:
+            pooled = self.classifier_norm(pooled)
         logits = self.classifier(pooled) if self.probe is None else self.probe(tokens)
         return logits.astype(jnp.float32)
 
@@ -175,7 +190,8 @@ class ClassificationTask(Task):
 
     Fields: data.image_size, data.num_train, data.num_eval, data.max_shapes, data.noise (shapes
     only); model.num_classes (must equal the data's), model.probe, model.probe_queries,
-    model.probe_d_out; train.label_smoothing."""
+    model.probe_d_out; train.label_smoothing. With match_data False (trainer.convert writing an
+    imported checkpoint) model.num_classes may differ from the data's classes."""
 
     throughput_unit = "images"
     FIELD_RULES = {
@@ -192,7 +208,7 @@ class ClassificationTask(Task):
     # config.model fields that change what a trained backbone computes without changing its
     # parameters' shapes (the trainer reports shape mismatches itself): a probe's init_from
     # source must agree on them
-    BACKBONE_FIELDS = ("attention", "causal", "rope_theta")
+    BACKBONE_FIELDS = ("attention", "causal", "rope_theta", "softmax_bias", "norm_eps")
 
     def __init__(self, config):
         super().__init__(config)
@@ -245,7 +261,7 @@ class ClassificationTask(Task):
             raise ConfigError(f"config.data.paths: one ImageFolder root, got {len(c.data.paths)} "
                               f"paths {tuple(c.data.paths)}")
         _, _, classes = self.data()
-        if m.num_classes != len(classes):
+        if m.num_classes != len(classes) and self.match_data:
             where = (f"the ImageFolder {c.data.paths[0]!r}" if c.data.paths
                      else "the shapes data (models/images.py SHAPE_KINDS)")
             raise ConfigError(f"config.model.num_classes={m.num_classes}, but {where} has "
@@ -312,10 +328,12 @@ class ClassificationTask(Task):
 
 @register_task("vit")
 class ViTTask(ClassificationTask):
-    """ViT image classification (configs/vit.py)."""
+    """ViT image classification (configs/vit.py). Hugging Face ViTForImageClassification and
+    ViTModel checkpoints in and out: models/vit_hf.py."""
 
     BACKBONE_FIELDS = (*ClassificationTask.BACKBONE_FIELDS, "pool")
-    FIELD_RULES = {"model.pool": POOLS}
+    FIELD_RULES = {"model.pool": POOLS, "model.norm_eps": ">= 0"}  # norm_eps 0: the default
+    hf_importers = vit_hf.IMPORTERS
 
     def validate_backbone(self, mesh_sizes):
         m, s = self.config.model, self.config.data.image_size

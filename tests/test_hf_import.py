@@ -117,7 +117,7 @@ def test_bad_checkpoints_are_named(tmp_path, capsys):
     from trainer.convert import import_hf, main
 
     with pytest.raises(ConfigError, match=r"architecture 'MambaForCausalLM' is not supported; "
-                                          r"supported: GPT2LMHeadModel, LlamaForCausalLM"):
+                                          r"supported: .*LlamaForCausalLM"):
         import_hf(_broken(tmp_path / "a", config={"architectures": ["MambaForCausalLM"]}),
                   str(tmp_path / "a" / "run"))
     with pytest.raises(ConfigError, match=r"hidden_act='gelu' is not supported"):

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints in and out: `python -m trainer.convert import-hf HF_DIR RUN_DIR`,
-`python -m trainer.convert export-hf RUN_DIR HF_DIR [--step N]`.
+`python -m trainer.convert export-hf RUN_DIR HF_DIR [--step N] [--architecture NAME]`.
 
 Reads a Hugging Face model directory (config.json plus model.safetensors, or the shards named
 by model.safetensors.index.json) and writes a polyformer run directory: the config saved with
@@ -20,6 +20,7 @@ import argparse
 import json
 import mmap
 import os
+import re
 import shutil
 import sys
 
@@ -30,7 +31,7 @@ from flax import nnx
 from attention.layers import LoRALinear
 
 from trainer.api import load_checkpoint
-from trainer.checkpoint import path_name, write_params_checkpoint
+from trainer.checkpoint import PARAMS, path_name, write_params_checkpoint
 from trainer.cli import apply_overrides
 from trainer.config import ConfigError, to_json
 from trainer.hf import HFImporter, hf_tensors, write_safetensors
@@ -78,38 +79,60 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
         raise ConfigError(f"import-hf: {run_dir!r} already holds checkpoints; import into a new "
                           "directory")
     copy_tokenizer(hf_dir, config, run_dir, overrides)
-    with Trainer(config, run_dir, quiet=True) as trainer:  # the model's arrays, abstract
+    # the model's label set is the checkpoint's, not the config's data's (match_data)
+    with Trainer(config, run_dir, quiet=True, match_data=False) as trainer:
         params = {"/".join(map(str, p)) for p, v in
                   nnx.to_flat_state(trainer.abstract_state.nnx[0]) if isinstance(v, nnx.Param)}
         leaves = [(path_name(key), leaf) for key, leaf in
                   jax.tree_util.tree_flatten_with_path(trainer.abstract_state.nnx[0])[0]]
-    leaves = [(name, leaf) for name, leaf in leaves if name in params]
+        leaves = [(name, leaf) for name, leaf in leaves if name in params]
+        # parameters the architecture lacks keep their initial values (ours_only: e.g. ViTModel
+        # has no classifier); only then is a fresh model built, once
+        own = [name for name, _ in leaves if name not in mapping and importer.ours_only
+               and re.search(importer.ours_only, name)]
+        fresh = {}
+        if own:
+            fresh = {path_name(k)[len(PARAMS):]: v for k, v in
+                     jax.tree_util.tree_flatten_with_path(trainer._fresh_state().as_dict())[0]
+                     if path_name(k)[len(PARAMS):] in own}
     shapes = {name: leaf.shape for name, leaf in leaves}
     # first every check, from the files' headers only (nothing is written when one fails)
     plan, problems, used = [], [], set()
     for short, leaf in leaves:
+        if short in fresh:
+            plan.append((short, None, lambda v=fresh[short]: v, None, leaf))
+            continue
         if short not in mapping:
             problems.append(f"{short}: no Hugging Face tensor maps to it")
             continue
         hf_name = mapping[short][0]
-        if hf_name not in tensors:
-            problems.append(f"{short}: tensor {hf_name!r} is not in {hf_dir}")
+        names = hf_name if isinstance(hf_name, tuple) else (hf_name,)  # (several: HFImporter)
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            problems.append(f"{short}: tensor {absent[0]!r} is not in {hf_dir}")
             continue
         transform = mapping[fused[hf_name][0]][1]  # a fused tensor's: its first entry's
-        header = tensors[hf_name].header[stored[hf_name]]
-        value = transform(_placeholder(header["shape"]))  # the shape it maps to, no data read
-        used.add(hf_name)
+        used.update(names)
+        held_shapes = " and ".join(str(tuple(tensors[n].header[stored[n]]["shape"]))
+                                   for n in names)
+        try:  # the shape it maps to, without reading (or, for a reshape, allocating) data
+            value = transform(*(_placeholder(tensors[n].header[stored[n]]["shape"])
+                                for n in names))
+        except ValueError:  # a layout map that cannot take that shape (a reshape)
+            value = None
         parts = [p for p in fused[hf_name] if p in shapes]
         need, held, start = leaf.shape, "", None
         if len(parts) > 1:  # a slice of a fused tensor
             need = leaf.shape[:-1] + (sum(shapes[p][-1] for p in parts),)
             held = f" (it holds {', '.join(parts)} on its last axis)"
             start = sum(shapes[p][-1] for p in parts[:parts.index(short)])
-        if value.shape != need:
-            problems.append(f"{short}: tensor {hf_name!r} has shape {tuple(header['shape'])}, "
-                            f"which maps to {value.shape}; this model needs {need}{held}")
+        if value is None or value.shape != need:
+            problems.append(f"{short}: tensor {' + '.join(map(repr, names))} has shape "
+                            f"{held_shapes}, which maps to "
+                            f"{'nothing' if value is None else value.shape}; this model "
+                            f"needs {need}{held}")
             continue
-        plan.append((short, tensors[hf_name], stored[hf_name], transform, start, leaf))
+        plan.append((short, [(tensors[n], stored[n]) for n in names], transform, start, leaf))
     unused = sorted(n for n in tensors if n not in used and not any(
         n.endswith(s) for s in importer.ignored))
     problems += [f"tensor {stored[n]!r} of {hf_dir} maps to no parameter" for n in unused]
@@ -121,8 +144,9 @@ def import_hf(hf_dir: str, run_dir: str, overrides=()) -> str:
     # then tensor by tensor into a params-only checkpoint at step 0 (a run resumes it with a
     # fresh optimizer): the host holds one tensor at a time, never the model
     write_params_checkpoint(run_dir, 0, (
-        (short, _read_tensor(st, name, transform, start, leaf.shape, leaf.dtype))
-        for short, st, name, transform, start, leaf in plan), to_json(config))
+        (short, transform() if sources is None else
+         _read_tensor(sources, transform, start, leaf.shape, leaf.dtype))
+        for short, sources, transform, start, leaf in plan), to_json(config))
     # the run's config as a config file, so the CLI trains on with --config=RUN_DIR/config.py
     with open(os.path.join(run_dir, "polyformer_config.json"), "w") as f:
         f.write(to_json(config))
@@ -147,13 +171,13 @@ def _file_mapping(a: np.ndarray) -> mmap.mmap | None:
 _CHUNK_BYTES = 16 << 20
 
 
-def _read_tensor(st, name: str, transform, start, shape, dtype) -> jax.Array:
-    """One parameter from a safetensors file: the HF tensor (memory-mapped) through its layout
-    map (a transpose or the identity: a view) and, for a fused tensor, its slice, copied in
+def _read_tensor(sources, transform, start, shape, dtype) -> jax.Array:
+    """One parameter from safetensors files (sources: [(SafeTensors, tensor name)], usually
+    one): the HF tensor (memory-mapped) through its layout map (a transpose or the identity: a view) and, for a fused tensor, its slice, copied in
     16 MiB blocks of the file into a fresh 64-byte-aligned buffer that becomes the jax.Array without a
     copy (dlpack); after each block the file's pages leave this process (MADV_DONTNEED), so
     the host holds about one tensor, not the tensor twice."""
-    src = transform(st[name])
+    src = transform(*(st[name] for st, name in sources))
     if start is not None:
         src = src[..., start:start + shape[-1]]
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -215,16 +239,23 @@ def get_config(variant=None):
 '''
 
 
-def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
+def export_hf(run_dir: str, hf_dir: str, step: int | None = None,
+              architecture: str | None = None) -> str:
     """Writes checkpoint `step` (default: the newest) of run_dir as a Hugging Face model
-    directory (config.json + model.safetensors, float32) of the architecture whose importer
-    can express the run's model; returns hf_dir."""
+    directory (config.json + model.safetensors, float32) of `architecture`, by default the
+    first of the family's that can express the run's model; returns hf_dir."""
     try:
         model, config = load_checkpoint(run_dir, step)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"export-hf: {e}") from None
     reasons = []
-    for arch, importer in get_task(config.task).__dict__.get("hf_importers", {}).items():
+    importers = get_task(config.task).__dict__.get("hf_importers", {})
+    if architecture is not None:
+        if architecture not in importers:
+            raise ConfigError(f"export-hf: --architecture={architecture!r}: a {config.task!r} "
+                              f"run is written as {', '.join(importers) or 'nothing'}")
+        importers = {architecture: importers[architecture]}
+    for arch, importer in importers.items():
         try:
             hf_config = importer.hf_config(config)
             break
@@ -249,7 +280,12 @@ def export_hf(run_dir: str, hf_dir: str, step: int | None = None) -> str:
     for hf_name, (to_hf, names) in fused.items():
         whole = np.concatenate([params.pop(n) for n in names], axis=-1) if len(names) > 1 \
             else params.pop(names[0])
-        out[hf_name] = np.ascontiguousarray(to_hf(whole), np.float32)
+        value = to_hf(whole)  # (several HF tensors: a tuple, HFImporter)
+        for n, v in zip(*((hf_name, value) if isinstance(hf_name, tuple) else
+                          ((hf_name,), (value,)))):
+            out[n] = np.ascontiguousarray(v, np.float32)
+    if importer.ours_only:  # parameters the architecture has no place for (HFImporter)
+        params = {k: v for k, v in params.items() if not re.search(importer.ours_only, k)}
     if params:
         raise ConfigError(f"export-hf: {arch} has no place for {', '.join(sorted(params))}")
     os.makedirs(hf_dir, exist_ok=True)
@@ -283,6 +319,10 @@ def main(argv=None) -> int:
     exp.add_argument("run_dir")
     exp.add_argument("hf_dir")
     exp.add_argument("--step", type=int, default=None, help="the checkpoint (default: newest)")
+    exp.add_argument("--architecture", default=None,
+                     help="the Hugging Face architecture to write (default: the first of the "
+                          "run's family that can hold it, e.g. ViTForImageClassification "
+                          "before ViTModel)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     bad = [a for a in rest if args.command == "export-hf" or not a.startswith("--config.")]
     if bad:
@@ -291,7 +331,7 @@ def main(argv=None) -> int:
             if args.command == "import-hf" else ""))
     try:
         if args.command == "export-hf":
-            export_hf(args.run_dir, args.hf_dir, args.step)
+            export_hf(args.run_dir, args.hf_dir, args.step, args.architecture)
             tok = any(os.path.exists(os.path.join(args.hf_dir, n))
                       for n in ("tokenizer.json", "tokenizer.model"))
             print(f"exported {args.run_dir} into {args.hf_dir} (config.json, model.safetensors"

@@ -34,12 +34,18 @@ class HFImporter:
     concatenated on export, to_ours / to_hf (the first entry's) acting on the whole tensor.
     ignored: HF tensor names that carry nothing (e.g. a cached rotary inv_freq). base_prefix:
     transformers' base_model_prefix with its dot ('transformer.'), which the tensor names of a
-    checkpoint saved from the bare base model lack (the hub's gpt2): import adds it then."""
+    checkpoint saved from the bare base model lack (the hub's gpt2): import adds it then.
+    A parameter held in several HF tensors names them as a tuple: to_ours(*their arrays) ->
+    ours, to_hf(ours) -> a tuple in that order (AST's CLS and distillation tokens are one
+    [1, 2, D] parameter here). ours_only: a regular expression over our parameter names the
+    architecture has no tensor for: on import they keep their initial values, on export they
+    are left out (ViTModel: the classifier)."""
     config: Callable
     hf_config: Callable
     tensors: Callable
     ignored: tuple[str, ...] = ()
     base_prefix: str = ""
+    ours_only: str = ""
 
 
 # ----------------------------------------------------------------------------- safetensors

@@ -94,6 +94,11 @@ class Task(abc.ABC):
     # Hugging Face architectures this family holds ({"LlamaForCausalLM": trainer.hf.HFImporter});
     # `python -m trainer.convert import-hf` reads each class's own (a subclass does not inherit)
     hf_importers: dict = {}
+    # False while trainer.convert writes a checkpoint of a model trained elsewhere: its label set
+    # is the checkpoint's, not the config's data's, and validate skips the checks comparing the
+    # model with the data (e.g. a classifier's outputs and the data's classes); a run that
+    # trains or evaluates the model makes them
+    match_data: bool = True
     # the bounds of the family's own fields, in the rule language of attention/fields.py
     # ({"model.num_layers": ">= 1", "model.norm": ("layernorm", "rmsnorm")}); a subclass adds
     # to its bases' (field_rules()); checked before validate, fields a variant lacks skipped

@@ -45,16 +45,19 @@ from trainer.task import get_task, loss_with_aux
 
 class Trainer:
     def __init__(self, config, workdir: str, *, devices=None, quiet: bool = False,
-                 dry_run: bool = False, checked: bool = False):
+                 dry_run: bool = False, checked: bool = False, match_data: bool = True):
         """dry_run: collect divisibility problems in self.problems instead of raising, and
         touch nothing on disk (see `dry_run()`). checked: the config already passed
-        trainer.cli.check (trainer.cli.runs does it for every run of a command)."""
+        trainer.cli.check (trainer.cli.runs does it for every run of a command). match_data
+        False: the model need not fit the config's data (Task.match_data; trainer.convert
+        writes a checkpoint of a model trained elsewhere, e.g. on other labels)."""
         if not checked:
             check(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
         self.quiet = quiet
         self.task = get_task(config.task)(config)
+        self.task.match_data = match_data
         self.problems: list[str] = []
 
         def problem(error: ConfigError) -> None:

@@ -168,12 +168,16 @@ def _growth_report(trainer, src_config: dict, flat: dict, new_state, grown: list
         model.eval()
         return loss_with_aux(src_task, model, batch)[0]
 
+    note = ""
     with jax.set_mesh(trainer.mesh):
-        before = float(jax.jit(src_loss)(src_state, batch))
+        try:
+            before = float(jax.jit(src_loss)(src_state, batch))
+        except (TypeError, ValueError):  # e.g. a head for another label set (init_from_skip)
+            before, note = float("nan"), " (the source model cannot take this run's batch)"
         after = float(jax.jit(trainer._eval_step_fn)(new_state, batch)[0]["loss"])
     report = {"params_before": old_params, "params_after": trainer.num_params(),
               "loss_before": before, "loss_after": after, "grown": grown}
     trainer._log(f"growth: {len(grown)} arrays grew ({grown[0]}, ...); parameters "
               f"{old_params:,} -> {trainer.num_params():,}; loss on a fixed eval batch "
-              f"{before:.6f} before, {after:.6f} after")
+              f"{before:.6f} before{note}, {after:.6f} after")
     return report

@@ -13,6 +13,10 @@ final LN; pooled = (x_cls + x_dist) / 2 (`model.pool="cls_dist"`, AST) or the me
 tokens (`"mean"`, PETL_AST's `final_output: 'ALL'`) -> `classifier` (models/vit.py
 ImageClassifier).
 
+`model.norm_eps` sets the LayerNorms' epsilon (0: 1e-6), `model.classifier_norm` a LayerNorm
+before the classifier (models/vit.py ImageClassifier): with pool "cls_dist" and softmax_bias,
+Hugging Face's ASTForAudioClassification, which models/ast/hf.py imports and exports.
+
 Loading a checkpoint trained with another `data.target_length` adapts the position embeddings
 in time (`adapt_init_from`): a centre cut when shorter, linear interpolation when longer (AST's
 AudioSet -> short-clip recipe); the frequency grid must match.
@@ -55,8 +59,8 @@ import attention
 from attention.layers import LoRALinear, Mlp, compute_dtype, layer_norm, linear, param
 from attention.ops.fusion import materialize
 from attention.sharding import constrain
-from models.ast import audio
-from models.vit import ClassificationTask, token_positions
+from models.ast import audio, hf
+from models.vit import ClassificationTask, norm, token_positions
 from trainer.config import ConfigError
 from trainer.data import embedded_dir
 from trainer.task import register_task
@@ -143,9 +147,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg, *, dtype, rngs, layer: int | None = None):
         d = cfg.d_model
-        self.attn_norm = layer_norm(d, dtype=dtype, rngs=rngs)
+        self.attn_norm = norm(d, cfg, dtype=dtype, rngs=rngs)
         self.attn = attention.build(cfg.attention, cfg, dtype=dtype, rngs=rngs, layer=layer)
-        self.mlp_norm = layer_norm(d, dtype=dtype, rngs=rngs)
+        self.mlp_norm = norm(d, cfg, dtype=dtype, rngs=rngs)
         self.mlp = Mlp(d, cfg.mlp_dim, dtype=dtype, rngs=rngs)
         petl = cfg.petl
         if petl in ("lora", "prompt") and not _projections(self.attn):
@@ -217,7 +221,7 @@ class AST(nnx.Module):
                                    (self.NUM_SPECIAL + math.prod(self.grid), d), (None, "embed"))
             self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs, layer=i)
                                     for i in range(cfg.num_layers)])
-            self.final_norm = layer_norm(d, dtype=dtype, rngs=rngs)
+            self.final_norm = norm(d, cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, fbank):
         B = fbank.shape[0]
@@ -268,7 +272,9 @@ class ASTTask(ClassificationTask):
                        "d_model", "num_layers", "num_heads")
     # data fields the spectrogram depends on: a source run must agree (target_length may differ)
     FRONT_END_FIELDS = ("sample_rate", "num_mel_bins", "norm_mean", "norm_std")
+    hf_importers = hf.IMPORTERS  # ASTForAudioClassification (models/ast/hf.py)
     FIELD_RULES = {
+        "model.norm_eps": ">= 0",  # 0: layer_norm's default (1e-6); Hugging Face's AST: 1e-12
         "model.pool": POOLS, "model.petl": PETL, "model.adapter_placement": PLACEMENTS,
         "model.adapter_location": LOCATIONS, "model.fstride": ">= 1", "model.tstride": ">= 1",
         "model.adapter_reduction": ">= 1", "model.lora_rank": ">= 1", "model.prompt_length": ">= 1",
@@ -304,7 +310,7 @@ class ASTTask(ClassificationTask):
         if len(d.paths) > 1:
             raise ConfigError(f"config.data.paths: one audio root, got {tuple(d.paths)}")
         _, _, classes = self.data()
-        if m.num_classes != len(classes):
+        if m.num_classes != len(classes) and self.match_data:
             raise ConfigError(f"config.model.num_classes={m.num_classes}, but the data has "
                               f"{len(classes)} classes ({', '.join(classes[:10])}"
                               f"{', ...' if len(classes) > 10 else ''}); set "
