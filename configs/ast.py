@@ -61,6 +61,12 @@ def petl_fields(c, petl: str) -> None:
     c.init_from_new = PETL_NEW.get(petl, "")
     # the transfer task has its own label set: the classifier starts afresh
     c.init_from_skip = "^classifier" if c.init_from else ""
+    # the backbone's shapes and spectrogram statistics come from the init_from run (an
+    # imported AudioSet AST as much as runs/ast_pretrain); the method, its sizes and the label
+    # set are this config's (trainer.cli.inherit_config; --config.<field> overrides win)
+    c.init_from_config = ("model,-model.petl,-model.adapter_,-model.conformer_,-model.lora_,"
+                          "-model.prompt_,-model.num_classes,-model.classifier_,-model.probe,"
+                          "data.num_mel_bins,data.norm_mean,data.norm_std") if c.init_from else ""
 
 
 def get_config(name=None):

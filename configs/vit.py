@@ -62,6 +62,9 @@ def classification_base(task: str, v: dict):
     if m.probe:
         c.init_from_new = "probe"  # the source run has a classifier, not this probe
         c.train.trainable = "^probe"
+        # the backbone's shapes and image size come from the init_from run (trainer.cli
+        # inherit_config: an imported ViT's too); the probe and its label set are this config's
+        c.init_from_config = "model,-model.probe,-model.num_classes,data.image_size"
     return c
 
 

@@ -231,7 +231,8 @@ def test_vit_probes_train_on_an_imported_backbone(runs, tmp_path):
         assert probe_keys
         if probe == "linear":
             assert all(not np.array_equal(after[k], before[k]) for k in probe_keys)
-    c = load_config(f"{VIT}:probe_linear", shape)
+    # (the probe configs take the backbone's fields from init_from: a contradicting override)
+    c = load_config(f"{VIT}:probe_linear", [*shape, "model.softmax_bias=False"])
     with pytest.raises(ConfigError, match=r"softmax_bias=False, but the source has True"):
         with Trainer(c, str(tmp_path / "nobias"), quiet=True) as t:
             t.initial_state()
@@ -251,15 +252,17 @@ def test_ast_petl_trains_on_an_imported_backbone(runs, tmp_path):
     from trainer.convert import main
 
     _, src = load_checkpoint(runs["ast_tiny"])
-    over = [*_backbone_fields(src, ("d_model", "num_layers", "num_heads", "num_kv_heads",
-                                    "mlp_dim", "patch_size", "fstride", "tstride", "norm_eps",
-                                    "softmax_bias")),
-            *[f"data.{f}={src.data[f]}" for f in ("num_mel_bins", "norm_mean", "norm_std")],
-            "data.target_length=20",
-            f"init_from={runs['ast_tiny']}", "train.steps=1", "data.synthetic_per_fold=2",
-            f"data.embedded_dir={tmp_path / 'data'}", *RUN]
+    # the backbone's shapes and spectrogram statistics come from init_from (init_from_config)
+    over = ["data.target_length=20", f"init_from={runs['ast_tiny']}", "train.steps=1",
+            "data.synthetic_per_fold=2", f"data.embedded_dir={tmp_path / 'data'}", *RUN]
     # AST's own head (so that ASTForAudioClassification can hold the result)
-    c = load_config(f"{AST}:lora", [*over, "model.pool=cls_dist", "model.classifier_norm=True"])
+    c = load_config(f"{AST}:lora", [*over, "model.classifier_norm=True"])
+    for f in ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "patch_size",
+              "fstride", "tstride", "norm_eps", "softmax_bias", "pool"):
+        assert c.model[f] == src.model[f], f
+    for f in ("num_mel_bins", "norm_mean", "norm_std"):
+        assert c.data[f] == src.data[f], f
+    assert (c.model.petl, c.model.lora_rank, c.data.target_length) == ("lora", 4, 20)
     assert c.init_from_skip == "^classifier" and c.train.trainable == "lora_|^classifier"
     with Trainer(c, str(tmp_path / "lora"), quiet=True) as t:
         before = param_arrays(t.model)

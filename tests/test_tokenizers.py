@@ -231,3 +231,25 @@ def test_prepare_command(tmp_path, corpus):
                             f"--data.paths={corpus}", str(out)], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "not an empty directory" in again.stderr
+
+
+def test_shard_batches_split_across_processes_and_resume_at_an_example(bpe, corpus, tmp_path):
+    """Per-process reading and the examples-based resume position, on a shard-backed stream:
+    process p of P reads rows [p G / P, (p + 1) G / P) of each global batch; a run resumed at
+    example 8 reads the second batch."""
+    from models.lm import LMTask
+    from trainer.data import process_batches
+
+    out = str(tmp_path / "shards")
+    prepare([corpus], os.path.dirname(bpe.spec), out, chunk_tokens=64, progress=False)
+    task = LMTask(make_tiny_config(f"data.tokenizer={os.path.join(out, 'tokenizer')}",
+                                   "model.vocab_size=300", f"data.paths={out}"))
+    ds = task.train_data()
+    whole = iter(process_batches(ds, 8, process_index=0, process_count=1))
+    first, second = next(whole), next(whole)
+    halves = [next(iter(process_batches(ds, 8, process_index=p, process_count=2)))
+              for p in (0, 1)]
+    assert np.array_equal(np.concatenate([h["tokens"] for h in halves]), first["tokens"])
+    resumed = next(iter(process_batches(ds, 8, process_index=0, process_count=1,
+                                        first_example=8)))
+    assert np.array_equal(resumed["tokens"], second["tokens"])

@@ -278,6 +278,6 @@ def test_causal_only_mechanism_is_a_config_error(mechanism, tmp_path):
 def test_bad_vision_fields_are_config_errors(tmp_path):
     assert "patch_size" in trainer_error(f"{VIT}:tiny", "model.patch_size=5", tmp_path=tmp_path)
     assert "probe_queries" in trainer_error(f"{VIT}:probe_ep", "model.probe_queries=5",
-                                            "init_from=", tmp_path=tmp_path)
+                                            "init_from=", "init_from_config=", tmp_path=tmp_path)
     assert "attention_heads" in trainer_error(f"{IFORMER}:tiny", "model.attention_heads=(1,2,4)",
                                               tmp_path=tmp_path)

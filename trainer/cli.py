@@ -117,7 +117,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     path, _, variant = spec.partition(":")
     config = finish_config(_load_module(path).get_config(variant or None))
     apply_overrides(config, overrides)
-    if config.get("init_from_config") and config.init_from:  # (without one: check() refuses)
+    # (without an init_from, or one that is no directory, check() refuses: a clear message)
+    if config.get("init_from_config") and config.init_from and os.path.isdir(config.init_from):
         apply_overrides(inherit_config(config), overrides)
     return config
 

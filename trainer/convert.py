@@ -173,10 +173,11 @@ _CHUNK_BYTES = 16 << 20
 
 def _read_tensor(sources, transform, start, shape, dtype) -> jax.Array:
     """One parameter from safetensors files (sources: [(SafeTensors, tensor name)], usually
-    one): the HF tensor (memory-mapped) through its layout map (a transpose or the identity: a view) and, for a fused tensor, its slice, copied in
-    16 MiB blocks of the file into a fresh 64-byte-aligned buffer that becomes the jax.Array without a
-    copy (dlpack); after each block the file's pages leave this process (MADV_DONTNEED), so
-    the host holds about one tensor, not the tensor twice."""
+    one): the HF tensor (memory-mapped) through its layout map (a transpose or the identity: a
+    view) and, for a fused tensor, its slice, copied in 16 MiB blocks of the file into a fresh
+    64-byte-aligned buffer that becomes the jax.Array without a copy (dlpack); after each block
+    the file's pages leave this process (MADV_DONTNEED), so the host holds about one tensor,
+    not the tensor twice."""
     src = transform(*(st[name] for st, name in sources))
     if start is not None:
         src = src[..., start:start + shape[-1]]
