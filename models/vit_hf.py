@@ -33,7 +33,7 @@ import os
 
 from trainer.cli import load_config
 from trainer.config import ConfigError
-from trainer.hf import HFImporter
+from trainer.hf import HFImporter, linear_map, norm_map, require, same, transpose
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs", "vit.py")
@@ -41,24 +41,6 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 VIT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                     intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
                     image_size=224, patch_size=16, num_channels=3, qkv_bias=True)
-
-
-def same(w):
-    return w
-
-
-def transpose(w):  # nn.Linear [out, in] <-> kernel [in, out]
-    return w.T
-
-
-def require(hf: dict, key: str, allowed: tuple, what: str, defaults: dict):
-    """hf[key] (its default when absent) if it is one of `allowed`, else a ConfigError naming
-    the config.json key and what is supported."""
-    value = hf.get(key, defaults.get(key, allowed[0]))
-    if value not in allowed:
-        raise ConfigError(f"import-hf: config.json {key}={value!r} is not supported for {what}; "
-                          f"supported: {', '.join(map(repr, allowed))}")
-    return value
 
 
 def num_labels(hf: dict) -> int:
@@ -129,16 +111,6 @@ def encoder_layers(num_layers: int, prefix: str) -> dict:
             out[f"{ours}{norm}/scale"] = (f"{hf}{name}.weight", same, same)
             out[f"{ours}{norm}/bias"] = (f"{hf}{name}.bias", same, same)
     return out
-
-
-def norm_map(ours: str, hf: str) -> dict:
-    return {f"{ours}/scale": (f"{hf}.weight", same, same),
-            f"{ours}/bias": (f"{hf}.bias", same, same)}
-
-
-def linear_map(ours: str, hf: str) -> dict:
-    return {f"{ours}/kernel": (f"{hf}.weight", transpose, transpose),
-            f"{ours}/bias": (f"{hf}.bias", same, same)}
 
 
 # ----------------------------------------------------------------------------- ViT

@@ -48,6 +48,40 @@ class HFImporter:
     ours_only: str = ""
 
 
+# ----------------------------------------------------------------------------- mapping kit
+# what every architecture's map is made of (each family's importer module)
+def same(w):
+    """A tensor whose layout is ours (embeddings, norms, biases, Conv1D [in, out] weights)."""
+    return w
+
+
+def transpose(w):
+    """nn.Linear's weight [out, in] <-> our kernel [in, out] (either way)."""
+    return w.T
+
+
+def norm_map(ours: str, hf: str) -> dict:
+    """A LayerNorm: scale and bias."""
+    return {f"{ours}/scale": (f"{hf}.weight", same, same),
+            f"{ours}/bias": (f"{hf}.bias", same, same)}
+
+
+def linear_map(ours: str, hf: str) -> dict:
+    """An nn.Linear with a bias."""
+    return {f"{ours}/kernel": (f"{hf}.weight", transpose, transpose),
+            f"{ours}/bias": (f"{hf}.bias", same, same)}
+
+
+def require(hf: dict, key: str, allowed: tuple, what: str, defaults: dict | None = None):
+    """hf[key] (defaults[key], else allowed[0], when absent) if it is one of `allowed`, else a
+    ConfigError naming the config.json key and what is supported."""
+    value = hf.get(key, (defaults or {}).get(key, allowed[0]))
+    if value not in allowed:
+        raise ConfigError(f"import-hf: config.json {key}={value!r} is not supported for {what}; "
+                          f"supported: {', '.join(map(repr, allowed))}")
+    return value
+
+
 # ----------------------------------------------------------------------------- safetensors
 class SafeTensors:
     """The tensors of one .safetensors file, read on demand through a memory map."""

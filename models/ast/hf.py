@@ -29,10 +29,9 @@ import os
 import numpy as np
 
 from models import vit_hf
-from models.vit_hf import linear_map, norm_map, same
 from trainer.cli import load_config
 from trainer.config import ConfigError
-from trainer.hf import HFImporter
+from trainer.hf import HFImporter, linear_map, norm_map, same
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "ast.py")

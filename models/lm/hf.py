@@ -21,18 +21,10 @@ import os
 
 from trainer.cli import apply_overrides, load_config
 from trainer.config import ConfigError
-from trainer.hf import HFImporter
+from trainer.hf import HFImporter, require, same, transpose
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "lm.py")
-
-
-def _require(hf: dict, key: str, allowed, what: str):
-    value = hf.get(key, allowed[0])
-    if value not in allowed:
-        raise ConfigError(f"import-hf: config.json {key}={value!r} is not supported for {what}; "
-                          f"supported: {', '.join(map(repr, allowed))}")
-    return value
 
 
 def _other(m, table, what: str) -> None:
@@ -47,10 +39,10 @@ def _other(m, table, what: str) -> None:
 def llama_config(hf: dict):
     """The run's config (configs/lm.py's default variant with the checkpoint's shapes)."""
     what = "LlamaForCausalLM"
-    _require(hf, "hidden_act", ("silu",), what)
+    require(hf, "hidden_act", ("silu",), what)
     for key in ("attention_bias", "mlp_bias"):
-        _require(hf, key, (False,), what)
-    _require(hf, "pretraining_tp", (1,), what)
+        require(hf, key, (False,), what)
+    require(hf, "pretraining_tp", (1,), what)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     overrides = [
@@ -105,8 +97,7 @@ def llama_hf_config(config) -> dict:
 
 def llama_tensors(config) -> dict:
     """{our parameter name: (HF tensor name, to ours, to HF)}."""
-    t = lambda w: w.T  # noqa: E731  (nn.Linear [out, in] <-> kernel [in, out])
-    same = lambda w: w  # noqa: E731
+    t = transpose
     out = {"embed/embedding": ("model.embed_tokens.weight", same, same),
            "final_norm/scale": ("model.norm.weight", same, same)}
     if not config.model.tie_embeddings:
@@ -146,11 +137,11 @@ def gpt2_config(hf: dict):
     """The run's config (configs/lm.py's default variant with the checkpoint's shapes;
     data.seq_len at most n_positions)."""
     what = "GPT2LMHeadModel"
-    _require(hf, "activation_function", GELU_TANH, what)
-    _require(hf, "scale_attn_weights", (True,), what)
+    require(hf, "activation_function", GELU_TANH, what)
+    require(hf, "scale_attn_weights", (True,), what)
     for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
                 "add_cross_attention"):
-        _require(hf, key, (False,), what)
+        require(hf, key, (False,), what)
     vocab, d, layers, heads, positions = (_int(hf, k, what) for k in (
         "vocab_size", "n_embd", "n_layer", "n_head", "n_positions"))
     if d % heads:
@@ -199,8 +190,7 @@ def gpt2_hf_config(config) -> dict:
 def gpt2_tensors(config) -> dict:
     """{our parameter name: (HF tensor name, to ours, to HF)}; q, k, v share c_attn
     (trainer/hf.py HFImporter: slices of its last axis, in this order)."""
-    t = lambda w: w.T  # noqa: E731  (the untied head is an nn.Linear, [out, in])
-    same = lambda w: w  # noqa: E731  (Conv1D [in, out] = our kernel; biases, norms, embeddings)
+    t = transpose  # (the untied head is an nn.Linear, [out, in]; Conv1D [in, out] is ours)
     out = {"embed/embedding": ("transformer.wte.weight", same, same),
            "pos_embed/embedding": ("transformer.wpe.weight", same, same),
            "final_norm/scale": ("transformer.ln_f.weight", same, same),
