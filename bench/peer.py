@@ -2,6 +2,7 @@
 JAX + NNX), on the same model, side by side in one run. Prints, never asserts.
 
     TORCH_PY=<torch venv>/bin/python python bench/peer.py [--reps 3] [--configs a,b,default]
+        [--peers ../shared/peers]
     python bench/peer.py --impl polyformer --layers 4 --d_model 256 --heads 4 --seq 512 --batch 8
 
 The second form is one run of polyformer, printing one JSON line in the peers' format
@@ -13,8 +14,12 @@ peers' loss.item()), on the embedded corpus rather than random bytes. A step's t
 trainer's own perf/step_s with log_every=1; the first `--warmup` steps are not counted.
 
 The first form alternates the implementations (order reversed every repetition) using the peers'
-runner (../shared/peers/bench.py: quiet-machine wait, foreign-CPU accounting) and prints the
-median table; without TORCH_PY the torch rows are skipped (set-up: ../shared/peers/README.md).
+runner (bench.py in the peers' folder, --peers, default $POLYFORMER_PEERS or ../shared/peers:
+quiet-machine wait, foreign-CPU accounting) and prints the median table; without TORCH_PY the
+torch rows are skipped (set-up: the peers' README.md). It first prints the machine (CPU model,
+vector ISA, cores) and both frameworks' f32 2048^2 matmul peaks, measured at the start and the
+end of the run; MFU = the peers' analytic FLOPs / step time / the best peak of the row's own
+framework (jax's for the JAX rows, torch's for the torch rows).
 Config "default" is polyformer's default LM (configs/lm.py:default) against its PyTorch twin,
 bench/torch_lm.py (same architecture and parameter count; no plain-JAX peer exists for it).
 """
@@ -29,7 +34,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS = os.path.join(os.path.dirname(ROOT), "shared", "peers")
+PEERS = os.environ.get("POLYFORMER_PEERS") or os.path.join(os.path.dirname(ROOT), "shared", "peers")
+PEER_FILES = ("bench.py", "jax_gpt.py", "torch_gpt.py")
 
 
 def parse_args(argv=None):
@@ -47,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (incl. compile)")
     p.add_argument("--threads", type=int, default=2, help="cores (CPU affinity), as the peers")
+    p.add_argument("--peers", default=PEERS,
+                   help="the peers' folder (bench.py, jax_gpt.py, torch_gpt.py); default "
+                        "$POLYFORMER_PEERS or ../shared/peers beside this checkout")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--configs", default="a,b")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
@@ -108,9 +117,46 @@ def run_polyformer(a) -> dict:
     }
 
 
+def check_peers(path: str) -> str:
+    """The peers' folder, absolute; exits naming what is missing where it is not usable."""
+    path = os.path.abspath(path)
+    missing = [f for f in PEER_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        sys.exit(f"bench/peer.py: the peers' folder {path} "
+                 f"{'does not exist' if not os.path.isdir(path) else 'lacks ' + ', '.join(missing)}"
+                 f": the side-by-side comparison runs the peer GPTs from there. Pass "
+                 f"--peers <folder with {', '.join(PEER_FILES)}> (or set POLYFORMER_PEERS); "
+                 f"polyformer alone runs without them: bench/peer.py --impl polyformer")
+    return path
+
+
+def peaks(tpy: str | None, threads: int) -> dict:
+    """Both frameworks' f32 2048^2 matmul GFLOP/s now, each in its own process (no jax threads
+    held here during the runs)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
+                          "import os; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))"
+                          "[:int(sys.argv[2])]); from trainer import perf; "
+                          "print(json.dumps(perf.machine()))", ROOT, str(threads)],
+                         capture_output=True, text=True)
+    try:
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        sys.exit(f"bench/peer.py: measuring jax's matmul peak failed:\n{out.stderr[-2000:]}")
+    if tpy:
+        sys.path.insert(0, ROOT)
+        from trainer.perf import torch_matmul_peak
+        t = torch_matmul_peak(tpy, threads)
+        if t:
+            m["torch_matmul_gflops"], m["torch"] = round(t["gflops"], 1), t["torch"]
+    return m
+
+
 def compare(a) -> None:
-    sys.path.insert(0, PEERS)
-    from bench import CONFIGS, run, wait_quiet  # ../shared/peers/bench.py
+    peers = check_peers(a.peers)
+    sys.path.insert(0, peers)
+    from bench import CONFIGS, run, wait_quiet  # the peers' bench.py
 
     tpy = os.environ.get("TORCH_PY")
     variants = []
@@ -119,7 +165,7 @@ def compare(a) -> None:
         if not a.no_compile:
             variants.append(("torch+compile", [tpy, "torch_gpt.py", "--compile"]))
     else:
-        print("TORCH_PY is not set: torch rows skipped (../shared/peers/README.md sets it up)",
+        print(f"TORCH_PY is not set: torch rows skipped ({peers}/README.md sets it up)",
               file=sys.stderr)
     variants.append(("jax peer", [sys.executable, "jax_gpt.py"]))
     variants.append(("polyformer", [sys.executable, os.path.abspath(__file__),
@@ -130,6 +176,12 @@ def compare(a) -> None:
     default_variants.append(("polyformer", [sys.executable, os.path.abspath(__file__),
                                             "--impl=polyformer", "--variant=default",
                                             *a.overrides]))
+    sys.path.insert(0, ROOT)
+    from trainer.perf import machine_line
+
+    wait_quiet(a.wait_quiet, a.max_wait)
+    start = peaks(tpy, a.threads)
+    print(machine_line(start) + "  [start of run]", flush=True)
     results = []
     for rep in range(a.reps):
         for cname in a.configs.split(","):
@@ -141,13 +193,22 @@ def compare(a) -> None:
                 flags += [f"--{k}={v}" for k, v in CONFIGS[cname].items()]
             for vname, cmd in (chosen if rep % 2 == 0 else chosen[::-1]):
                 quiet = wait_quiet(a.wait_quiet, a.max_wait)
-                d = run(cmd + flags)  # runs in ../shared/peers; records foreign_cpu
+                d = run(cmd + flags)  # runs in the peers' folder; records foreign_cpu
                 d.update(variant=vname, cfg=cname, rep=rep, quiet_before=quiet)
                 print(json.dumps(d), flush=True)
                 results.append(d)
+    wait_quiet(a.wait_quiet, a.max_wait)
+    end = peaks(tpy, a.threads)
+    print(machine_line(end) + "  [end of run]", flush=True)
+    best = {"jax": max(start["jax_matmul_gflops"], end["jax_matmul_gflops"]),
+            "torch": max(start.get("torch_matmul_gflops", 0), end.get("torch_matmul_gflops", 0))}
+    best_info = dict(start, jax_matmul_gflops=best["jax"],
+                     torch_matmul_gflops=best["torch"] or None)
+    print(f"\n{machine_line(best_info)} (best of start and end); {a.threads} threads, "
+          f"{a.reps} repetitions")
     print("\n| config | impl | params | tokens/s, median of reps (min-max) | step ms "
-          "| est. GFLOP/s | / torch eager | max foreign cpu |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| est. GFLOP/s | MFU (own framework's peak) | / torch eager | max foreign cpu |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for cname in a.configs.split(","):
         med = {}
         chosen = default_variants if cname == "default" else variants
@@ -162,14 +223,17 @@ def compare(a) -> None:
             if not rs:
                 err = [r.get("error", "") for r in results if r["cfg"] == cname
                        and r["variant"] == vname]
-                print(f"| {cname} | {vname} | FAILED: {(err or [''])[0][-120:]!r} ||||||")
+                print(f"| {cname} | {vname} | FAILED: {(err or [''])[0][-120:]!r} |||||||")
                 continue
             tps = [r["tokens_per_s"] for r in rs]
             ms = statistics.median(r["step_ms_median"] for r in rs)
             vs = f"{med[vname] / med['torch']:.2f}x" if "torch" in med else "-"
+            gflops = rs[0]["flops_per_step_est"] / ms / 1e6
+            peak = best["torch" if vname.startswith("torch") else "jax"]
+            mfu = f"{gflops / peak:.0%}" if peak else "-"
             print(f"| {cname} | {vname} | {rs[0]['params']:,} | **{med[vname]:,.0f}** "
                   f"({min(tps):,.0f}-{max(tps):,.0f}) | {ms:,.0f} "
-                  f"| {rs[0]['flops_per_step_est'] / ms / 1e6:.1f} | {vs} "
+                  f"| {gflops:.1f} | {mfu} | {vs} "
                   f"| {max(r.get('foreign_cpu', 0) for r in rs):.2f} |")
 
 

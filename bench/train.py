@@ -4,9 +4,12 @@ For each LM config variant: tokens/s and MFU of the Trainer's step (its whole lo
 input, global-array assembly, metrics), and of a bare loop (same model, same optax optimizer,
 one jitted step over pre-made device batches, state donated). Runs alternate, repeated; the
 printed ratios are medians. MFU = XLA cost_analysis FLOPs of the compiled step / step time /
-the f32 2048x2048 matmul peak measured in this run. Prints, never asserts.
+the f32 2048x2048 matmul peak measured in this run. It first prints the machine (CPU model,
+vector ISA, cores) and the matmul peaks, PyTorch's too where TORCH_PY names a torch venv's
+python. Prints, never asserts.
 
-    python bench/train.py [--variants tiny,default] [--steps 20] [--reps 5]
+    [TORCH_PY=<torch venv>/bin/python] python bench/train.py [--variants tiny,default]
+        [--steps 20] [--reps 5]
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ from trainer.optim import make_optimizer  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config_for(variant, steps):
+def config_for(variant, steps, overrides=()):
     return load_config(os.path.join(ROOT, f"configs/lm.py:{variant}"), [
         f"train.steps={steps}", f"train.log_every={steps}", "eval.every=0", "eval.batches=1",
-        "checkpoint.every=0", "sample.max_new_tokens=0", "checkpoint.async_save=false"])
+        "checkpoint.every=0", "sample.max_new_tokens=0", "checkpoint.async_save=false",
+        *overrides])
 
 
 def run_trainer(config) -> float:
@@ -43,20 +47,20 @@ def run_trainer(config) -> float:
         return result["metrics"]["perf/step_s"], t.step_flops
 
 
-def run_bare(config, steps: int) -> float:
-    """Seconds per step of the simplest jitted loop of the same model and optimizer."""
+def bare_step(config):
+    """(step, state, batches): the simplest jitted donated train step of the config's model and
+    optimizer, its initial state and 4 pre-made device batches of random tokens."""
     from models.lm import LMTask
 
     task = LMTask(config)
     model = task.build_model(nnx.Rngs(config.seed))
     optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
+    gd_model, _, _ = nnx.split(model, nnx.Param, ...)
 
     def loss_fn(params, rest, tokens):
         m = nnx.merge(gd_model, params, rest)
         return task.loss(m, {"tokens": tokens})[0]
-
-    gd_model, _, _ = nnx.split(model, nnx.Param, ...)
 
     def step(state, tokens):
         m, opt = nnx.merge(graphdef, state)
@@ -65,10 +69,15 @@ def run_bare(config, steps: int) -> float:
         opt.update(m, grads)
         return nnx.state((m, opt)), loss
 
-    step = jax.jit(step, donate_argnums=0)
     rng = np.random.default_rng(0)
     b, t = config.train.global_batch_size, config.data.seq_len
     batches = [jnp.asarray(rng.integers(0, 256, (b, t + 1), dtype=np.int32)) for _ in range(4)]
+    return jax.jit(step, donate_argnums=0), state, batches
+
+
+def run_bare(config, steps: int) -> float:
+    """Seconds per step of the simplest jitted loop of the same model and optimizer."""
+    step, state, batches = bare_step(config)
     state, loss = step(state, batches[0])  # compile
     jax.block_until_ready(state)
     t0 = time.perf_counter()
@@ -86,8 +95,13 @@ def main():
     a = ap.parse_args()
 
     peak0 = perf.measure_cpu_matmul()
-    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
-          f"f32 2048 matmul peak {peak0 / 1e9:.1f} GFLOP/s (start of run)")
+    info = perf.machine(peak0)
+    tpy = os.environ.get("TORCH_PY")
+    torch_peak = perf.torch_matmul_peak(tpy) if tpy else None
+    if torch_peak:
+        info["torch_matmul_gflops"] = round(torch_peak["gflops"], 1)
+    print(perf.machine_line(info) + " [start of run]")
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind} device(s)")
     rows = []
     for variant in a.variants.split(","):
         steps = a.steps or (300 if variant == "tiny" else 15)
@@ -106,8 +120,9 @@ def main():
                      [b / t for t, b in zip(tr, bare)]))
     peak1 = perf.measure_cpu_matmul()
     peak = max(peak0, peak1)
-    print(f"f32 2048 matmul peak at end of run {peak1 / 1e9:.1f} GFLOP/s; MFU uses the best, "
-          f"{peak / 1e9:.1f}\n")
+    print(f"jax's f32 2048^2 matmul peak at the end of the run {peak1 / 1e9:.1f} GFLOP/s; MFU uses "
+          f"the best, {peak / 1e9:.1f}, on {info['cpu']} ({'/'.join(info['isa'])}, "
+          f"{info['cores']} cores)\n")
     print("| variant | tokens/step | GFLOP/step (XLA) | Trainer tokens/s | bare loop tokens/s | "
           "Trainer / bare (median of per-rep ratios) | Trainer MFU | bare MFU |")
     print("|---|---|---|---|---|---|---|---|")

@@ -65,6 +65,71 @@ def _cpu_name() -> str:
     return "unknown-cpu"
 
 
+# the CPU features that decide which kernels XLA:CPU and PyTorch run (matmul peaks, vector width)
+_ISA_FLAGS = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512F"), ("avx512bw", "AVX-512BW"),
+              ("avx512_vnni", "AVX-512-VNNI"), ("avx512_bf16", "AVX-512-BF16"),
+              ("amx_tile", "AMX-TILE"), ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
+
+
+def cpu_isa(cpuinfo: str | None = None) -> list[str]:
+    """The vector ISA extensions this CPU reports (the flags of /proc/cpuinfo, or of the text
+    given), e.g. ["AVX2", "FMA"]; [] where unreadable."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return [name for flag, name in _ISA_FLAGS if flag in flags]
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity), as the benchmarks pin them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def machine(peak: float | None = None) -> dict:
+    """What a CPU figure depends on: model, ISA, cores, jax's f32 2048^2 matmul FLOP/s now."""
+    return {"cpu": _cpu_name(), "isa": cpu_isa(), "cores": cores(),
+            "jax_matmul_gflops": round((peak or measure_cpu_matmul()) / 1e9, 1),
+            "jax": jax.__version__}
+
+
+_TORCH_PEAK = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1])); n = 2048
+a = torch.randn(n, n); a @ a
+best = float("inf")
+for _ in range(5):
+    t0 = time.perf_counter(); a @ a; best = min(best, time.perf_counter() - t0)
+print(json.dumps({"gflops": 2 * n ** 3 / best / 1e9, "torch": torch.__version__}))
+"""
+
+
+def torch_matmul_peak(python: str, threads: int | None = None) -> dict | None:
+    """PyTorch's f32 2048^2 matmul GFLOP/s on this host now (best of 5), measured by the python
+    of a torch venv in a subprocess: {"gflops", "torch"}, or None where it cannot run."""
+    import subprocess
+
+    try:
+        out = subprocess.run([python, "-c", _TORCH_PEAK, str(threads or cores())],
+                             capture_output=True, text=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+def machine_line(info: dict | None = None) -> str:
+    """One line naming the machine a benchmark ran on (every published figure carries one)."""
+    m = info or machine()
+    return (f"machine: {m['cpu']}, {'/'.join(m['isa']) or 'no AVX'}, {m['cores']} cores, "
+            f"f32 2048^2 matmul: jax {m['jax_matmul_gflops']} GFLOP/s"
+            + (f", torch {m['torch_matmul_gflops']} GFLOP/s" if m.get("torch_matmul_gflops")
+               else "") + f" (jax {m['jax']})")
+
+
 @functools.cache
 def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     """The best jitted f32 n x n matmul FLOP/s seen on this host, all cores.
@@ -74,7 +139,7 @@ def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
     (but not when over twice the new measurement: then it is not a figure of this machine).
     """
     measured = measure_cpu_matmul(n, reps)
-    key = f"{_cpu_name()} x{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} n{n}"
+    key = f"{_cpu_name()} x{cores()} n{n}"
     path = os.path.join(os.path.expanduser("~"), ".cache", "polyformer", "cpu_peak.json")
     try:
         with open(path) as f:
