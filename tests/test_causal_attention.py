@@ -12,7 +12,7 @@ from conftest import make_tiny_config, run_trainer
 from jax import lax
 
 from attention.ops.causal import causal_attention
-from attention.ops.fusion import materialize
+from attention.ops.fusion import materialize, on_rows
 from pallas_kernels import platform
 
 HI = lax.Precision.HIGHEST
@@ -75,6 +75,44 @@ def test_materialize_is_the_identity_with_a_barrier_on_cpu_only():
     assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(f))(x))
     with platform.target_backend("gpu"):
         assert "optimization_barrier" not in str(jax.make_jaxpr(jax.grad(f))(x))
+
+
+def test_projection_on_rows_is_exact_and_needs_no_transposed_cotangent():
+    """A Dense layer (attention/layers.py) on x [B, T, D] computes on the [B T, D] rows on CPU:
+    the same values and gradients as nnx.Linear on the 3-D x, and its weight gradient compiles
+    without the transposed [D_out, B T] copy of the cotangent the 3-D dot_general costs."""
+    from flax import nnx
+
+    from attention.layers import Dense
+
+    x = jax.random.normal(jax.random.key(0), (3, 40, 24))
+    layer = Dense(24, 56, rngs=nnx.Rngs(0))
+    ref = nnx.Linear(24, 56, rngs=nnx.Rngs(0))
+    assert (layer.kernel[...] == ref.kernel[...]).all()
+
+    def loss(m, x):
+        return jnp.sum(jnp.tanh(m(x)) ** 2)
+
+    got = nnx.grad(loss, argnums=(0, 1))(layer, x)
+    want = nnx.grad(loss, argnums=(0, 1))(ref, x)
+    np.testing.assert_allclose(layer(x), ref(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[0].kernel[...], want[0].kernel[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0].bias[...], want[0].bias[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+    def hlo(m):
+        gd, state = nnx.split(m)
+        g = jax.jit(lambda s, x: jax.grad(lambda s: loss(nnx.merge(gd, s), x))(s))
+        return g.lower(state, x).compile().as_text()
+
+    transposed = "f32[56,120]"  # the cotangent [B T, D_out] written transposed
+    assert transposed not in hlo(layer)
+    assert transposed in hlo(ref)  # the layout XLA:CPU picks for the 3-D form (what on_rows avoids)
+    # 2-D inputs and other backends: the call as is
+    assert on_rows(lambda r: r.shape, jnp.zeros((5, 3))) == (5, 3)
+    with platform.target_backend("gpu"):
+        assert on_rows(lambda r: r.shape, x) == (3, 40, 24)
+    assert on_rows(lambda r: r[:, :2], x).shape == (3, 40, 2)
 
 
 def test_lm_loss_curve_unchanged_by_the_cpu_attention(tmp_path):

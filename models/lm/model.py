@@ -23,7 +23,7 @@ from flax import nnx
 
 import attention
 from attention.layers import LoRALinear, compute_dtype, dense, layer_norm, linear
-from attention.ops.fusion import materialize
+from attention.ops.fusion import materialize, on_rows
 from attention.ops.rope import ROPE_SCALINGS
 from models.lm.hf import GPT2, LLAMA
 from attention.sharding import constrain
@@ -165,7 +165,8 @@ class LM(nnx.Module):
                 x, c = block(x, positions, c, mode)
             new_caches.append(c)
         x = self.final_norm(x)
-        logits = materialize(self.embed.attend(x)) if self.tied else self.lm_head(x)
+        logits = (on_rows(lambda r: materialize(self.embed.attend(r)), x) if self.tied
+                  else self.lm_head(x))
         logits = logits.astype(jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")), \
             (new_caches if cache is not None else None)
