@@ -140,6 +140,18 @@ def run_trainer(config, workdir, *, max_steps: int | None = None, devices=None) 
                train_metrics=metrics, params=params, workdir=str(workdir), ids=ids)
 
 
+def load_bench(name: str):
+    """bench/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  os.path.join(root, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def steps_on_disk(workdir) -> list[int]:
     """The checkpoint steps a workdir holds (a fresh Checkpoints: what a restart would see)."""
     from trainer.checkpoint import Checkpoints

@@ -1,21 +1,14 @@
 """bench/compare.py's Markdown tables and bench/all.py's README rewriting, on fake rows (no
 training: a smoke test of the plumbing `make bench` relies on)."""
-import importlib.util
 import os
+
+from conftest import load_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}",
-                                                  os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_markdown_table_and_results_file(tmp_path):
-    compare = _load("compare")
+    compare = load_bench("compare")
     rows = [{"mechanism": "softmax", "kind": "trained", "parameters": 123456,
              "eval bits/byte": 2.345678, "tokens/s": 38000.4, "peak memory MiB": 12.34},
             {"mechanism": "act", "kind": "eval-time on softmax", "eval bits/byte": float("nan"),
@@ -39,7 +32,7 @@ def test_markdown_table_and_results_file(tmp_path):
 
 
 def test_readme_markers(tmp_path, monkeypatch):
-    all_ = _load("all")
+    all_ = load_bench("all")
     readme = tmp_path / "README.md"
     before = ("# x\n\n<!-- bench:compare-lm -->\nold lm\n<!-- /bench:compare-lm -->\n"
               "between\n<!-- bench:compare-vision -->\nold vision\n<!-- /bench:compare-vision -->\n"
@@ -66,7 +59,7 @@ def test_readme_markers(tmp_path, monkeypatch):
 def test_all_md_records_only_runs_of_every_benchmark(tmp_path, monkeypatch):
     """`bench/all.py --only X` refreshes X's results file but leaves all.md, the summary of the
     last run of every benchmark, as it was."""
-    all_ = _load("all")
+    all_ = load_bench("all")
     results = tmp_path / "results"
     results.mkdir()
     (results / "all.md").write_text("the last full run\n")

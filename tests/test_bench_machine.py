@@ -1,31 +1,22 @@
 """The machine stamp every CPU benchmark prints (trainer/perf.py), bench/peer.py's check of the
 peers' folder, and bench/step_profile.py's accounting of a real XLA:CPU trace."""
-import importlib.util
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import load_bench
+
 from trainer import perf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 XEON = """processor\t: 0
 model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
 flags\t\t: fpu sse sse2 avx fma avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
 """
 EPYC = "model name\t: AMD EPYC\nflags\t\t: fpu sse avx fma avx2 bmi2\n"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}",
-                                                  os.path.join(ROOT, "bench", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cpu_isa_names_the_vector_extensions():
@@ -57,7 +48,7 @@ def test_torch_peak_is_none_where_torch_cannot_run(tmp_path):
 
 
 def test_peer_bench_names_a_missing_peers_folder(tmp_path):
-    peer = _load("peer")
+    peer = load_bench("peer")
     with pytest.raises(SystemExit, match="does not exist.*--peers <folder with bench.py, "
                                          "jax_gpt.py, torch_gpt.py>"):
         peer.check_peers(str(tmp_path / "nowhere"))
@@ -75,7 +66,7 @@ def test_step_profile_accounts_a_real_trace(tmp_path):
     """A jitted matmul followed by an elementwise tail, traced: the dot and the fusion are
     found with their HLO, the wall shares add up to the span, the dot's FLOPs are read off its
     operands' shapes."""
-    sp = _load("step_profile")
+    sp = load_bench("step_profile")
     x = jnp.ones((256, 512), jnp.float32)
     w = jnp.ones((512, 384), jnp.float32) * 0.01
     f = jax.jit(lambda x, w: jnp.tanh(x @ w) * 2.0 + 1.0)
