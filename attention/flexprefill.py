@@ -210,7 +210,7 @@ def flexprefill_attention(q, k, v, *, block: int = 128, gamma: float = 0.9, tau:
     bm = flexprefill_block_mask(q, k, block=block, gamma=gamma, tau=tau, min_budget=min_budget)
     if bm is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    return block_sparse_attention(q, k, v, bm, causal=True, impl=impl)
+    return block_sparse_attention(q, k, v, bm, causal=True, impl=impl, caller="FlexPrefill")
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -250,5 +250,6 @@ class FlexPrefillAttention(SparseImplOption, SoftmaxAttention):
                 self.report_cost(H * T * (T + 1) / 2)
                 return jax.nn.dot_product_attention(q, k, v, is_causal=True)
             self.report_cost(bm.sequence_pairs(H, causal=True))
-            return block_sparse_attention(q, k, v, bm, causal=True, impl=self.impl)
+            return block_sparse_attention(q, k, v, bm, causal=True, impl=self.impl,
+                                          caller="FlexPrefill")
         return super().attend(q, k, v, mode=mode)

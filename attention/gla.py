@@ -77,7 +77,7 @@ class GatedLinearAttention(nnx.Module):
         log_g = (jax.nn.log_sigmoid(self.g_up(self.g_down(x)).astype(jnp.float32))
                  / self.gate_norm).reshape(B, T, H, self.head_k)
         if mode == "train":
-            o, _ = gla(q, k, v, log_g, chunk_size=self.chunk, impl=self.impl)
+            o, _ = gla(q, k, v, log_g, chunk_size=self.chunk, impl=self.impl, caller="GLA")
         elif mode in ("prefill", "decode"):
             if cache is None:
                 raise ValueError(f"mode={mode!r} needs a cache (see init_cache)")
@@ -86,7 +86,7 @@ class GatedLinearAttention(nnx.Module):
                 o = o[:, None]
             else:
                 o, s = gla(q, k, v, log_g, initial_state=cache["S"], output_final_state=True,
-                           chunk_size=self.chunk, impl=self.impl)
+                           chunk_size=self.chunk, impl=self.impl, caller="GLA")
             cache = {"S": s}
         else:
             raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")

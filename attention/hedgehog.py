@@ -101,7 +101,7 @@ def hedgehog_linear_attention(phi_q, phi_k, v, *, initial_state=None, output_fin
     else:
         o, s = gla(phi_q.astype(f32), phi_k.astype(f32), v1, jnp.zeros((B, T, H, F), f32),
                    scale=1.0, initial_state=s0, output_final_state=output_final_state,
-                   chunk_size=chunk_size, impl=impl)
+                   chunk_size=chunk_size, impl=impl, caller="Hedgehog")
     o = o.astype(f32)
     y = o[..., :dv] / (o[..., dv:] + _DEN_EPS)
     state = {"S": s[..., :dv], "z": s[..., dv]} if output_final_state else None

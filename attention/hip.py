@@ -207,7 +207,8 @@ class BlockSparsePrefillAttention(SparseImplOption, SoftmaxAttention):
         if mode == "prefill" or (mode == "train" and self.in_train):
             mask = self.block_mask(q, k)
             self.report_cost(mask.sequence_pairs(q.shape[2], causal=True))
-            return block_sparse_attention(q, k, v, mask, causal=True, impl=self.sparse_impl)
+            return block_sparse_attention(q, k, v, mask, causal=True, impl=self.sparse_impl,
+                                          caller=type(self).__name__)
         return super().attend(q, k, v, mode=mode)
 
 

@@ -85,7 +85,6 @@ from attention.ops.block_sparse import IMPLS, BlockMask, block_sparse_attention
 from attention.ops.rope import apply_rope
 from attention.registry import read_options, register
 from attention.softmax import SoftmaxAttention, check_mode
-from pallas_kernels import platform
 from attention.sharding import constrain
 
 _NEG = -jnp.inf
@@ -197,18 +196,6 @@ def select_blocks(s_land, block: int, q_len: int, top_k: int):
     return jnp.where(valid, idx, own).astype(jnp.int32), valid
 
 
-def _resolve_impl(impl: str, mask: BlockMask) -> str:
-    """"auto" stays "auto" (the op picks its kernel) only where the Pallas kernel supports the
-    block size (l = 50 is not a multiple of 8); otherwise the gathered xla form."""
-    if impl != "auto" or platform.backend() == "cpu":
-        return "xla" if impl == "auto" else impl
-    try:
-        from pallas_kernels.block_sparse import pallas_supported
-    except ImportError:
-        return "xla"
-    return "auto" if pallas_supported(mask) else "xla"
-
-
 def landmark_retrieval_attention(q, k, v, s_land, *, block: int, top_k: int,
                                  formula: str = "grouped", impl: str = "auto", report=None):
     """Prefill: top-k block retrieval plus the local block through block_sparse_attention.
@@ -227,8 +214,8 @@ def landmark_retrieval_attention(q, k, v, s_land, *, block: int, top_k: int,
         mask = BlockMask.from_indices(ind, nq, block, block, q_len=T, k_len=T)
         if report is not None:
             report(mask.sequence_pairs(H, causal=True))
-        return block_sparse_attention(q, k, v, mask, causal=True,
-                                      impl=_resolve_impl(impl, mask)).astype(jnp.float32)
+        return block_sparse_attention(q, k, v, mask, causal=True, impl=impl,
+                                      caller="Landmark").astype(jnp.float32)
     if formula != "grouped":
         raise ValueError(f"landmark_inference must be 'grouped' or 'standard', got {formula!r}")
     n = kk + 1
@@ -240,8 +227,8 @@ def landmark_retrieval_attention(q, k, v, s_land, *, block: int, top_k: int,
     if report is not None:
         report(mask.sequence_pairs(H * n, causal=True))
     q_rep = jnp.repeat(q, n, axis=2)                                     # [B, T, H * n, d]
-    o, lse = block_sparse_attention(q_rep, k, v, mask, causal=True, impl=_resolve_impl(impl, mask),
-                                    return_lse=True)
+    o, lse = block_sparse_attention(q_rep, k, v, mask, causal=True, impl=impl, return_lse=True,
+                                    caller="Landmark")
     o = o.astype(jnp.float32).reshape(B, T, H, n, d)
     lse = lse.reshape(B, H, n, T)
     # outer logits: the retrieved blocks' landmark scores, then the local block's lse

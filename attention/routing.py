@@ -159,7 +159,8 @@ def routed_attention(q, k, v, mu, *, cluster_size: int, membership: str = "topw"
         return jnp.take_along_axis(xt, idx[..., None], axis=2).transpose(0, 2, 1, 3)
 
     mask = BlockMask.from_dense(jnp.eye(C, dtype=bool), w, w)   # cluster c sees only cluster c
-    og = block_sparse_attention(gather(q), gather(k), gather(v), mask, causal=True, impl=impl)
+    og = block_sparse_attention(gather(q), gather(k), gather(v), mask, causal=True, impl=impl,
+                                caller="Routing (routed heads)")
 
     def scatter(o, i, ok):  # o [C*w, d], i, ok [C*w] -> summed outputs [T, d], memberships [T]
         ok = ok.astype(f32)
@@ -230,7 +231,8 @@ class RoutingAttention(SoftmaxAttention):
             mask = BlockMask.from_dense(local_blocks(n, n, b, b, self.local_window), b, b,
                                         q_len=T, k_len=T)
             ys.append(block_sparse_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L], mask,
-                                             causal=True, impl=self.impl))
+                                             causal=True, impl=self.impl,
+                                             caller="Routing (local heads)"))
         if self.routed_heads:
             qr, kr, vr = q[:, :, L:], k[:, :, L:], v[:, :, L:]
             mu = self.centroids[...]

@@ -98,7 +98,7 @@ class SSAAttention(SoftmaxAttention):
         mask = sample_block_mask(key, B, H, T, min(self.block_size, T),
                                  keep_ratio=self.keep_ratio, locality=self.locality,
                                  keep_first=self.keep_first)
-        return block_sparse_attention(q, k, v, mask, causal=True, impl=self.impl)
+        return block_sparse_attention(q, k, v, mask, causal=True, impl=self.impl, caller="SSA")
 
     def attend(self, q, k, v, *, mode: str):
         if mode == "train" and not self.deterministic:

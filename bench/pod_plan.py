@@ -54,16 +54,17 @@ def run_child(config: str, topology: str, overrides: list[str]) -> dict:
 
 def row(config: str, topology: str, plan: dict) -> str:
     if "error" in plan:
-        return f"| {config} | {topology} | error: {plan['error']} |||||"
+        return f"| {config} | {topology} | error: {plan['error']} ||||||"
     if plan.get("problems"):
-        return f"| {config} | {topology} | sharding problems: {plan['problems'][0][:80]} |||||"
+        return f"| {config} | {topology} | sharding problems: {plan['problems'][0][:80]} ||||||"
     gib = plan["bytes_per_chip"] / 2**30
     fits = "yes" if plan["fits"] else "**no**"
     mark = "" if plan.get("estimate") == "XLA's TPU cost model" else " †"
     return (f"| `{config}` | {topology} ({plan['chips']} x {plan['device_kind']}) | "
             f"{plan['params'] / 1e9:.2f}B | {gib:.1f} / {plan['chip_bytes'] / 2**30:.0f} GiB | "
-            f"{fits} | {plan['step_flops'] / 1e15:.1f} | {plan['step_seconds']:.2f} s{mark} | "
-            f"{plan['units_per_second'] / 1e6:.2f}M | {plan['mfu']:.0%} |")
+            f"{fits} | {plan['step_flops'] / 1e15:.1f} ({plan['model_flops'] / 1e15:.1f}) | "
+            f"{plan['step_seconds']:.2f} s{mark} | "
+            f"{plan['units_per_second'] / 1e6:.2f}M | {plan['mfu']:.0%} | {plan['hfu']:.0%} |")
 
 
 def main() -> None:
@@ -81,9 +82,9 @@ def main() -> None:
     pairs = [(c, t) for c in args.configs.split(",") for t in args.topologies.split(",")]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         plans = list(pool.map(lambda p: run_child(*p, args.overrides), pairs))
-    print("| config | slice | parameters | memory per chip | fits | PFLOP / step "
-          "| est. step time | tokens/s | est. MFU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | slice | parameters | memory per chip | fits | PFLOP / step: compiled (model) "
+          "| est. step time | tokens/s | est. MFU | est. HFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (config, topology), plan in zip(pairs, plans):
         print(row(config, topology, plan))
     print("\nstep time: XLA's TPU cost model, a lower bound (no communication overlap)")

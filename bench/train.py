@@ -1,9 +1,10 @@
 """Trainer throughput vs a minimal hand-written jitted loop of the same model, side by side.
 
-For each LM config variant: tokens/s and MFU of the Trainer's step (its whole loop: Grain
+For each LM config variant: tokens/s and HFU of the Trainer's step (its whole loop: Grain
 input, global-array assembly, metrics), and of a bare loop (same model, same optax optimizer,
 one jitted step over pre-made device batches, state donated). Runs alternate, repeated; the
-printed ratios are medians. MFU = XLA cost_analysis FLOPs of the compiled step / step time /
+printed ratios are medians. HFU = XLA cost_analysis FLOPs of the compiled step (what the
+hardware ran, elementwise work included; the Trainer's MFU counts the model's) / step time /
 the f32 2048x2048 matmul peak measured in this run. It first prints the machine (CPU model,
 vector ISA, cores) and the matmul peaks, PyTorch's too where TORCH_PY names a torch venv's
 python. Prints, never asserts.
@@ -120,11 +121,11 @@ def main():
                      [b / t for t, b in zip(tr, bare)]))
     peak1 = perf.measure_cpu_matmul()
     peak = max(peak0, peak1)
-    print(f"jax's f32 2048^2 matmul peak at the end of the run {peak1 / 1e9:.1f} GFLOP/s; MFU uses "
+    print(f"jax's f32 2048^2 matmul peak at the end of the run {peak1 / 1e9:.1f} GFLOP/s; HFU uses "
           f"the best, {peak / 1e9:.1f}, on {info['cpu']} ({'/'.join(info['isa'])}, "
           f"{info['cores']} cores)\n")
     print("| variant | tokens/step | GFLOP/step (XLA) | Trainer tokens/s | bare loop tokens/s | "
-          "Trainer / bare (median of per-rep ratios) | Trainer MFU | bare MFU |")
+          "Trainer / bare (median of per-rep ratios) | Trainer HFU | bare HFU |")
     print("|---|---|---|---|---|---|---|---|")
     for variant, tokens, flops, t, b, ratios in rows:
         print(f"| {variant} | {tokens} | {flops / 1e9:.2f} | {tokens / t:,.0f} | {tokens / b:,.0f} | "

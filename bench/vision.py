@@ -1,5 +1,5 @@
 """Vision families on CPU, side by side in one run: ViT-tiny and iFormer-tiny train steps
-(images/s, MFU), their held-out accuracy on the embedded shapes after a fixed budget, and EP vs
+(images/s, HFU), their held-out accuracy on the embedded shapes after a fixed budget, and EP vs
 linear probing (accuracy, probe parameters) on the same frozen backbone. Prints, never asserts.
 
     python bench/vision.py [--families vit,iformer] [--steps 0] [--probe_steps 0]
@@ -8,7 +8,7 @@ Each family: its configs/<family>.py:tiny trained from scratch (steps: the confi
 --steps), then :probe_ep and :probe_linear initialised from that run (init_from) with only the
 probe trained (train.trainable="^probe"). Images/s and step time are the Trainer's own
 (perf/images/s, perf/step_s of the last logged interval: compile, eval and checkpoints
-excluded); MFU = XLA cost_analysis FLOPs of the compiled step / step time / the f32 2048 matmul
+excluded); HFU = XLA cost_analysis FLOPs of the compiled step (what the hardware ran) / step time / the f32 2048 matmul
 peak measured in this run. Accuracy: top-1 on the held-out shapes (data.num_eval images).
 """
 from __future__ import annotations
@@ -66,10 +66,10 @@ def main():
                 rows.append((family, probe, train(family, probe, os.path.join(tmp, probe + family),
                                                   a.probe_steps, [f"init_from={src}"])))
     peak = max(peak0, perf.measure_cpu_matmul())
-    print(f"MFU against the best matmul peak of the run, {peak / 1e9:.1f} GFLOP/s; chance "
+    print(f"HFU against the best matmul peak of the run, {peak / 1e9:.1f} GFLOP/s; chance "
           f"accuracy 1/8 = 12.5%\n")
     print("| family | variant | steps x batch | params (trained) | images/s | ms/step | "
-          "GFLOP/step (XLA) | MFU | eval accuracy | wall s |")
+          "GFLOP/step (XLA) | HFU | eval accuracy | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for family, variant, r in rows:
         print(f"| {family} | {variant} | {r['steps']} x {r['batch']} | {r['params']:,} "

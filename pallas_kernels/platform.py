@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -42,6 +43,19 @@ def target_backend(platform: str | None):
         yield
     finally:
         _TARGET.reset(token)
+
+
+_FALLBACKS_SAID: set[tuple[str, str, str]] = set()
+
+
+def note_fallback(caller: str, kernel: str, reason: str) -> None:
+    """Says once per (caller, kernel, reason), as a warning, that impl="auto" runs the XLA path
+    on an accelerator rather than the Pallas kernel (CPU's XLA path is the plan, not a fallback)."""
+    key = (caller, kernel, reason)
+    if key not in _FALLBACKS_SAID:
+        _FALLBACKS_SAID.add(key)
+        warnings.warn(f"{caller}: impl='auto' runs the XLA path on {backend()}, not the {kernel} "
+                      f"Pallas kernel: {reason}", stacklevel=3)
 
 
 def interpret_default() -> bool:

@@ -262,7 +262,6 @@ def test_importing_the_config_starts_no_trainer():
 # Function-local project imports, each for an optional or heavy dependency (issue 24 rule 1: no
 # local import dodges a cycle). {(module, imported): why}
 LOCAL_IMPORTS = {
-    ("attention.landmark", "pallas_kernels.block_sparse"): "optional Pallas kernel",
     ("attention.ops.block_sparse", "pallas_kernels.block_sparse"): "optional Pallas kernel",
     ("attention.ops.gla", "pallas_kernels.gla"): "optional Pallas kernel",
     # `python -m trainer.main --help` and bad flags answer before jax / orbax start

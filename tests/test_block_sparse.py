@@ -143,3 +143,32 @@ def test_pairs_counts_the_computed_token_pairs():
     # except inside block 0, where query r sees keys 0..r
     expected = (1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 8 * 8) + 16 * 8 * 3 + 6 * 8
     assert float(one.pairs(causal=True)[0, 0]) == expected
+
+
+def test_auto_that_cannot_take_the_kernel_says_so_once_naming_the_caller():
+    """impl="auto" off the kernel's chip (here GPU: the kernels are TPU-only) runs the XLA path
+    and warns once per caller and reason; CPU's XLA path is the plan and says nothing."""
+    import warnings
+
+    from attention.ops.gla import gla
+    from pallas_kernels import platform
+
+    T, b = 64, 16
+    mask = BlockMask.from_dense(causal_blocks(T // b, T // b, b, b), b, b, q_len=T, k_len=T)
+    q = jnp.ones((1, T, 2, 8))
+    run = lambda caller: jax.make_jaxpr(lambda q: block_sparse_attention(
+        q, q, q, mask, causal=True, caller=caller))(q)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run("SomeMechanism")  # CPU: nothing to say
+        assert not said
+        with platform.target_backend("gpu"):
+            run("SomeMechanism")
+            run("SomeMechanism")
+            run("OtherMechanism")
+            jax.make_jaxpr(lambda q: gla(q, q, q, -jnp.ones_like(q), caller="SomeGLA"))(q)
+    messages = [str(w.message) for w in said]
+    assert len(messages) == 3, messages
+    assert messages[0].startswith("SomeMechanism: impl='auto' runs the XLA path on gpu, not the "
+                                  "block-sparse Pallas kernel: it has no GPU lowering yet")
+    assert messages[1].startswith("OtherMechanism:") and messages[2].startswith("SomeGLA:")

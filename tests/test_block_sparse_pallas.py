@@ -87,6 +87,19 @@ def test_pallas_matches_reference_f32(density, causal, H, Hkv, broadcast):
     _compare(_run_both(q, k, v, do, dlse, mask, causal), tol=1e-5, metric="max")
 
 
+@pytest.mark.parametrize("bq,bk,causal", [(50, 50, True), (10, 13, False), (12, 24, True)])
+def test_pallas_matches_reference_blocks_not_multiples_of_8(bq, bk, causal):
+    """Landmark's 50-token blocks, Routing's T / C: each block sits in a tile padded to a
+    multiple of 8 rows (padded keys masked, padded queries sliced off) on every path."""
+    B, T, S, H, Hkv, D = 1, 137, 137 if causal else 101, 4, 2, 16
+    rng = np.random.default_rng(bq + bk)
+    nq, nk = -(-T // bq), -(-S // bk)
+    mask = BlockMask.from_dense(jnp.asarray(_random_mask(rng, (B, H, nq, nk), 0.5)), bq, bk,
+                                q_len=T, k_len=S)
+    q, k, v, do, dlse = _inputs(5, B, T, S, H, Hkv, D, jnp.float32)
+    _compare(_run_both(q, k, v, do, dlse, mask, causal), tol=1e-5, metric="max")
+
+
 def test_pallas_matches_reference_cross_lengths_square_blocks():
     """S < T, block_q == block_k == 16, D = 32, a mask broadcast over batch only."""
     B, T, S, H, Hkv, D, bq, bk = 1, 70, 37, 4, 1, 32, 16, 16

@@ -1,13 +1,16 @@
-"""FLOPs of a compiled step and the peak they are measured against (for MFU)."""
+"""FLOPs of a step and the peak they are measured against: model FLOPs (MFU) and the compiled
+program's FLOPs (HFU)."""
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 
 import jax
 import jax.numpy as jnp
+import jax.extend.core as jex_core
 
 # dense bf16 peak per chip, FLOP/s (vendor datasheets)
 _DATASHEET = {
@@ -196,6 +199,44 @@ def _cost(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return cost or {}
+
+
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of the matrix products a jaxpr computes once (what PaLM's and MaxText's MFU count:
+    2 m n k per product, elementwise work left out), for every mechanism alike: dot_general and
+    convolutions as traced, a Pallas kernel as its declared cost estimate (its body is not XLA's
+    to count), scans times their length, a cond's costliest branch, a shard_map's per-shard
+    count times its shards. A while loop's trip count is unknown: its body is counted once.
+    `jaxpr`: a Jaxpr or ClosedJaxpr (jax.make_jaxpr)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name, params = eqn.primitive.name, eqn.params
+        if name == "dot_general":
+            (contract, _), _ = params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        elif name == "conv_general_dilated":
+            # out [N, C_out, spatial...] in the op's dimension numbers: each output element is
+            # a dot over C_in / groups x the kernel's spatial window
+            rhs = eqn.invars[1].aval.shape
+            spec = params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+            window = math.prod(rhs[d] for d in spec[2:]) * rhs[spec[1]]
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * window
+        elif name == "pallas_call":
+            cost = params.get("cost_estimate")
+            total += float(cost.flops) if cost is not None else 0.0
+        elif name == "cond":
+            total += max(matmul_flops(b) for b in params["branches"])
+        else:
+            inner = sum(matmul_flops(v) for v in params.values()
+                        if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr)))
+            if name == "scan":
+                inner *= params["length"]
+            elif name == "shard_map":
+                inner *= math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+            total += inner
+    return total
 
 
 def compiled_flops(compiled, num_devices: int) -> float:

@@ -75,7 +75,8 @@ def _compiled_report(trainer, compiled) -> list[str]:
     device = trainer.mesh.devices.flat[0]
     cfg = trainer.config.train
     plan = {"chips": trainer.mesh.size, "device_kind": device.device_kind,
-            "params": trainer.num_params(), "step_flops": trainer.step_flops}
+            "params": trainer.num_params(), "step_flops": trainer.step_flops,
+            "model_flops": trainer.model_flops}
     lines = []
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -92,18 +93,21 @@ def _compiled_report(trainer, compiled) -> list[str]:
         verdict = ("fits" if need <= have else "DOES NOT FIT") if have == have else "unknown"
         lines.append(f"memory per device: {_gib(need)} of {_gib(have)} ({source}): {verdict}")
     lines.append(f"compiled train step: {trainer.step_flops / 1e9:,.2f} GFLOP per step "
-                 f"(all devices), batch {cfg.global_batch_size} "
+                 f"(all devices, rematerialisation included; the model's: "
+                 f"{trainer.model_flops / 1e9:,.2f} GFLOP), batch {cfg.global_batch_size} "
                  f"x {trainer.accum} accumulation micro-step(s); no problems for this mesh")
     seconds, how = perf.estimated_seconds(compiled, device)
     if seconds > 0:  # not nan
         units = cfg.global_batch_size * trainer.task.units_per_example()
         peak, source = perf.peak_flops(list(trainer.mesh.devices.flat))
-        plan.update(step_seconds=seconds, units_per_second=units / seconds,
-                    mfu=trainer.step_flops / seconds / peak, estimate=how)
+        mfu, hfu = trainer.model_flops / seconds / peak, trainer.step_flops / seconds / peak
+        plan.update(step_seconds=seconds, units_per_second=units / seconds, mfu=mfu, hfu=hfu,
+                    estimate=how)
         lines.append(
             f"estimated step time ({how}; no communication overlap: a lower bound): "
             f"{_seconds(seconds)} -> {units / seconds:,.0f} {trainer.task.throughput_unit}/s, "
-            f"MFU {trainer.step_flops / seconds / peak:.1%} of the {source} x {trainer.mesh.size}")
+            f"MFU {mfu:.1%} (model FLOPs), HFU {hfu:.1%} (compiled FLOPs) of the {source} "
+            f"x {trainer.mesh.size}")
     trainer.plan = plan
     return lines
 

@@ -135,7 +135,8 @@ class Trainer:
         self.train_iter = None
         self._train_step = None  # AOT-compiled on the first batch
         self._eval_step = None
-        self.step_flops = float("nan")
+        self.step_flops = float("nan")  # the compiled step's (rematerialisation included)
+        self.model_flops = float("nan")  # the model's: 3x its forward's matrix products
         self.plan: dict = {}  # dry_run()'s figures
         self.growth: dict = {}  # _init_from's report when it grew arrays
         self.last_eval: dict[str, float] = {}
@@ -430,8 +431,17 @@ class Trainer:
         chips = self.mesh.devices.flat[0].platform
         with jax.set_mesh(self.mesh), kernel_platform.target_backend(chips):
             compiled = jitted.lower(state, batch).compile()
+            # model FLOPs (MFU): 3x the forward's matrix products (backward = 2x forward), on the
+            # same kernels as the step; the compiled count (HFU) adds rematerialisation
+            forward = jax.make_jaxpr(self._forward_loss_fn)(state, batch)
+        self.model_flops = 3 * self.accum * perf.matmul_flops(forward)
         self.step_flops = perf.compiled_flops(compiled, self.mesh.size)
         return compiled
+
+    def _forward_loss_fn(self, state, batch):
+        """The loss of the first micro-batch: the forward pass model FLOPs are counted on."""
+        model, _ = nnx.merge(self.graphdef, state.nnx)
+        return loss_with_aux(self.task, model, jax.tree.map(lambda x: x[0], batch))[0]
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, float]:
@@ -516,7 +526,8 @@ class Trainer:
             units = self.config.train.global_batch_size * self.task.units_per_example()
             metrics[f"perf/{self.task.throughput_unit}/s"] = units / dt
             metrics["perf/step_s"] = dt
-            metrics["perf/mfu"] = self.step_flops / dt / self._peak
+            metrics["perf/mfu"] = self.model_flops / dt / self._peak
+            metrics["perf/hfu"] = self.step_flops / dt / self._peak
         metrics["lr"] = float(self.schedule(step - 1))
         metrics["nonfinite_steps"] = float(self.state.nonfinite)
         event.report.scalars(step, metrics, "train/")

@@ -17,7 +17,7 @@ impl:
          blocks, not T x S;
   "pallas": the flash-style kernels in pallas_kernels/block_sparse (forward and backward, custom
          VJP); on CPU only in interpret mode;
-  "auto": pallas on TPU when the block sizes suit Mosaic (block_q a multiple of 128), else xla.
+  "auto": pallas on TPU when the block sizes suit Mosaic (block_q, block_k multiples of 8), else xla.
 """
 from __future__ import annotations
 
@@ -239,15 +239,21 @@ def _check(q, k, v, mask):
 
 
 def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, scale=None,
-                           impl: str = "auto", return_lse: bool = False):
+                           impl: str = "auto", return_lse: bool = False,
+                           caller: str = "block_sparse_attention"):
     """softmax(scale q k^T + M) v with M = 0 on the allowed (block, causal) entries, -inf elsewhere.
-    Returns o [B, T, H, D] (and lse [B, H, T] f32 when return_lse)."""
+    Returns o [B, T, H, D] (and lse [B, H, T] f32 when return_lse). caller: the mechanism, named
+    in the one-time warning when impl="auto" cannot take the kernel on an accelerator."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if impl == "auto":  # the kernels are Mosaic (TPU) kernels; GPU and CPU take the xla path
         impl = "pallas" if platform.backend() == "tpu" and _pallas_supported(mask) else "xla"
+        if impl == "xla" and platform.backend() != "cpu":
+            platform.note_fallback(
+                caller, "block-sparse", "pallas_kernels.block_sparse is not importable"
+                if platform.backend() == "tpu" else "it has no GPU lowering yet (TPU only)")
     if impl == "reference":
         o, lse = block_sparse_reference(q, k, v, mask, causal=causal, scale=scale)
     elif impl == "xla":

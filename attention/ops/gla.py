@@ -44,7 +44,7 @@ def _check(q, k, v, log_g, initial_state, impl):
 
 
 def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=False,
-        chunk_size=64, impl="auto"):
+        chunk_size=64, impl="auto", caller: str = "gla"):
     """o_t = (scale q_t) S_t with S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t (GLA eq. 1-2).
 
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] f32 or None)."""
@@ -53,6 +53,10 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=Fa
     if impl == "auto":
         # pallas on TPU; its GPU arrangement has not been timed against xla on a GPU yet
         impl = "pallas" if platform.backend() == "tpu" and _pallas() else "xla"
+        if impl == "xla" and platform.backend() != "cpu":
+            platform.note_fallback(
+                caller, "GLA", "pallas_kernels.gla is not importable" if platform.backend() ==
+                "tpu" else "its GPU arrangement is not yet timed against the XLA path on a GPU")
     if impl == "reference":
         o, s = gla_reference(q, k, v, log_g, scale=scale, initial_state=initial_state)
     elif impl == "xla":

@@ -5,9 +5,9 @@ heads-major layout, pads T and S to whole blocks, flattens the BlockMask arrays 
 prefetch and calls `kernels.block_sparse_core` (a `jax.custom_vjp` whose backward is a dq kernel
 and a dk / dv kernel). Grid, block shapes and the math are in kernels.py's docstring.
 
-On CPU the kernels run with interpret=True; on TPU they compile through Mosaic (block_q and
-block_k multiples of 128 there); on GPU they raise NotImplementedError (the op's impl="auto"
-only picks pallas on TPU).
+On CPU the kernels run with interpret=True; on TPU they compile through Mosaic (any block sizes:
+blocks that are not multiples of 8 tokens sit in tiles padded to one; 128 fills the MXU); on GPU
+they raise NotImplementedError (the op's impl="auto" only picks pallas on TPU).
 """
 from __future__ import annotations
 
@@ -21,16 +21,12 @@ __all__ = ["block_sparse_pallas", "pallas_supported"]
 
 
 def pallas_supported(mask, *, interpret: bool | None = None) -> bool:
-    """Whether `block_sparse_pallas` can run this mask's block sizes here: any multiple of 8 in
-    interpret mode (CPU); on TPU block_q a multiple of 128 and block_k of 8 (128 is what to use
-    for speed); never on GPU (no Triton variant yet)."""
+    """Whether `block_sparse_pallas` can run here: in interpret mode (CPU) or on TPU, any block
+    sizes (multiples of 128 fill the MXU; others are padded to a multiple of 8 rows); never on
+    GPU (no Triton variant yet)."""
     if interpret is None:
         interpret = platform.interpret_default()
-    if mask.block_q % 8 or mask.block_k % 8:
-        return False
-    if interpret:
-        return True
-    return platform.backend() == "tpu" and mask.block_q % 128 == 0
+    return interpret or platform.backend() == "tpu"
 
 
 def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
@@ -50,27 +46,31 @@ def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
     mask.check_fits(bs, hs, t, s, "block_sparse_pallas")
     mb, mh = mask.counts.shape[:2]
     bq, bk = mask.block_q, mask.block_k
-    if bq % 8 or bk % 8:
-        raise ValueError(f"block_sparse_pallas: block_q={bq} and block_k={bk} must be multiples "
-                         f"of 8 (of 128 to compile for TPU)")
+    # the kernel's tiles: whole multiples of 8 rows (the TPU's sublanes), each holding one block
+    tile_q, tile_k = -(-bq // 8) * 8, -(-bk // 8) * 8
     if interpret is None:
         interpret = platform.interpret_default()
-    if not interpret and bq % 128:
-        # Mosaic would reject the [1, block_q] lse row blocks with a less direct message
-        raise ValueError(f"block_sparse_pallas: block_q={bq} must be a multiple of 128 to "
-                         f"compile for TPU (smaller blocks run only in interpret mode)")
-    cfg = Config(scale=float(scale), causal=bool(causal), block_q=bq, block_k=bk, q_len=t,
-                 k_len=s, mask_b=mb, mask_h=mh, interpret=bool(interpret))
-    tp = mask.num_q_blocks * bq
-    sp = mask.num_k_blocks * bk
+    cfg = Config(scale=float(scale), causal=bool(causal), block_q=tile_q, block_k=tile_k,
+                 q_len=t, k_len=s, mask_b=mb, mask_h=mh, interpret=bool(interpret),
+                 q_block_len=bq if bq != tile_q else 0, k_block_len=bk if bk != tile_k else 0)
+    nq, nk = mask.num_q_blocks, mask.num_k_blocks
 
-    def to_kernel_layout(x, length):
-        # [B, L, H, D] -> [B, H, Lp, D]; padded queries are sliced off, padded keys masked
+    def to_kernel_layout(x, n, block, tile):
+        # [B, L, H, D] -> [B, H, n * tile, D]: L padded to n blocks, each block to a tile (padded
+        # queries are sliced off, padded keys masked in-kernel)
         x = jnp.transpose(x, (0, 2, 1, 3))
-        return jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[2]), (0, 0)))
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, n * block - x.shape[2]), (0, 0)))
+        if tile == block:
+            return x
+        x = x.reshape(*x.shape[:2], n, block, x.shape[-1])
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, tile - block), (0, 0)))
+        return x.reshape(*x.shape[:2], n * tile, x.shape[-1])
 
     flat = lambda a: jnp.asarray(a, jnp.int32).reshape(-1)  # 1-D: SMEM pads each 2-D row
-    o, lse = block_sparse_core(to_kernel_layout(q, tp), to_kernel_layout(k, sp),
-                               to_kernel_layout(v, sp), flat(mask.counts), flat(mask.indices),
-                               flat(mask.t_counts), flat(mask.t_indices), cfg)
-    return jnp.transpose(o[:, :, :t], (0, 2, 1, 3)), lse[:, :, 0, :t]
+    o, lse = block_sparse_core(to_kernel_layout(q, nq, bq, tile_q),
+                               to_kernel_layout(k, nk, bk, tile_k),
+                               to_kernel_layout(v, nk, bk, tile_k), flat(mask.counts),
+                               flat(mask.indices), flat(mask.t_counts), flat(mask.t_indices), cfg)
+    o = o.reshape(bs, hs, nq, tile_q, d)[:, :, :, :bq].reshape(bs, hs, nq * bq, d)
+    lse = lse.reshape(bs, hs, nq, tile_q)[:, :, :, :bq].reshape(bs, hs, nq * bq)
+    return jnp.transpose(o[:, :, :t], (0, 2, 1, 3)), lse[:, :, :t]

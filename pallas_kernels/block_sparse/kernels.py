@@ -2,12 +2,15 @@
 
 Layout inside the kernels: heads-major, q / o / dO [B, H, Tp, D], k / v [B, H_kv, Sp, D], with
 Tp = NQ * block_q and Sp = NK * block_k (the wrapper pads; keys >= k_len are masked in-kernel,
-padded query rows are sliced off and get zero cotangents). A q / k / v block is
+padded query rows are sliced off and get zero cotangents). A mask block that is not a multiple
+of 8 tokens (Landmark's 50, Routing's T / C) sits in a tile rounded up to one, its padding rows
+masked (keys) or sliced off (queries), so every block size reaches the TPU kernel. A q / k / v block is
 [block_q | block_k, D]: D is the full head dim and block_q / block_k are the sublane dim.
 
-Per-row statistics (lse, and D_r = rowsum(dO * O) - dlse_r) travel as *rows*: [B, H, 1, Tp] with
-blocks (1, block_q) -- the second-minor dim equals the full dim 1 and the minor dim is block_q,
-which is TPU-legal when block_q is a multiple of 128 (the splash-attention layout). In-kernel
+Per-row statistics (lse, and D_r = rowsum(dO * O) - dlse_r) travel as *rows*: [B, H, NQ, 1,
+block_q] with blocks (1, block_q) -- both equal the array's last two dims, which makes any block_q
+TPU-legal (a [B, H, 1, Tp] row with blocks (1, block_q), the splash-attention layout, needs
+block_q a multiple of 128, which HiP's, DHSA's and SSA's 64-token blocks are not). In-kernel
 the online-softmax m / l live lane-broadcast in [block_q, 128] VMEM scratch (so the running max
 never needs a relayout), and the forward writes lse by transposing that [block_q, 128] tile.
 
@@ -33,10 +36,10 @@ Rows that see no key (all blocks in their future under causal, or an all-False r
 jit) give l = 0: o = 0, lse = -inf. The backward gets lse = +inf for them so p = exp(s - lse) = 0
 exactly and every gradient stays finite.
 
-TPU-legal block sizes (Mosaic; checked by compiling fwd + dq + dk/dv for v5p with libtpu on CPU):
-block_q must be a multiple of 128 (it is the minor dim of the lse / D row blocks); block_k a
-multiple of 8 compiles (8 .. 256 checked, f32 and bf16), but use multiples of 128 in production so
-the S tiles fill the MXU and lanes; D any size (it is the full dim), ideally a multiple of 128.
+TPU-legal block sizes (Mosaic; checked by compiling fwd + dq + dk/dv for v5e, v6e and v5p with
+libtpu on CPU): block_q and block_k multiples of 8 (64 and 128 checked for block_q, 8 .. 256 for
+block_k, f32 and bf16), but use multiples of 128 in production so the S tiles fill the MXU and
+lanes; D any size (it is the full dim), ideally a multiple of 128.
 Interpret mode (the CPU tests) accepts any multiple of 8.
 """
 from __future__ import annotations
@@ -63,13 +66,23 @@ class Config(NamedTuple):
     """Static kernel configuration (hashable: the custom_vjp's nondiff argument)."""
     scale: float
     causal: bool
-    block_q: int
+    block_q: int  # the kernel's tiles: the mask's blocks rounded up to a multiple of 8 rows
     block_k: int
     q_len: int    # T, unpadded
     k_len: int    # S, unpadded: keys >= k_len are masked
     mask_b: int   # Bm: 1 (broadcast) or B
     mask_h: int   # Hm: 1 (broadcast) or H
     interpret: bool
+    q_block_len: int = 0  # the mask's block of tokens (0: = block_q); rows past it are padding
+    k_block_len: int = 0  # (0: = block_k); keys past it in a tile are padding, masked
+
+    @property
+    def q_tokens(self) -> int:
+        return self.q_block_len or self.block_q
+
+    @property
+    def k_tokens(self) -> int:
+        return self.k_block_len or self.block_k
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -115,11 +128,15 @@ def _grid_step(cfg: Config, cnt_ref, idx_ref, n_rows: int, width: int):
 
 def _allowed(cfg: Config, q_block, k_block, shape, transposed: bool):
     """bool [block_q, block_k] (or its transpose): key < k_len, and key <= query if causal."""
-    bq, bk = cfg.block_q, cfg.block_k
     q_axis, k_axis = (1, 0) if transposed else (0, 1)
-    q_pos = q_block * bq + lax.broadcasted_iota(jnp.int32, shape, q_axis)
-    k_pos = k_block * bk + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+    k_row = lax.broadcasted_iota(jnp.int32, shape, k_axis)
+    # positions in the sequence: a tile holds one mask block of q_tokens / k_tokens tokens, then
+    # padding rows (block sizes that are not multiples of 8, e.g. Landmark's 50)
+    q_pos = q_block * cfg.q_tokens + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    k_pos = k_block * cfg.k_tokens + k_row
     ok = k_pos < cfg.k_len
+    if cfg.k_tokens < cfg.block_k:
+        ok = ok & (k_row < cfg.k_tokens)
     if cfg.causal:
         ok = ok & (k_pos <= q_pos)
     return ok
@@ -129,7 +146,7 @@ def _block_live(cfg: Config, q_block, k_block):
     """False when causality masks the whole (q_block, k_block) tile: skip its compute."""
     if not cfg.causal:
         return True
-    return k_block * cfg.block_k <= q_block * cfg.block_q + cfg.block_q - 1
+    return k_block * cfg.k_tokens <= q_block * cfg.q_tokens + cfg.q_tokens - 1
 
 
 # ----------------------------------------------------------------------------- forward
@@ -190,7 +207,8 @@ def _seq_block(bs: int, d: int, index_map):
 
 
 def _row_block(bs: int, index_map):
-    return pl.BlockSpec((None, None, 1, bs), index_map)
+    """A [1, block_q] row of a [B, H, NQ, 1, block_q] statistic (lse, D)."""
+    return pl.BlockSpec((None, None, None, 1, bs), index_map)
 
 
 def _forward_layout(q, k, indices, cfg: Config):
@@ -209,7 +227,7 @@ def _forward_layout(q, k, indices, cfg: Config):
         return b, h // rep, idx_ref[_flat(cfg, b, h, i, n_q, width) + j], 0
 
     def row_map(b, h, i, j, cnt_ref, idx_ref):
-        return b, h, 0, i
+        return b, h, i, 0, 0
 
     return (bs, hs, n_q, width), q_map, kv_map, row_map
 
@@ -229,7 +247,7 @@ def _sparse_call(kernel, cfg: Config, *, grid, in_specs, out_specs, scratch_shap
 def forward(q, k, v, counts, indices, cfg: Config):
     """q [B, H, Tp, D]; k, v [B, H_kv, Sp, D]; counts int32 [Bm*Hm*NQ], indices int32
     [Bm*Hm*NQ*MK] (flattened BlockMask forward layout).
-    Returns o [B, H, Tp, D] (q's dtype) and lse [B, H, 1, Tp] f32."""
+    Returns o [B, H, Tp, D] (q's dtype) and lse [B, H, NQ, 1, block_q] f32."""
     d = q.shape[-1]
     bq, bk = cfg.block_q, cfg.block_k
     grid, q_map, kv_map, lse_map = _forward_layout(q, k, indices, cfg)
@@ -241,7 +259,7 @@ def forward(q, k, v, counts, indices, cfg: Config):
         scratch_shapes=[pltpu.VMEM((bq, _LANES), _F32), pltpu.VMEM((bq, _LANES), _F32),
                         pltpu.VMEM((bq, d), _F32)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((*q.shape[:2], 1, q.shape[2]), _F32)],
+                   jax.ShapeDtypeStruct((*q.shape[:2], grid[2], 1, bq), _F32)],
         name="block_sparse_fwd", cost=_cost(grid, cfg, d, 2, (q, k, v, q)),
     )(counts, indices, q, k, v)
 
@@ -275,7 +293,7 @@ def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
 
 
 def backward_dq(q, k, v, do, lse, di, counts, indices, cfg: Config):
-    """dq [B, H, Tp, D] in q's dtype. lse, di: [B, H, 1, Tp] f32 (see module docstring)."""
+    """dq [B, H, Tp, D] in q's dtype. lse, di: [B, H, NQ, 1, block_q] f32 (module docstring)."""
     d = q.shape[-1]
     bq, bk = cfg.block_q, cfg.block_k
     grid, q_map, kv_map, row_map = _forward_layout(q, k, indices, cfg)
@@ -334,7 +352,7 @@ def backward_dkv(q, k, v, do, lse, di, t_counts, t_indices, cfg: Config, dk_dtyp
         return b, h, idx_ref[_flat(cfg, b, h, j, n_k, width) + t], 0
 
     def row_map(b, h, j, t, cnt_ref, idx_ref):
-        return b, h, 0, idx_ref[_flat(cfg, b, h, j, n_k, width) + t]
+        return b, h, idx_ref[_flat(cfg, b, h, j, n_k, width) + t], 0, 0
 
     def kv_map(b, h, j, t, cnt_ref, idx_ref):
         return b, h // rep, j, 0
@@ -359,7 +377,7 @@ def backward_dkv(q, k, v, do, lse, di, t_counts, t_indices, cfg: Config, dk_dtyp
 def block_sparse_core(q, k, v, counts, indices, t_counts, t_indices, cfg: Config):
     """Kernel-layout block-sparse attention. q [B, H, Tp, D]; k, v [B, H_kv, Sp, D] (padded to
     whole blocks); the four mask arrays flattened to 1-D int32. Returns o [B, H, Tp, D] in q's
-    dtype and lse [B, H, 1, Tp] f32; differentiable w.r.t. q, k, v (and takes an lse
+    dtype and lse [B, H, NQ, 1, block_q] f32; differentiable w.r.t. q, k, v (and takes an lse
     cotangent)."""
     return forward(q, k, v, counts, indices, cfg)
 
@@ -376,7 +394,7 @@ def _core_bwd(cfg, res, cotangents):
     hkv = k.shape[1]
     rep = hs // hkv
     # D_r = rowsum(dO * O) - dlse_r (the lse cotangent folded in, see the module docstring)
-    di = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1)[:, :, None, :] - dlse
+    di = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1).reshape(lse.shape) - dlse
     # rows that saw no key: lse = +inf makes p = exp(s - lse) exactly 0 in both kernels
     lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)
     dq = backward_dq(q, k, v, do, lse_b, di, counts, indices, cfg)
