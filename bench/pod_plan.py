@@ -54,9 +54,9 @@ def run_child(config: str, topology: str, overrides: list[str]) -> dict:
 
 def row(config: str, topology: str, plan: dict) -> str:
     if "error" in plan:
-        return f"| {config} | {topology} | error: {plan['error']} ||||||"
+        return f"| {config} | {topology} | error: {plan['error']} |||||||"
     if plan.get("problems"):
-        return f"| {config} | {topology} | sharding problems: {plan['problems'][0][:80]} ||||||"
+        return f"| {config} | {topology} | sharding problems: {plan['problems'][0][:80]} |||||||"
     gib = plan["bytes_per_chip"] / 2**30
     fits = "yes" if plan["fits"] else "**no**"
     mark = "" if plan.get("estimate") == "XLA's TPU cost model" else " †"

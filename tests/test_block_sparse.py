@@ -145,7 +145,7 @@ def test_pairs_counts_the_computed_token_pairs():
     assert float(one.pairs(causal=True)[0, 0]) == expected
 
 
-def test_auto_that_cannot_take_the_kernel_says_so_once_naming_the_caller():
+def test_auto_that_cannot_take_the_kernel_says_so_once_naming_the_caller(monkeypatch):
     """impl="auto" off the kernel's chip (here GPU: the kernels are TPU-only) runs the XLA path
     and warns once per caller and reason; CPU's XLA path is the plan and says nothing."""
     import warnings
@@ -153,6 +153,7 @@ def test_auto_that_cannot_take_the_kernel_says_so_once_naming_the_caller():
     from attention.ops.gla import gla
     from pallas_kernels import platform
 
+    monkeypatch.setattr(platform, "_FALLBACKS_SAID", set())
     T, b = 64, 16
     mask = BlockMask.from_dense(causal_blocks(T // b, T // b, b, b), b, b, q_len=T, k_len=T)
     q = jnp.ones((1, T, 2, 8))

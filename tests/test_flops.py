@@ -58,9 +58,14 @@ def test_matmul_flops_counts_every_construct_once():
     mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
     spec = jax.sharding.PartitionSpec("a", "b")
     sharded = jax.shard_map(lambda a: a @ a.T, mesh=mesh, in_specs=spec, out_specs=spec)
+    rows = jax.sharding.PartitionSpec("a")  # whole along b: its 4 devices repeat the work
+    by_rows = jax.shard_map(lambda a: a @ a.T, mesh=mesh, in_specs=rows, out_specs=rows,
+                            check_vma=False)
     with jax.set_mesh(mesh):
         y = jax.device_put(jnp.ones((8, 16)), jax.sharding.NamedSharding(mesh, spec))
         assert _flops(sharded, y) == 8 * (2 * 4 * 4 * 4)
+        y = jax.device_put(jnp.ones((8, 16)), jax.sharding.NamedSharding(mesh, rows))
+        assert _flops(by_rows, y) == 2 * (2 * 4 * 4 * 16)
 
 
 def _dry_run(*overrides):
@@ -92,6 +97,7 @@ def test_model_flops_are_palms_and_hardware_flops_add_rematerialisation():
 
 
 def test_training_logs_mfu_and_hfu(tmp_path):
+    """The plumbing: both figures logged, from the trainer's two FLOP counts."""
     config = load_config(TINY, ["train.steps=4", "train.log_every=2", "eval.every=0",
                                 "checkpoint.every=0", "train.remat=True"])
     with Trainer(config, str(tmp_path / "run")) as t:
@@ -124,14 +130,15 @@ def test_gla_kernels_declare_the_chunk_forms_flops(B, T, H, K, V, C):
     assert _flops(jax.value_and_grad(run, argnums=(0, 1, 2, 3)), *args) == 3 * forward + recomputed
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_block_sparse_kernels_declare_their_blocks_flops(causal):
+@pytest.mark.parametrize("causal,bq,bk", [(False, 16, 16), (True, 16, 16), (True, 12, 20)])
+def test_block_sparse_kernels_declare_their_blocks_flops(causal, bq, bk):
     """Flash attention over the active blocks: 2 products a block forward (Q K^T, P V), 3 for
     dq (recomputing S and dP, then dS K) and 4 for dk / dv (S, dP, P^T dO, dS^T Q), each
     2 block_q block_k D. A mask with m active blocks in every query row costs B H NQ m of them
     forward and in dq; dk / dv run over key rows, whose grid has as many slots as the fullest
-    key row (a static bound: the mask is data; empty slots are skipped, not computed)."""
-    B, T, S, H, D, bq, bk, m = 2, 96, 80, 2, 16, 16, 16, 3
+    key row (a static bound: the mask is data; empty slots are skipped, not computed). Blocks of
+    12 and 20 tokens run in tiles of 16 and 24 rows: the count is the tokens', not the tiles'."""
+    B, T, S, H, D, m = 2, 96, 80, 2, 16, 3
     rng = np.random.default_rng(0)
     nq, nk = T // bq, S // bk
     dense = np.zeros((B, H, nq, nk), bool)

@@ -206,7 +206,7 @@ def matmul_flops(jaxpr) -> float:
     2 m n k per product, elementwise work left out), for every mechanism alike: dot_general and
     convolutions as traced, a Pallas kernel as its declared cost estimate (its body is not XLA's
     to count), scans times their length, a cond's costliest branch, a shard_map's per-shard
-    count times its shards. A while loop's trip count is unknown: its body is counted once.
+    count times its distinct shards (the axes its specs split over). A while loop's trip count is unknown: its body is counted once.
     `jaxpr`: a Jaxpr or ClosedJaxpr (jax.make_jaxpr)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
@@ -234,7 +234,13 @@ def matmul_flops(jaxpr) -> float:
             if name == "scan":
                 inner *= params["length"]
             elif name == "shard_map":
-                inner *= math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+                # distinct shards: the manual axes the specs split over (an axis that leaves
+                # every operand whole repeats the same work on each of its devices)
+                split = {a for spec in (*params["in_specs"], *params["out_specs"])
+                         for entry in (spec or ()) if entry is not None
+                         for a in ((entry,) if isinstance(entry, str) else entry)}
+                inner *= math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"]
+                                   if a in split)
             total += inner
     return total
 

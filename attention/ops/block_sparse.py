@@ -17,7 +17,7 @@ impl:
          blocks, not T x S;
   "pallas": the flash-style kernels in pallas_kernels/block_sparse (forward and backward, custom
          VJP); on CPU only in interpret mode;
-  "auto": pallas on TPU when the block sizes suit Mosaic (block_q, block_k multiples of 8), else xla.
+  "auto": pallas on TPU (any block sizes), else xla (warning once on GPU: no GPU kernel yet).
 """
 from __future__ import annotations
 
@@ -248,12 +248,7 @@ def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, sc
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     _check(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if impl == "auto":  # the kernels are Mosaic (TPU) kernels; GPU and CPU take the xla path
-        impl = "pallas" if platform.backend() == "tpu" and _pallas_supported(mask) else "xla"
-        if impl == "xla" and platform.backend() != "cpu":
-            platform.note_fallback(
-                caller, "block-sparse", "pallas_kernels.block_sparse is not importable"
-                if platform.backend() == "tpu" else "it has no GPU lowering yet (TPU only)")
+    impl = resolve_impl(impl, mask, caller)
     if impl == "reference":
         o, lse = block_sparse_reference(q, k, v, mask, causal=causal, scale=scale)
     elif impl == "xla":
@@ -275,6 +270,22 @@ def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, sc
                                     head_dims=(2, 2, 2, 1, 1, 1, 1), out_batch_dims=(0, 0),
                                     out_head_dims=(2, 1))
     return (o, lse) if return_lse else o
+
+
+def resolve_impl(impl: str, mask: BlockMask, caller: str = "block_sparse_attention") -> str:
+    """The path `block_sparse_attention(..., impl=impl)` takes for `mask` here: "auto" is the
+    Pallas kernel on TPU (any block sizes), else xla, said once (naming `caller` and why) where
+    an accelerator cannot take the kernel; other impls are themselves."""
+    if impl != "auto":
+        return impl
+    # the kernels are Mosaic (TPU) kernels; GPU and CPU take the xla path
+    if platform.backend() == "tpu" and _pallas_supported(mask):
+        return "pallas"
+    if platform.backend() != "cpu":
+        platform.note_fallback(
+            caller, "block-sparse", "pallas_kernels.block_sparse is not importable"
+            if platform.backend() == "tpu" else "it has no GPU lowering yet (TPU only)")
+    return "xla"
 
 
 def _pallas():

@@ -36,10 +36,10 @@ Rows that see no key (all blocks in their future under causal, or an all-False r
 jit) give l = 0: o = 0, lse = -inf. The backward gets lse = +inf for them so p = exp(s - lse) = 0
 exactly and every gradient stays finite.
 
-TPU-legal block sizes (Mosaic; checked by compiling fwd + dq + dk/dv for v5e, v6e and v5p with
-libtpu on CPU): block_q and block_k multiples of 8 (64 and 128 checked for block_q, 8 .. 256 for
-block_k, f32 and bf16), but use multiples of 128 in production so the S tiles fill the MXU and
-lanes; D any size (it is the full dim), ideally a multiple of 128.
+Block sizes (Mosaic; checked by compiling fwd + dq + dk/dv for v5p, v5e, v6e and v4 with libtpu
+on CPU, f32 and bf16): any; the kernels' tiles are the mask's blocks rounded up to a multiple of 8
+rows (block_q 50, 64, 128 and block_k 50, 64, 128 checked); use multiples of 128 in production so
+the S tiles fill the MXU and lanes; D any size (it is the full dim), ideally a multiple of 128.
 Interpret mode (the CPU tests) accepts any multiple of 8.
 """
 from __future__ import annotations
@@ -193,12 +193,13 @@ def _fwd_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_
 
 def _cost(grid, cfg: Config, d: int, matmuls: int, arrays) -> pl.CostEstimate:
     """XLA's view of a kernel (it cannot see inside a Mosaic call; the dry run's FLOPs and step
-    time use this): `matmuls` [block_q x block_k x D] products and one exp per score for every
-    slot of the grid (an upper bound: slots past a row's count repeat a block and skip it)."""
+    time, and MFU, use this): `matmuls` products of a mask block's tokens [q_tokens x k_tokens x
+    D] (not the tiles' padding rows) and one exp per score for every slot of the grid (an upper
+    bound: slots past a row's count repeat a block and skip it)."""
     pairs = math.prod(grid)
     return pl.CostEstimate(
-        flops=2 * matmuls * pairs * cfg.block_q * cfg.block_k * d,
-        transcendentals=pairs * cfg.block_q * cfg.block_k,
+        flops=2 * matmuls * pairs * cfg.q_tokens * cfg.k_tokens * d,
+        transcendentals=pairs * cfg.q_tokens * cfg.k_tokens,
         bytes_accessed=sum(a.size * a.dtype.itemsize for a in arrays))
 
 
