@@ -171,5 +171,6 @@ def test_auto_that_cannot_take_the_kernel_says_so_once_naming_the_caller(monkeyp
     messages = [str(w.message) for w in said]
     assert len(messages) == 3, messages
     assert messages[0].startswith("SomeMechanism: impl='auto' runs the XLA path on gpu, not the "
-                                  "block-sparse Pallas kernel: it has no GPU lowering yet")
+                                  "block-sparse Pallas kernel: its GPU kernels (impl='pallas') are not "
+                                  "yet timed")
     assert messages[1].startswith("OtherMechanism:") and messages[2].startswith("SomeGLA:")

@@ -158,9 +158,100 @@ def test_pallas_default_output_is_o_only():
     np.testing.assert_allclose(np.asarray(o), np.asarray(o_xla), atol=1e-5)
 
 
-def test_gpu_raises_not_implemented():
-    """Compiled (non-interpret) on a GPU backend: a clear NotImplementedError, not a crash."""
-    from pallas_kernels.block_sparse import kernels
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernels_lower_to_triton(dtype):
+    """On this CPU, jax.export lowers the public op with impl='pallas' for CUDA (an abstract
+    H100; Triton itself compiles only on a GPU): forward and backward are the three GPU kernels
+    as Triton calls, at odd shapes (T = 137, Landmark's 50-token blocks, head dim 24, GQA); the
+    TPU kernels refuse a GPU with a message naming the GPU arrangement."""
+    import re
+
+    from jax import export
+    from jax.sharding import AbstractDevice, AbstractMesh
+
     from pallas_kernels import platform
-    with platform.target_backend("gpu"), pytest.raises(NotImplementedError, match="impl='xla'"):
-        kernels._compiler_params(False, ("parallel", "arbitrary"))
+    from pallas_kernels.block_sparse import kernels
+
+    B, T, H, Hkv, D, blk = 1, 137, 4, 2, 24, 50
+    rng = np.random.default_rng(0)
+    mask = BlockMask.from_dense(jnp.asarray(_random_mask(rng, (1, H, 3, 3), 0.5)), blk, blk,
+                                q_len=T, k_len=T)
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(lambda q, k, v: block_sparse_attention(q, k, v, mask, causal=True,
+                                                                impl="pallas"), q, k, v)
+        return o, vjp(do)
+
+    cuda = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+    triton = "__gpu$xla.gpu.triton"
+    with platform.target_backend("gpu"), \
+            jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=cuda)):
+        exported = export.export(jax.jit(fwd_bwd), platforms=("cuda",), disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(triton)])(
+                sds(B, T, H, D), sds(B, T, Hkv, D), sds(B, T, Hkv, D), sds(B, T, H, D))
+        text = exported.mlir_module()
+        assert text.count(triton) == 3
+        assert set(re.findall(r'name = "(block_sparse_[a-z_]+)"', text)) == {
+            "block_sparse_fwd_gpu", "block_sparse_bwd_dq_gpu", "block_sparse_bwd_dkv_gpu"}
+        assert [a.shape for a in exported.out_avals] == [(B, T, H, D), (B, T, H, D),
+                                                          (B, T, Hkv, D), (B, T, Hkv, D)]
+        with pytest.raises(NotImplementedError, match="block_sparse/gpu.py"):
+            kernels._compiler_params(False, ("parallel", "arbitrary"))
+
+
+# ----------------------------------------------------------------------------- the GPU arrangement
+@functools.partial(jax.jit, static_argnames="causal")
+def _run_gpu_arrangement(q, k, v, do, dlse, mask, causal):
+    """(o, lse, dq, dk, dv) for impl='reference' and for block_sparse_pallas's GPU arrangement
+    (pallas_kernels/block_sparse/gpu.py: in-kernel loops over the listed blocks, power-of-two
+    tiles and head dim) in interpret mode."""
+    from pallas_kernels.block_sparse import block_sparse_pallas
+    scale = q.shape[-1] ** -0.5
+    runs = {"reference": lambda q, k, v: block_sparse_attention(
+                q, k, v, mask, causal=causal, impl="reference", return_lse=True),
+            "pallas": lambda q, k, v: block_sparse_pallas(
+                q, k, v, mask, causal=causal, scale=scale, interpret=True, gpu=True)}
+    out = {}
+    for name, f in runs.items():
+        (o, lse), vjp = jax.vjp(f, q, k, v)
+        out[name] = (o, lse) + vjp((do, dlse))
+    return out
+
+
+# (T, S, H, H_kv, D, block_q, block_k, density, causal, mask over batch / heads): odd lengths,
+# blocks that are not powers of two (Landmark's 50, 10 x 13, 24), head dims 16, 24 and 40 (padded
+# to 32 / 64), GQA, MQA and broadcast masks
+_GPU_CASES = [
+    (45, 53, 4, 2, 16, 8, 16, 0.3, False, (2, 4)),
+    (137, 137, 4, 2, 24, 50, 50, 0.5, True, (2, 4)),
+    (137, 101, 2, 1, 40, 10, 13, 0.5, False, (1, 1)),
+    (70, 70, 4, 4, 16, 16, 24, 1.0, True, (1, 4)),
+]
+
+
+@pytest.mark.parametrize("T,S,H,Hkv,D,bq,bk,density,causal,mshape", _GPU_CASES)
+def test_gpu_arrangement_matches_reference_f32(T, S, H, Hkv, D, bq, bk, density, causal, mshape):
+    B = 2
+    rng = np.random.default_rng(T + bq + bk)
+    nq, nk = -(-T // bq), -(-S // bk)
+    mask = BlockMask.from_dense(jnp.asarray(_random_mask(rng, (*mshape, nq, nk), density)),
+                                bq, bk, q_len=T, k_len=S)
+    q, k, v, do, dlse = _inputs(6, B, T, S, H, Hkv, D, jnp.float32)
+    _compare(_run_gpu_arrangement(q, k, v, do, dlse, mask, causal), tol=1e-5, metric="max")
+
+
+def test_gpu_arrangement_bf16_and_rows_that_see_nothing():
+    """bf16 in and out; query block 0 lists only a key block in its future (causal): o = 0,
+    lse = -inf, finite gradients, as the reference."""
+    B, T, S, H, Hkv, D, bq, bk = 2, 61, 61, 4, 2, 16, 16, 16
+    m = _random_mask(np.random.default_rng(2), (1, H, 4, 4), 0.5)
+    m[..., 0, :] = False
+    m[..., 0, 2] = True
+    mask = BlockMask.from_dense(jnp.asarray(m), bq, bk, q_len=T, k_len=S)
+    q, k, v, do, dlse = _inputs(7, B, T, S, H, Hkv, D, jnp.bfloat16)
+    out = _run_gpu_arrangement(q, k, v, do, dlse, mask, True)
+    assert out["pallas"][0].dtype == jnp.bfloat16 and out["pallas"][1].dtype == jnp.float32
+    assert all(g.dtype == jnp.bfloat16 for g in out["pallas"][2:])
+    assert np.all(np.asarray(out["pallas"][1])[:, :, :bq] == -np.inf)
+    _compare(out, tol=1e-2, metric="rmse")

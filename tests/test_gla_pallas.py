@@ -207,12 +207,14 @@ def test_splitting_the_sequence_carries_the_state():
     assert scaled_max_error(final_split, final_all) <= F32_TOL
 
 
-# the GPU arrangement: the state recurrences as associative scans in XLA between the two parallel
+# the GPU arrangement: the state recurrences as kernels looping over the chunks (one program per
+# batch, head and block of value rows; V = 128 -> two blocks of 64) between the two parallel
 # kernels, head dims zero-padded to powers of two (K = 60 -> 64, V = 24 -> 32)
 GPU_CASES = [
     (2, 1, 16, 24, "weak", True, True),
     (1, 200, 60, 24, "strong", False, True),
     (2, 130, 60, 64, "weak", True, False),
+    (1, 150, 32, 128, "strong", True, True),
 ]
 
 
@@ -225,7 +227,8 @@ def test_gpu_arrangement_equals_recurrence(b, t, kd, vd, decay, with_initial, wi
 def test_gpu_kernels_lower_to_triton():
     """On this CPU, jax.export lowers the GPU arrangement for CUDA through Pallas's Triton
     lowering (an abstract H100; the Triton compiler itself runs only on a GPU): forward and
-    backward, the two parallel kernels as Triton calls; the sequential ones refuse on GPU."""
+    backward: the four kernels as Triton calls (the state passes as in-kernel loops over the
+    chunks); the sequential-grid ones refuse on GPU."""
     from jax import export
     from jax.sharding import AbstractDevice, AbstractMesh
 
@@ -251,9 +254,10 @@ def test_gpu_kernels_lower_to_triton():
         exported = export.export(jax.jit(fwd_bwd), platforms=("cuda",), disabled_checks=[
             export.DisabledSafetyCheck.custom_call(triton)])(*args)
         text = exported.mlir_module()
-        assert text.count(triton) == 2
+        assert text.count(triton) == 5  # the forward's state pass runs again in the backward
         assert set(re.findall(r'name = "(gla_[a-z_]+)"', text)) == {
-            "gla_chunk_output", "gla_chunk_input_grads"}
+            "gla_chunk_states_loop", "gla_chunk_output", "gla_chunk_state_grads_loop",
+            "gla_chunk_input_grads"}
         cfg = kernels.Config(scale=1.0, chunk=64, sub=16, interpret=False)
         with pytest.raises(NotImplementedError, match="sequential grid axis"):
             jax.eval_shape(lambda *a: kernels.chunk_states(*a, cfg), sds(1, 1, 64, 16),

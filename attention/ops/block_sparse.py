@@ -274,17 +274,19 @@ def block_sparse_attention(q, k, v, mask: BlockMask, *, causal: bool = False, sc
 
 def resolve_impl(impl: str, mask: BlockMask, caller: str = "block_sparse_attention") -> str:
     """The path `block_sparse_attention(..., impl=impl)` takes for `mask` here: "auto" is the
-    Pallas kernel on TPU (any block sizes), else xla, said once (naming `caller` and why) where
-    an accelerator cannot take the kernel; other impls are themselves."""
+    Pallas kernel on TPU (any block sizes), else xla, said once (naming `caller` and why) on an
+    accelerator that does not take the kernel; other impls are themselves."""
     if impl != "auto":
         return impl
-    # the kernels are Mosaic (TPU) kernels; GPU and CPU take the xla path
+    # the Mosaic kernels on TPU; the GPU kernels (impl="pallas") are not yet timed against xla
+    # on a GPU (bench/gpu.py does), so GPU and CPU take the xla path
     if platform.backend() == "tpu" and _pallas_supported(mask):
         return "pallas"
     if platform.backend() != "cpu":
         platform.note_fallback(
             caller, "block-sparse", "pallas_kernels.block_sparse is not importable"
-            if platform.backend() == "tpu" else "it has no GPU lowering yet (TPU only)")
+            if platform.backend() == "tpu" else
+            "its GPU kernels (impl='pallas') are not yet timed against the XLA path on a GPU")
     return "xla"
 
 

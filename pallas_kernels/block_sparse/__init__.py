@@ -2,12 +2,13 @@
 
 `block_sparse_pallas` takes the [B, T, H, D] layout of attention/ops, moves to the kernels'
 heads-major layout, pads T and S to whole blocks, flattens the BlockMask arrays for scalar
-prefetch and calls `kernels.block_sparse_core` (a `jax.custom_vjp` whose backward is a dq kernel
+prefetch and calls `core.block_sparse_core` (a `jax.custom_vjp` whose backward is a dq kernel
 and a dk / dv kernel). Grid, block shapes and the math are in kernels.py's docstring.
 
 On CPU the kernels run with interpret=True; on TPU they compile through Mosaic (any block sizes:
 blocks that are not multiples of 8 tokens sit in tiles padded to one; 128 fills the MXU); on GPU
-they raise NotImplementedError (the op's impl="auto" only picks pallas on TPU).
+the arrangement of gpu.py runs (Triton: in-kernel loops over each row's listed blocks, tiles and
+head dim padded to powers of two >= 16); `gpu=True` runs that arrangement in interpret mode.
 """
 from __future__ import annotations
 
@@ -15,27 +16,33 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import platform
-from pallas_kernels.block_sparse.kernels import Config, block_sparse_core
+from pallas_kernels.block_sparse.core import block_sparse_core
+from pallas_kernels.block_sparse.kernels import Config
 
 __all__ = ["block_sparse_pallas", "pallas_supported"]
 
 
 def pallas_supported(mask, *, interpret: bool | None = None) -> bool:
-    """Whether `block_sparse_pallas` can run here: in interpret mode (CPU) or on TPU, any block
-    sizes (multiples of 128 fill the MXU; others are padded to a multiple of 8 rows); never on
-    GPU (no Triton variant yet)."""
+    """Whether `block_sparse_pallas` can run here: in interpret mode (CPU), on TPU or on a GPU,
+    any block sizes (multiples of 128 fill the MXU; others sit in padded tiles)."""
     if interpret is None:
         interpret = platform.interpret_default()
-    return interpret or platform.backend() == "tpu"
+    return interpret or platform.backend() == "tpu" or platform.is_gpu()
+
+
+def _pow2_tile(n: int) -> int:
+    """Triton's smallest legal tile holding n rows: a power of two >= 16."""
+    return max(16, 1 << (n - 1).bit_length())
 
 
 def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
-                        interpret: bool | None = None):
+                        interpret: bool | None = None, gpu: bool | None = None):
     """softmax(scale q k^T + M) v restricted to the mask's blocks (and causal if asked).
 
     q: [B, T, H, D]; k, v: [B, S, H_kv, D] (H a multiple of H_kv; query head h uses kv head
     h // (H // H_kv)); mask: attention.ops.block_sparse.BlockMask with q_len = T, k_len = S and
-    batch / head dims 1 or (B, H). interpret: None = automatic (True on CPU).
+    batch / head dims 1 or (B, H). interpret: None = automatic (True on CPU). gpu: the GPU
+    arrangement (None: on a GPU backend; the tests run it in interpret mode on CPU).
     Returns o [B, T, H, D] in q's dtype and lse [B, H, T] f32 (-inf, with o = 0, for a row that
     sees no key). Differentiable w.r.t. q, k, v; the lse output may carry a cotangent too."""
     bs, t, hs, d = q.shape
@@ -46,13 +53,24 @@ def block_sparse_pallas(q, k, v, mask, *, causal: bool, scale: float,
     mask.check_fits(bs, hs, t, s, "block_sparse_pallas")
     mb, mh = mask.counts.shape[:2]
     bq, bk = mask.block_q, mask.block_k
-    # the kernel's tiles: whole multiples of 8 rows (the TPU's sublanes), each holding one block
-    tile_q, tile_k = -(-bq // 8) * 8, -(-bk // 8) * 8
     if interpret is None:
         interpret = platform.interpret_default()
+    if gpu is None:
+        gpu = not interpret and platform.is_gpu()
+    if gpu and d != _pow2_tile(d):
+        # zero key dims add nothing to q k^T; zero value dims give zero outputs: exact
+        pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, _pow2_tile(d) - d)])  # noqa: E731
+        o, lse = block_sparse_pallas(pad(q), pad(k), pad(v), mask, causal=causal, scale=scale,
+                                     interpret=interpret, gpu=True)
+        return o[..., :d], lse
+    # the kernels' tiles, each holding one mask block: whole multiples of 8 rows (the TPU's
+    # sublanes), or powers of two >= 16 (Triton's tensor and dot shapes)
+    tile_q, tile_k = ((_pow2_tile(bq), _pow2_tile(bk)) if gpu else
+                      (-(-bq // 8) * 8, -(-bk // 8) * 8))
     cfg = Config(scale=float(scale), causal=bool(causal), block_q=tile_q, block_k=tile_k,
                  q_len=t, k_len=s, mask_b=mb, mask_h=mh, interpret=bool(interpret),
-                 q_block_len=bq if bq != tile_q else 0, k_block_len=bk if bk != tile_k else 0)
+                 q_block_len=bq if bq != tile_q else 0, k_block_len=bk if bk != tile_k else 0,
+                 gpu=bool(gpu))
     nq, nk = mask.num_q_blocks, mask.num_k_blocks
 
     def to_kernel_layout(x, n, block, tile):

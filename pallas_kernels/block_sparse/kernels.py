@@ -75,6 +75,7 @@ class Config(NamedTuple):
     interpret: bool
     q_block_len: int = 0  # the mask's block of tokens (0: = block_q); rows past it are padding
     k_block_len: int = 0  # (0: = block_k); keys past it in a tile are padding, masked
+    gpu: bool = False  # the GPU arrangement (gpu.py: in-kernel loops over the listed blocks)
 
     @property
     def q_tokens(self) -> int:
@@ -105,9 +106,9 @@ def _mm_nt(a, b):  # a @ b.T
 def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
     if not interpret and platform.is_gpu():
         raise NotImplementedError(
-            "block_sparse_pallas: only the TPU (Mosaic) lowering is implemented; the kernels use "
-            "TPU scalar prefetch (PrefetchScalarGridSpec) for the block indices. On GPU use "
-            "block_sparse_attention(..., impl='xla') (impl='auto' does so off TPU).")
+            "block_sparse kernels.py: these are the TPU (Mosaic) kernels, built on TPU scalar "
+            "prefetch; on GPU the kernels of block_sparse/gpu.py run (Config.gpu=True, which "
+            "block_sparse_pallas picks there)")
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
@@ -147,6 +148,25 @@ def _block_live(cfg: Config, q_block, k_block):
     if not cfg.causal:
         return True
     return k_block * cfg.k_tokens <= q_block * cfg.q_tokens + cfg.q_tokens - 1
+
+
+def dq_step(cfg: Config, q, k, v, do, lse, di, allowed):
+    """One (query block, key block) pair's dq / scale: P = exp(S - lse) where allowed,
+    dS = P * (dP - D), dS K. lse, di broadcast along the key axis ([bq, 1] columns)."""
+    s = _mm_nt(q, k) * cfg.scale                                       # [bq, bk] f32
+    p = jnp.where(allowed, jnp.exp(s - lse), 0.0)
+    ds = p * (_mm_nt(do.astype(v.dtype), v) - di)
+    return _mm(ds.astype(k.dtype), k)
+
+
+def dkv_step(cfg: Config, q, k, v, do, lse, di, allowed_t):
+    """One pair's (dk / scale, dv), computed transposed: S^T = K Q^T [bk, bq], so lse and di
+    broadcast along the key axis as [1, bq] rows; dv = P^T dO, dk = dS^T Q."""
+    s_t = _mm_nt(k, q) * cfg.scale
+    p_t = jnp.where(allowed_t, jnp.exp(s_t - lse), 0.0)                # P^T
+    dv = _mm(p_t.astype(do.dtype), do)
+    ds_t = p_t * (_mm_nt(v, do.astype(v.dtype)) - di)                  # dS^T
+    return _mm(ds_t.astype(q.dtype), q), dv
 
 
 # ----------------------------------------------------------------------------- forward
@@ -278,15 +298,10 @@ def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
 
     @pl.when(jnp.logical_and(j < count, _block_live(cfg, i, k_block)))
     def _():
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         lse = jnp.expand_dims(lse_ref[0], -1)                          # [bq, 1]
         di = jnp.expand_dims(di_ref[0], -1)
-        s = _mm_nt(q, k) * cfg.scale
-        allowed = _allowed(cfg, i, k_block, s.shape, False)
-        p = jnp.where(allowed, jnp.exp(s - lse), 0.0)                  # [bq, bk]
-        dp = _mm_nt(do.astype(v.dtype), v)
-        ds = p * (dp - di)
-        dq_scr[...] += _mm(ds.astype(k.dtype), k)
+        dq_scr[...] += dq_step(cfg, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse, di,
+                               _allowed(cfg, i, k_block, (cfg.block_q, cfg.block_k), False))
 
     @pl.when(j == width - 1)
     def _():
@@ -323,15 +338,11 @@ def _dkv_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, 
 
     @pl.when(jnp.logical_and(t < count, _block_live(cfg, q_block, j)))
     def _():
-        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s_t = _mm_nt(k, q) * cfg.scale                                 # S^T [bk, bq]
-        allowed = _allowed(cfg, q_block, j, s_t.shape, True)
         # lse / di are rows [1, bq]: they broadcast along sublanes of the transposed tile
-        p_t = jnp.where(allowed, jnp.exp(s_t - lse_ref[...]), 0.0)     # P^T
-        dv_scr[...] += _mm(p_t.astype(do.dtype), do)
-        dp_t = _mm_nt(v, do.astype(v.dtype))                           # dP^T [bk, bq]
-        ds_t = p_t * (dp_t - di_ref[...])
-        dk_scr[...] += _mm(ds_t.astype(q.dtype), q)
+        dk, dv = dkv_step(cfg, q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
+                          di_ref[...], _allowed(cfg, q_block, j, (cfg.block_k, cfg.block_q), True))
+        dk_scr[...] += dk
+        dv_scr[...] += dv
 
     @pl.when(t == width - 1)
     def _():
@@ -371,42 +382,3 @@ def backward_dkv(q, k, v, do, lse, di, t_counts, t_indices, cfg: Config, dk_dtyp
         out_shape=[jax.ShapeDtypeStruct(shape, dk_dtype), jax.ShapeDtypeStruct(shape, dv_dtype)],
         name="block_sparse_bwd_dkv", cost=_cost(grid, cfg, d, 4, (q, k, v, do, k, v)),
     )(t_counts, t_indices, q, k, v, do, lse, di)
-
-
-# ----------------------------------------------------------------------------- custom_vjp
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def block_sparse_core(q, k, v, counts, indices, t_counts, t_indices, cfg: Config):
-    """Kernel-layout block-sparse attention. q [B, H, Tp, D]; k, v [B, H_kv, Sp, D] (padded to
-    whole blocks); the four mask arrays flattened to 1-D int32. Returns o [B, H, Tp, D] in q's
-    dtype and lse [B, H, NQ, 1, block_q] f32; differentiable w.r.t. q, k, v (and takes an lse
-    cotangent)."""
-    return forward(q, k, v, counts, indices, cfg)
-
-
-def _core_fwd(q, k, v, counts, indices, t_counts, t_indices, cfg):
-    o, lse = forward(q, k, v, counts, indices, cfg)
-    return (o, lse), (q, k, v, o, lse, counts, indices, t_counts, t_indices)
-
-
-def _core_bwd(cfg, res, cotangents):
-    q, k, v, o, lse, counts, indices, t_counts, t_indices = res
-    do, dlse = cotangents
-    bs, hs, tp, d = q.shape
-    hkv = k.shape[1]
-    rep = hs // hkv
-    # D_r = rowsum(dO * O) - dlse_r (the lse cotangent folded in, see the module docstring)
-    di = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1).reshape(lse.shape) - dlse
-    # rows that saw no key: lse = +inf makes p = exp(s - lse) exactly 0 in both kernels
-    lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)
-    dq = backward_dq(q, k, v, do, lse_b, di, counts, indices, cfg)
-    # GQA: per-query-head partials in f32, summed over each group's `rep` heads here
-    dk_dtype, dv_dtype = (k.dtype, v.dtype) if rep == 1 else (_F32, _F32)
-    dk, dv = backward_dkv(q, k, v, do, lse_b, di, t_counts, t_indices, cfg, dk_dtype, dv_dtype)
-    if rep > 1:
-        sp = k.shape[2]
-        dk = dk.reshape(bs, hkv, rep, sp, d).sum(2).astype(k.dtype)
-        dv = dv.reshape(bs, hkv, rep, sp, d).sum(2).astype(v.dtype)
-    return dq, dk, dv, None, None, None, None
-
-
-block_sparse_core.defvjp(_core_fwd, _core_bwd)

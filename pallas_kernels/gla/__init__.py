@@ -5,10 +5,11 @@ layout, pads T to a multiple of the chunk and calls `kernels.gla_core` (a `jax.c
 backward is made of explicit kernels). The math of each kernel is in kernels.py's docstring.
 
 TPU (and interpret mode): four kernels, two of them carrying the chunk state over a sequential
-grid axis. GPU (Triton): the GPU lowering has no sequential grid axis, so the two parallel
-kernels (outputs; input gradients) run there and the chunk-state recurrences between them run
-in XLA as associative scans (`Config.state_pass="xla"`); head dims are zero-padded to powers of
-two >= 16 (Triton's block and dot shapes), which is exact.
+grid axis. GPU (Triton): the GPU lowering has no sequential grid axis, so the two chunk-state
+recurrences are kernels that loop over the chunks inside one program per (batch, head, block of
+value rows) (`Config.state_pass="loop"`), between the same two parallel kernels (outputs; input
+gradients); head dims are zero-padded to powers of two >= 16 (Triton's block and dot shapes),
+which is exact.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def gla_pallas(q, k, v, log_g, *, scale: float, initial_state=None,
     """q, k, log_g: [B, T, H, K]; v: [B, T, H, V]; log_g <= 0 (log forget gate, per key dim).
     Recurrence: S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t ;  o_t = (scale * q_t) S_t.
     initial_state / final state: [B, H, K, V] float32 (None = zeros).
-    gpu: the GPU arrangement (state pass in XLA, padded head dims); None: on a GPU backend. The
+    gpu: the GPU arrangement (looping state passes, padded head dims); None: on a GPU backend. The
     tests run it in interpret mode on CPU.
     Returns (o [B, T, H, V] in v.dtype, final_state [B, H, K, V] f32 or None)."""
     bs, t, hs, kd = q.shape
@@ -51,7 +52,7 @@ def gla_pallas(q, k, v, log_g, *, scale: float, initial_state=None,
         raise ValueError(f"gla_pallas on GPU: chunk_size must be a multiple of 16 (Triton's dot "
                          f"shapes), got {chunk_size}")
     cfg = Config(scale=float(scale), chunk=int(chunk_size), sub=sub, interpret=bool(interpret),
-                 state_pass="xla" if gpu else "kernel")
+                 state_pass="loop" if gpu else "kernel")
     if gpu and (kd != _gpu_dim(kd) or vd != _gpu_dim(vd)):
         # zero key dims add nothing to q k^T; zero value dims give zero outputs: exact
         pk, pv = _gpu_dim(kd) - kd, _gpu_dim(vd) - vd

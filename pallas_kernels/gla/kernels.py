@@ -50,8 +50,8 @@ class Config(NamedTuple):
     sub: int
     interpret: bool
     # "kernel": the chunk-state recurrence (forward and reverse) as Pallas kernels carrying the
-    # state over a sequential grid axis (TPU); "xla": as associative scans in XLA between the
-    # parallel kernels (GPU, whose lowering has no sequential grid axis)
+    # state over a sequential grid axis (TPU); "loop": as kernels looping over the chunks inside
+    # one program per (batch, head, value block) (GPU, whose lowering has no sequential grid axis)
     state_pass: str = "kernel"
 
 
@@ -78,8 +78,8 @@ def _compiler_params(interpret: bool, semantics: tuple[str, ...]):
             raise NotImplementedError(
                 "gla_pallas: this kernel carries the chunk state across a sequential grid axis, "
                 "which the Mosaic TPU lowering (and interpret mode) supports but the GPU lowering "
-                "does not; on GPU the state pass runs in XLA (Config.state_pass='xla', which "
-                "gla_pallas picks there)")
+                "does not; on GPU the state pass loops over the chunks inside the kernel "
+                "(Config.state_pass='loop', which gla_pallas picks there)")
         return pltr.CompilerParams(num_warps=4, num_stages=2)  # Triton
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
@@ -376,42 +376,80 @@ def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
     )(q, k, v, b, do, states, dstates)
 
 
-# ----------------------------------------------------------------------------- state pass in XLA
-def _affine_scan(decay, x, reverse: bool):
-    """y_i = decay_i * y_(i-1) + x_i over axis 2 from y = 0 (reverse: from the end), as an
-    associative scan (log-depth: what a GPU wants instead of a sequential grid axis). Returns
-    (y [B, H, N, V, K], the product of the decays [B, H, N, 1, K]) at every step."""
-    def combine(a, b):  # a: the steps scanned before b (in scan order)
-        return a[0] * b[0], a[1] * b[0] + b[1]
-    prods, y = lax.associative_scan(combine, (decay, x), reverse=reverse, axis=2)
-    return y, prods
+# ----------------------------------------------------------------------------- state pass on GPU
+# The GPU lowering has no sequential grid axis, so each program walks the chunks of one (batch,
+# head, block of value rows) in a loop inside the kernel, the state carried in registers (fla's
+# arrangement). Rows of S^T [V, K] evolve independently (the decay scales columns), so the value
+# dim splits over programs for parallelism.
+def _gpu_value_block(vd: int) -> int:
+    return min(vd, 64)
 
 
-def chunk_states_xla(k, v, b, h0, cfg: Config):
-    """chunk_states' results (the states entering each chunk, the final state; transposed,
-    f32) with the recurrence S_[i+1] = S_[i] e^{b_C} + V^T (K e^{b_C - b}) in XLA."""
-    bs, hs, t, kd = k.shape
-    c = cfg.chunk
-    chunks = lambda x: x.astype(_F32).reshape(bs, hs, t // c, c, x.shape[-1])  # noqa: E731
-    kc, vc, bc = chunks(k), chunks(v), chunks(b)
-    b_last = bc[..., c - 1:, :]                                           # [B, H, N, 1, K]
-    u = jnp.einsum("bhncv,bhnck->bhnvk", vc, kc * jnp.exp(b_last - bc), precision=_HI)
-    after, prods = _affine_scan(jnp.exp(b_last), u, reverse=False)
-    after = after + prods * h0[:, :, None]                               # S_[i+1]
-    return jnp.concatenate([h0[:, :, None], after[:, :, :-1]], axis=2), after[:, :, -1]
+def _loop_states_kernel(k_ref, b_ref, v_ref, h0_ref, states_ref, final_ref, *, chunk: int):
+    """Refs: k, b [T, K] and v [T, bv] whole; h0, final [bv, K]; states [N, bv, K].
+    S_[i+1] = S_[i] e^{b_C} + V^T (K e^{b_C - b}), S_[0] = h0; writes S_[i] for each chunk."""
+    def step(i, s):
+        start = pl.multiple_of(i * chunk, chunk)
+        rows = pl.ds(start, chunk)
+        b_last = b_ref[pl.ds(start + chunk - 1, 1), :]                 # [1, K]
+        states_ref[i] = s
+        k_decayed = k_ref[rows, :].astype(_F32) * jnp.exp(b_last - b_ref[rows, :])
+        return s * jnp.exp(b_last) + _mm_tn(v_ref[rows, :].astype(_F32), k_decayed)
+
+    final_ref[...] = lax.fori_loop(0, k_ref.shape[0] // chunk, step, h0_ref[...])
 
 
-def chunk_state_grads_xla(q, b, do, dfinal, cfg: Config):
-    """chunk_state_grads' results (dS_[i+1] of each chunk, d h0) with the reverse recurrence
-    dS_[i] = dS_[i+1] e^{b_C} + dO^T (Q scale e^b) in XLA."""
-    bs, hs, t, kd = q.shape
-    c = cfg.chunk
-    chunks = lambda x: x.astype(_F32).reshape(bs, hs, t // c, c, x.shape[-1])  # noqa: E731
-    qc, dc, bc = chunks(q), chunks(do), chunks(b)
-    local = jnp.einsum("bhncv,bhnck->bhnvk", dc, qc * (cfg.scale * jnp.exp(bc)), precision=_HI)
-    before, prods = _affine_scan(jnp.exp(bc[..., c - 1:, :]), local, reverse=True)
-    before = before + prods * dfinal[:, :, None]                         # dS_[i]
-    return jnp.concatenate([before[:, :, 1:], dfinal[:, :, None]], axis=2), before[:, :, 0]
+def _loop_state_grads_kernel(q_ref, b_ref, do_ref, dfinal_ref, ds_ref, dh0_ref, *, chunk: int,
+                             scale: float):
+    """Refs: q, b [T, K] and dO [T, bv] whole; dfinal, dh0 [bv, K]; ds [N, bv, K]. Reverse:
+    dS_[i] = dS_[i+1] e^{b_C} + dO^T (Q scale e^b); writes dS_[i+1] for each chunk i."""
+    n = q_ref.shape[0] // chunk
+
+    def step(t, ds):
+        i = n - 1 - t
+        start = pl.multiple_of(i * chunk, chunk)
+        rows = pl.ds(start, chunk)
+        ds_ref[i] = ds
+        q_decayed = q_ref[rows, :].astype(_F32) * (scale * jnp.exp(b_ref[rows, :]))
+        return (ds * jnp.exp(b_ref[pl.ds(start + chunk - 1, 1), :])
+                + _mm_tn(do_ref[rows, :].astype(_F32), q_decayed))
+
+    dh0_ref[...] = lax.fori_loop(0, n, step, dfinal_ref[...])
+
+
+def _loop_call(kernel, cfg: Config, seq_arrays, value_array, first, *, name: str, cost):
+    """pl.pallas_call of a loop state pass over grid (B, H, V / bv): `seq_arrays` [B, H, T, K]
+    and `value_array` [B, H, T, V] whole per program (its bv columns), `first` [B, H, V, K]."""
+    bs, hs, t, kd = seq_arrays[0].shape
+    vd = value_array.shape[-1]
+    bv = _gpu_value_block(vd)
+    n, out_shapes = _state_pass_shapes(bs, hs, t // cfg.chunk, kd, vd)
+    seq = pl.BlockSpec((None, None, t, kd), lambda b, h, j: (b, h, 0, 0))
+    rows = pl.BlockSpec((None, None, bv, kd), lambda b, h, j: (b, h, j, 0))
+    return _gla_call(
+        kernel, cfg, grid=(bs, hs, vd // bv),
+        in_specs=[seq] * len(seq_arrays) + [
+            pl.BlockSpec((None, None, t, bv), lambda b, h, j: (b, h, 0, j)), rows],
+        out_specs=[pl.BlockSpec((None, None, n, bv, kd), lambda b, h, j: (b, h, 0, j, 0)), rows],
+        out_shape=out_shapes, name=name, cost=cost(out_shapes))(*seq_arrays, value_array, first)
+
+
+def chunk_states_loop(k, v, b, h0, cfg: Config):
+    """chunk_states' contract, as a GPU kernel looping over the chunks."""
+    kd, vd, tokens = k.shape[-1], v.shape[-1], k.shape[0] * k.shape[1] * k.shape[2]
+    return _loop_call(
+        functools.partial(_loop_states_kernel, chunk=cfg.chunk), cfg, (k, b), v, h0,
+        name="gla_chunk_states_loop",
+        cost=lambda outs: _cost((k, v, b, h0), outs, 2 * kd * vd, kd, tokens))
+
+
+def chunk_state_grads_loop(q, b, do, dfinal, cfg: Config):
+    """chunk_state_grads' contract, as a GPU kernel looping over the chunks in reverse."""
+    kd, vd, tokens = q.shape[-1], do.shape[-1], q.shape[0] * q.shape[1] * q.shape[2]
+    return _loop_call(
+        functools.partial(_loop_state_grads_kernel, chunk=cfg.chunk, scale=cfg.scale),
+        cfg, (q, b), do, dfinal, name="gla_chunk_state_grads_loop",
+        cost=lambda outs: _cost((q, b, do, dfinal), outs, 2 * kd * vd, kd, tokens))
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -432,9 +470,9 @@ def gla_core(q, k, v, log_g, h0, cfg: Config):
 def _state_passes(cfg):
     if cfg.state_pass == "kernel":
         return chunk_states, chunk_state_grads
-    if cfg.state_pass == "xla":
-        return chunk_states_xla, chunk_state_grads_xla
-    raise ValueError(f"Config.state_pass must be 'kernel' or 'xla', got {cfg.state_pass!r}")
+    if cfg.state_pass == "loop":
+        return chunk_states_loop, chunk_state_grads_loop
+    raise ValueError(f"Config.state_pass must be 'kernel' or 'loop', got {cfg.state_pass!r}")
 
 
 def _gla_fwd(q, k, v, log_g, h0, cfg):
