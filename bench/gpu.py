@@ -148,6 +148,8 @@ def _fwd_bwd(attend, n_args: int):
 
 
 def _dense(q, k, v):
+    # cuDNN asked for by name on GPU (the baseline; an error if this jax cannot run it),
+    # where attention.ops.causal's "dense" lets XLA choose
     on_gpu = jax.default_backend() == "gpu"
     return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                         implementation="cudnn" if on_gpu else None)

@@ -206,7 +206,8 @@ def matmul_flops(jaxpr) -> float:
     2 m n k per product, elementwise work left out), for every mechanism alike: dot_general and
     convolutions as traced, a Pallas kernel as its declared cost estimate (its body is not XLA's
     to count), scans times their length, a cond's costliest branch, a shard_map's per-shard
-    count times its distinct shards (the axes its specs split over). A while loop's trip count is unknown: its body is counted once.
+    count times its distinct shards (the axes its specs split over). A while loop's trip count
+    is unknown: its body is counted once.
     `jaxpr`: a Jaxpr or ClosedJaxpr (jax.make_jaxpr)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0

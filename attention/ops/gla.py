@@ -12,8 +12,8 @@ states [B, H, K, V] float32. Any T. impl:
          of gates <= 1 (no positive exponent), scanned over blocks of the sequence, with a
          hand-written backward; the CPU default;
   "pallas": the kernels in pallas_kernels/gla (forward and backward, custom_vjp): TPU
-            (Mosaic); GPU (Pallas's Triton lowering, the chunk-state pass in XLA: lowered in
-            the tests, not yet timed on a GPU); interpret mode on CPU;
+            (Mosaic); GPU (Pallas's Triton lowering, the chunk-state passes as in-kernel loops:
+            lowered in the tests, not yet timed on a GPU); interpret mode on CPU;
   "auto": pallas on TPU, else xla.
 """
 from __future__ import annotations
@@ -43,6 +43,21 @@ def _check(q, k, v, log_g, initial_state, impl):
                          f"got {initial_state.shape}")
 
 
+def resolve_impl(impl: str, caller: str = "gla") -> str:
+    """The path `gla(..., impl=impl)` takes here: "auto" is the Pallas kernels on TPU, else xla,
+    said once (naming `caller` and why) on an accelerator that does not take them."""
+    if impl != "auto":
+        return impl
+    # pallas on TPU; its GPU arrangement has not been timed against xla on a GPU yet
+    if platform.backend() == "tpu" and _pallas():
+        return "pallas"
+    if platform.backend() != "cpu":
+        platform.note_fallback(
+            caller, "GLA", "pallas_kernels.gla is not importable" if platform.backend() == "tpu"
+            else "its GPU kernels (impl='pallas') are not yet timed against the XLA path on a GPU")
+    return "xla"
+
+
 def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=False,
         chunk_size=64, impl="auto", caller: str = "gla"):
     """o_t = (scale q_t) S_t with S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t (GLA eq. 1-2).
@@ -50,13 +65,7 @@ def gla(q, k, v, log_g, *, scale=None, initial_state=None, output_final_state=Fa
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V] f32 or None)."""
     _check(q, k, v, log_g, initial_state, impl)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "auto":
-        # pallas on TPU; its GPU arrangement has not been timed against xla on a GPU yet
-        impl = "pallas" if platform.backend() == "tpu" and _pallas() else "xla"
-        if impl == "xla" and platform.backend() != "cpu":
-            platform.note_fallback(
-                caller, "GLA", "pallas_kernels.gla is not importable" if platform.backend() ==
-                "tpu" else "its GPU arrangement is not yet timed against the XLA path on a GPU")
+    impl = resolve_impl(impl, caller)
     if impl == "reference":
         o, s = gla_reference(q, k, v, log_g, scale=scale, initial_state=initial_state)
     elif impl == "xla":
