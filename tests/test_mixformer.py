@@ -4,6 +4,7 @@ then stage 2 on the score head only, from the stage-1 checkpoint), and the onlin
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -26,10 +27,12 @@ def small(tmp_path, variant, *overrides):
 
 
 def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
+    from models.mixformer import tracking
     from models.mixformer.track import main
 
     stage1 = run_trainer(small(tmp_path, "tiny"), tmp_path / "stage1")
     assert all(np.isfinite(list(stage1.losses.values())))
+    assert "score_auroc" not in stage1.result["eval"]  # stage 1 has no negatives to rank
     stage2 = run_trainer(small(tmp_path, "score", f"init_from={tmp_path / 'stage1'}"),
                          tmp_path / "stage2")
     for name, p in stage2.params.items():  # stage 2 trains the score head only
@@ -54,6 +57,7 @@ def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
     val = tmp_path / "data" / "val"
     second = [x for x in open(val / "list.txt").read().split() if x][1]
     frame = sorted((val / second).glob("*.png"))[5]
+    original = frame.read_bytes()
     frame.write_bytes(b"not a png")
     out2 = tmp_path / "results2"
     assert main([f"--config={CONFIG}:score", f"--from={tmp_path / 'stage2'}", f"--out={out2}",
@@ -63,6 +67,40 @@ def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
     assert f"sequence {second!r} not tracked" in captured.err and frame.name in captured.err
     assert "tracked 1 sequences" in captured.out and "tracker: AUC" in captured.out
     assert sorted(f for f in os.listdir(out2) if f.endswith(".txt")) == [results[0]]
+    frame.write_bytes(original)
+
+    # the GOT-10k test split (issue 29, item 3): first-frame boxes only -> no metrics, the
+    # evaluation server's layout; a split mixing the two kinds of ground truth is refused
+    test = tmp_path / "test"
+    shutil.copytree(val, test)
+    names = [x for x in open(test / "list.txt").read().split() if x][:2]
+    for name in names:
+        gt = test / name / "groundtruth.txt"
+        gt.write_text(gt.read_text().splitlines()[0] + "\n")
+        (test / name / "absence.label").unlink()
+    args = [f"--config={CONFIG}:score", f"--from={tmp_path / 'stage2'}",
+            f"--config.data.embedded_dir={tmp_path / 'data'}", *(f"--config.{o}" for o in SMALL)]
+    out3 = tmp_path / "results3"
+    assert main([*args, f"--sequences={test}", f"--out={out3}", "--limit=2"]) == 0
+    text = capsys.readouterr().out
+    assert "AUC" not in text and "test split" in text and "submission layout" in text
+    assert sorted(os.listdir(out3)) == sorted(names)
+    for name in names:
+        frames = len(list((test / name).glob("*.png")))
+        boxes = tracking.read_result(str(out3 / name / f"{name}_001.txt"))
+        assert boxes.shape == (frames, 4)
+        np.testing.assert_allclose(boxes[0], np.loadtxt(test / name / "groundtruth.txt",
+                                                        delimiter=","), atol=1e-4)
+        times = np.loadtxt(out3 / name / f"{name}_time.txt")
+        assert times.shape == (frames,) and np.all(times > 0)
+    assert main([*args, f"--sequences={test}", f"--out={tmp_path / 'r4'}", "--limit=3"]) == 2
+    assert "2 of 3 sequences have only a first-frame box" in capsys.readouterr().err
+    # --submission on a split with ground truth: metrics and both layouts
+    assert main([*args, f"--out={tmp_path / 'r5'}", "--limit=1", "--submission"]) == 0
+    assert "tracker: AUC" in capsys.readouterr().out
+    first = names[0]
+    assert (tmp_path / "r5" / f"{first}.txt").is_file()
+    assert (tmp_path / "r5" / first / f"{first}_time.txt").is_file()
 
 
 def test_auroc_equals_the_pairwise_definition():

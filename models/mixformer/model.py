@@ -549,4 +549,6 @@ class TrackingTask(Task):
         return {"score_logit": out["score_logit"], "label": batch["label"]}
 
     def eval_metrics(self, outputs):
-        return {"score_auroc": auroc(outputs["score_logit"], outputs["label"])}
+        # stage 1 samples no negatives (data.negative_prob = 0): no AUROC to report there
+        value = auroc(outputs["score_logit"], outputs["label"])
+        return {} if np.isnan(value) else {"score_auroc": value}

@@ -11,11 +11,18 @@ Runs a trained tracking model (MixFormer, configs/mixformer.py) over GOT-10k-lay
     candidate replaces the online template (slot 1..n-1, FIFO) and the cache is re-encoded.
 Writes one result file per sequence (<out>/<sequence>.txt, x,y,w,h per line, written atomically:
 an interrupted run never leaves a partial file), then prints AUC, precision, normalised
-precision, AO, SR0.5 / SR0.75 against the ground truth where it exists, with a success plot
-(<out>/success.png) beside the "stay on the first box" baseline, and frames/s.
+precision, AO, SR0.5 / SR0.75 against the ground truth, with a success plot (<out>/success.png)
+beside the "stay on the first box" baseline, and frames/s (compilation excluded: the model is
+compiled on the first frame before anything is timed).
+
+The GOT-10k test split (groundtruth.txt holds the first frame's box only, in every sequence) is
+recognised: no metrics (there is no ground truth to score), and the results are written in the
+layout the GOT-10k evaluation server takes instead, <out>/<seq>/<seq>_001.txt (boxes) and
+<out>/<seq>/<seq>_time.txt (seconds per frame); --submission writes that layout for any split.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -44,6 +51,9 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, default=0, help="track only the first N sequences")
     p.add_argument("--skip_bad", action="store_true",
                    help="skip sequences with bad annotations (counted) instead of failing")
+    p.add_argument("--submission", action="store_true",
+                   help="also write the GOT-10k server layout <out>/<seq>/<seq>_001.txt and "
+                        "<seq>_time.txt (always, without metrics, on a test split)")
     return parse_with_overrides(p, argv)
 
 
@@ -58,19 +68,25 @@ class OnlineTracker:
         self._encode = jax.jit(lambda s, t: nnx.merge(graphdef, s).encode_templates(t))
         self._track = jax.jit(lambda s, c, x: nnx.merge(graphdef, s).track(c, x))
 
-    def run(self, sequence):
-        """sequence (models.mixformer.tracking.Sequence) -> predicted boxes [F, 4] xywh (frame 0 = GT)."""
+    def run(self, sequence, seconds: list | None = None):
+        """sequence (models.mixformer.tracking.Sequence) -> predicted boxes [F, 4] xywh (frame 0 = GT).
+        seconds: a list to append each frame's tracking time to (frame 0: the template's
+        encoding; reading the frame is not counted, as in the GOT-10k toolkit)."""
         d, m, tr = self.config.data, self.config.model, self.config.track
         first = sequence.frame(0)
+        start = time.perf_counter()
         H, W = first.shape[:2]
         box = np.asarray(sequence.boxes[0], np.float64)
         template, _ = tracking.crop(first, box, d.template_factor, m.template_size)
         slots = [template] * m.num_templates  # slot 0 stays the initial template
-        cache = self._encode(self.state, np.stack(slots)[None])
+        cache = jax.block_until_ready(self._encode(self.state, np.stack(slots)[None]))
+        if seconds is not None:
+            seconds.append(time.perf_counter() - start)
         boxes = [box]
         best, candidate = -1.0, None
         for t in range(1, len(sequence)):
             frame = sequence.frame(t)
+            start = time.perf_counter()
             search, transform = tracking.crop(frame, box, d.search_factor, m.search_size)
             out = self._track(self.state, cache, search[None])
             pred = transform.to_frame(np.asarray(out["boxes"][0], np.float64))
@@ -83,9 +99,42 @@ class OnlineTracker:
             if (self.update and m.num_templates > 1 and t % tr.update_interval == 0
                     and candidate is not None):
                 slots = [slots[0]] + slots[2:] + [candidate]  # FIFO over the online slots
-                cache = self._encode(self.state, np.stack(slots)[None])
+                cache = jax.block_until_ready(self._encode(self.state, np.stack(slots)[None]))
                 best, candidate = -1.0, None
+            if seconds is not None:
+                seconds.append(time.perf_counter() - start)
         return np.stack(boxes)
+
+    def compile(self, sequence) -> None:
+        """Compile (and run once) encoding and tracking on `sequence`'s first frames, so that
+        what is timed afterwards excludes compilation."""
+        n = min(len(sequence), 2)
+        self.run(dataclasses.replace(sequence, frames=sequence.frames[:n],
+                                     boxes=sequence.boxes[:n], absent=sequence.absent[:n]))
+
+
+def ground_truth_kind(sequences) -> str:
+    """"full" (a box for every frame) or "first" (the GOT-10k test split: the first frame's box
+    only, in every sequence of more than one frame); a mix of the two is a ConfigError."""
+    longer = [s for s in sequences if len(s) > 1]
+    first = [s.name for s in longer if np.isnan(s.boxes[1:]).all()]
+    if not first:
+        return "full"
+    if len(first) == len(longer):
+        return "first"
+    raise ConfigError(
+        f"--sequences: {len(first)} of {len(longer)} sequences have only a first-frame box in "
+        f"groundtruth.txt (e.g. {first[0]!r}) while the others have a box per frame: a test "
+        f"split has first boxes only, a train / val split a box per frame")
+
+
+def write_submission(out: str, name: str, boxes: np.ndarray, seconds) -> None:
+    """The GOT-10k server's layout for one sequence: <out>/<name>/<name>_001.txt (x,y,w,h per
+    frame) and <name>_time.txt (seconds per frame), each written atomically."""
+    folder = os.path.join(out, name)
+    tracking.write_result(os.path.join(folder, f"{name}_001.txt"), boxes)
+    tracking.write_lines(os.path.join(folder, f"{name}_time.txt"),
+                         [f"{s:.6f}" for s in seconds])
 
 
 def load_model(config, source: str):
@@ -106,40 +155,55 @@ def main(argv=None) -> int:
         config = load_config(args.config, overrides)
         task, model, step = load_model(config, args.source)
         if args.sequences:
-            sequences = tracking.load_got10k(args.sequences, args.split, skip_bad=args.skip_bad)
+            # a test split's groundtruth.txt holds the first box only: accepted here, and then
+            # either every sequence is so or none is (ground_truth_kind)
+            sequences = tracking.load_got10k(args.sequences, args.split, skip_bad=args.skip_bad,
+                                             first_box_only=True)
         else:
             sequences = task.sequences(config.data.eval_split)
+        if args.limit:
+            sequences = sequences[:args.limit]
+        test_split = ground_truth_kind(sequences) == "first"
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.limit:
-        sequences = sequences[:args.limit]
     out = args.out or os.path.join(args.source, "tracking")
     os.makedirs(out, exist_ok=True)
     tracker = OnlineTracker(model, config)
-    predicted, frames, seconds, failed = {}, 0, 0.0, []
+    predicted, frames, seconds, failed, compiled = {}, 0, 0.0, [], False
     for seq in tqdm(sequences, desc="tracking", unit="seq", file=sys.stdout,
                     disable=not sys.stdout.isatty()):
-        start = time.perf_counter()
+        per_frame = []
         try:
-            boxes = tracker.run(seq)
+            if not compiled:
+                tracker.compile(seq)
+                compiled = True
+            boxes = tracker.run(seq, per_frame)
         except BadExample as e:  # a frame that cannot be read: the other sequences go on
             print(f"error: sequence {seq.name!r} not tracked: {e}", file=sys.stderr)
             failed.append(seq.name)
             continue
-        if seq is not sequences[0]:  # the first sequence includes compilation
-            seconds += time.perf_counter() - start
-            frames += len(seq) - 1
-        tracking.write_result(os.path.join(out, f"{seq.name}.txt"), boxes)
+        seconds += sum(per_frame)
+        frames += len(seq)
+        if test_split or args.submission:
+            write_submission(out, seq.name, boxes, per_frame)
+        if not test_split:
+            tracking.write_result(os.path.join(out, f"{seq.name}.txt"), boxes)
         predicted[seq.name] = boxes
     print(f"tracked {len(predicted)} sequences with checkpoint {step} of {args.source}; "
           f"results in {out}")
+    if test_split or args.submission:
+        print(f"GOT-10k submission layout in {out}: <seq>/<seq>_001.txt and <seq>_time.txt per "
+              f"sequence (zip the sequence folders for the evaluation server)")
+    if test_split:
+        print("test split (groundtruth.txt holds the first frame's box only): no metrics here; "
+              "the evaluation server scores the submission")
     if failed:
         print(f"error: {len(failed)} of {len(sequences)} sequences could not be read and have "
               f"no results ({', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}); the "
               "metrics below cover the others", file=sys.stderr)
     sequences = [s for s in sequences if s.name in predicted]
-    if sequences and all(len(s.boxes) == len(s) for s in sequences):  # ground truth everywhere
+    if sequences and not test_split:  # ground truth on every frame
         ours = tracking.evaluate_results(sequences, predicted)
         stay = tracking.evaluate_results(
             sequences, {s.name: np.repeat(s.boxes[:1], len(s), axis=0) for s in sequences})
@@ -152,7 +216,7 @@ def main(argv=None) -> int:
                                      os.path.join(out, "success.png"))
         print(f"success plot: {plot}")
     if frames:
-        print(f"{frames / seconds:.1f} frames/s (after the first sequence's compilation)")
+        print(f"{frames / seconds:.1f} frames/s (compilation excluded; frame reading too)")
     return 1 if failed else 0
 
 

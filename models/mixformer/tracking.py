@@ -351,7 +351,7 @@ def write_shapes_got10k(root: str, *, num_sequences: int, num_frames: int, image
                 for f, img in enumerate(video["frames"]):
                     Image.fromarray(img).save(os.path.join(seq_dir, f"{f + 1:08d}.png"))
                 with open(os.path.join(seq_dir, "groundtruth.txt"), "w", encoding="utf-8") as fh:
-                    fh.writelines(_format_row(b) for b in xyxy_to_xywh(video["boxes"]))
+                    fh.writelines(_format_row(b) + "\n" for b in xyxy_to_xywh(video["boxes"]))
                 with open(os.path.join(seq_dir, "absence.label"), "w", encoding="utf-8") as fh:
                     fh.writelines(f"{int(not v)}\n" for v in video["visible"])
                 names.append(name)
@@ -824,7 +824,7 @@ def success_plot(curves: Mapping[str, np.ndarray], path: str, *, title: str = "S
 
 # ----------------------------------------------------------------------------- result files
 def _format_row(box: np.ndarray) -> str:
-    return ",".join(f"{float(v):.4f}" for v in box) + "\n"
+    return ",".join(f"{float(v):.4f}" for v in box)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -843,21 +843,26 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
+def write_lines(path: str, lines) -> str:
+    """Write `lines` (strings, one per line), atomically. Returns path."""
+    lines = list(lines)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(f"{line}\n" for line in lines)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must not land before the data
+    _atomic_write(path, write)
+    return path
+
+
 def write_result(path: str, boxes_xywh: np.ndarray) -> str:
     """Write a tracker's boxes [F, 4] xywh as F lines `x,y,w,h` (4 decimals), atomically.
     Returns path."""
     boxes = np.asarray(boxes_xywh, np.float64)
     if boxes.ndim != 2 or boxes.shape[1] != 4 or not np.isfinite(boxes).all():
         raise ValueError(f"write_result: boxes must be finite [F, 4], got shape {boxes.shape}")
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for b in boxes:
-                f.write(_format_row(b))
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not land before the data
-    _atomic_write(path, write)
-    return path
+    return write_lines(path, (_format_row(b) for b in boxes))
 
 
 def read_result(path: str) -> np.ndarray:
