@@ -223,6 +223,30 @@ def test_tiny_config_trains(tmp_path):
 
 
 # ----------------------------------------------------------------------------- growth via init_from
+def test_softmax_growth_warns_with_the_measured_losses(tmp_path, capsys):
+    """Pattention with softmax normalisation is not growth-preserving (each zero key adds
+    exp(0) to the softmax sum): growing it through init_from warns, with the losses measured on
+    the same eval batch before and after, which differ."""
+    from trainer import Trainer
+
+    norm = ("model.pattention_norm=softmax", "model.pattention_zoom=1.0",
+            "model.ffn_pattention_zoom=1.0")
+    source = tiny(*GROW_OVERRIDES, *norm, "train.steps=1")
+    with Trainer(source, str(tmp_path / "source"), quiet=True) as t:
+        t.fit()
+    grown = tiny(*GROW_OVERRIDES, *norm, "train.steps=1",
+                 f"model.param_tokens={source.model.param_tokens * 2}",
+                 f"init_from={tmp_path / 'source'}")
+    capsys.readouterr()
+    with Trainer(grown, str(tmp_path / "grown"), quiet=True) as t:
+        t.initial_state()
+        g = t.growth
+    assert abs(g["loss_after"] - g["loss_before"]) > 1e-3
+    assert (f"warning: init_from: the grown model does not compute the source's function: loss "
+            f"on a fixed eval batch {g['loss_before']:.6f} before growth, {g['loss_after']:.6f} "
+            f"after") in capsys.readouterr().err
+
+
 GROW_OVERRIDES = ("train.warmup_steps=0", "train.log_every=1", "eval.every=0", "eval.batches=2",
                   "checkpoint.every=0", "sample.max_new_tokens=0", "data.seq_len=32")
 SOURCE_STEPS = 3
@@ -256,7 +280,7 @@ def grown_config(source, attn_factor, ffn_factor, *overrides):
     (2.0, 1.5, "params+optimizer+step", ("mesh.data=2", "mesh.tensor=4")),
 ])
 def test_growth_by_init_from_preserves_outputs_and_carries_optimizer_state(
-        source_run, tmp_path, attn_factor, ffn_factor, carry, mesh):
+        source_run, tmp_path, attn_factor, ffn_factor, carry, mesh, capsys):
     """Growing the q/k/v/o and FFN parameter tokens by 1.5x and 2x (each projection type at both
     factors over the two cases), on the same or another mesh: the grown model's logits and loss
     equal the source's; parameters and Adam moments keep the old rows exactly, with zero new
@@ -270,6 +294,7 @@ def test_growth_by_init_from_preserves_outputs_and_carries_optimizer_state(
     with Trainer(config, str(tmp_path), quiet=True) as t:
         state = {k: np.asarray(jax.device_get(v)) for k, v in by_name(t.initial_state()).items()}
         growth, model, num_params = t.growth, t.model, t.num_params()
+    assert "does not compute the source's function" not in capsys.readouterr().err
     tokens = jax.random.randint(jax.random.key(5), (2, 33), 0, 256, jnp.int32)
     logits, loss = lm_logits_and_loss(source_run["model"], tokens)
     big_logits, big_loss = lm_logits_and_loss(model, tokens)
