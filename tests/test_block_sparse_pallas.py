@@ -220,13 +220,15 @@ def _run_gpu_arrangement(q, k, v, do, dlse, mask, causal):
 
 
 # (T, S, H, H_kv, D, block_q, block_k, density, causal, mask over batch / heads): odd lengths,
-# blocks that are not powers of two (Landmark's 50, 10 x 13, 24), head dims 16, 24 and 40 (padded
-# to 32 / 64), GQA, MQA and broadcast masks
+# blocks that are not powers of two (Landmark's 50, 10 x 13, 24), blocks over 128 tokens split
+# into sub-blocks (300 -> 3 x 100, 256 -> 2 x 128, the last ones partly past T and S), head dims
+# 16, 24 and 40 (padded to 32 / 64), GQA, MQA and masks broadcast over batch, heads or both
 _GPU_CASES = [
     (45, 53, 4, 2, 16, 8, 16, 0.3, False, (2, 4)),
     (137, 137, 4, 2, 24, 50, 50, 0.5, True, (2, 4)),
     (137, 101, 2, 1, 40, 10, 13, 0.5, False, (1, 1)),
     (70, 70, 4, 4, 16, 16, 24, 1.0, True, (1, 4)),
+    (600, 520, 2, 1, 16, 300, 256, 0.6, True, (2, 1)),
 ]
 
 
@@ -239,6 +241,30 @@ def test_gpu_arrangement_matches_reference_f32(T, S, H, Hkv, D, bq, bk, density,
                                 bq, bk, q_len=T, k_len=S)
     q, k, v, do, dlse = _inputs(6, B, T, S, H, Hkv, D, jnp.float32)
     _compare(_run_gpu_arrangement(q, k, v, do, dlse, mask, causal), tol=1e-5, metric="max")
+
+
+def test_split_blocks_keeps_the_mask():
+    """Blocks over 128 tokens become equal sub-blocks (the fewest parts: 300 -> 3 x 100, 256 ->
+    2 x 128, 129 -> 3 x 43): the same token pairs in both layouts, sub-blocks past the sequence
+    dropped, the padding slots in range."""
+    from pallas_kernels.block_sparse import split_blocks
+
+    rng = np.random.default_rng(4)
+    for bq, bk, T, S in ((300, 256, 600, 520), (129, 64, 200, 300), (64, 64, 100, 100)):
+        nq, nk = -(-T // bq), -(-S // bk)
+        mask = BlockMask.from_dense(jnp.asarray(_random_mask(rng, (2, 3, nq, nk), 0.5)), bq, bk,
+                                    q_len=T, k_len=S)
+        small = split_blocks(mask)
+        assert max(small.block_q, small.block_k) <= 128
+        assert mask.block_q % small.block_q == 0 and mask.block_k % small.block_k == 0
+        tokens = lambda m: np.repeat(np.repeat(np.asarray(m.to_dense()), m.block_q, -2),  # noqa: E731
+                                     m.block_k, -1)[..., :T, :S]
+        np.testing.assert_array_equal(tokens(small), tokens(mask))
+        np.testing.assert_array_equal(np.asarray(small.to_dense_transposed()),
+                                      np.asarray(small.to_dense()))
+        assert int(small.indices.max()) < small.num_k_blocks
+        assert int(small.t_indices.max()) < small.num_q_blocks
+    assert split_blocks(mask) is mask  # nothing over 128: unchanged
 
 
 def test_gpu_arrangement_bf16_and_rows_that_see_nothing():

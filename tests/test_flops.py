@@ -158,3 +158,32 @@ def test_block_sparse_kernels_declare_their_blocks_flops(causal, bq, bk):
     assert dkv_slots > blocks  # this mask's key rows are uneven: the bound is not the count
     assert _flops(jax.value_and_grad(run, argnums=(0, 1, 2)), q, k, v) == (
         (2 + 3) * block * blocks + 4 * block * dkv_slots)
+
+
+def test_gpu_arrangements_declare_the_unpadded_flops():
+    """On GPU the head dims are zero-padded to powers of two (K 8 -> 16, V 24 -> 32, D 24 ->
+    32), blocks to power-of-two tiles, blocks over 128 tokens split: the declared costs still
+    count the model's dims and tokens, equal to the TPU arrangement's."""
+    from pallas_kernels.block_sparse import block_sparse_pallas
+    from pallas_kernels.gla import gla_pallas
+
+    args = _gla_inputs(1, 100, 2, 8, 24)
+    for grad in (False, True):
+        counts = []
+        for gpu in (False, True):
+            run = lambda *a: gla_pallas(*a, scale=0.5, chunk_size=32, interpret=True,
+                                        gpu=gpu)[0].sum()  # noqa: B023
+            counts.append(_flops(jax.value_and_grad(run, argnums=(0, 1, 2, 3)) if grad else run,
+                                 *args))
+        assert counts[0] == counts[1] > 0
+    B, T, H, D = 1, 300, 2, 24
+    dense = np.random.default_rng(0).random((1, H, 2, 2)) < 0.7
+    dense[..., 0] = True
+    mask = BlockMask.from_dense(jnp.asarray(dense), 150, 150, q_len=T, k_len=T)  # split in 2
+    ks = jax.random.split(jax.random.key(2), 3)
+    q, k, v = (jax.random.normal(key, (B, T, H, D)) for key in ks)
+    fwd = [_flops(lambda q, k, v: block_sparse_pallas(q, k, v, mask, causal=False, scale=0.2,  # noqa: B023
+                                                      interpret=True, gpu=gpu)[0].sum(), q, k, v)
+           for gpu in (False, True)]
+    slots = B * H * mask.num_q_blocks * mask.max_blocks  # the grid's (a bound, as above)
+    assert fwd[0] == fwd[1] == 2 * 2 * 150 * 150 * D * slots

@@ -265,3 +265,11 @@ def test_gpu_kernels_lower_to_triton():
     with pytest.raises(ValueError, match="state_pass"):
         kernels.gla_core(*(jnp.zeros((1, 1, 64, 16)),) * 4, jnp.zeros((1, 1, 16, 16)),
                          cfg._replace(state_pass="cuda", interpret=True))
+
+
+def test_gpu_chunk_must_be_a_power_of_two():
+    """Triton's tensors need power-of-two dims: a chunk of 48 (a multiple of 16, fine on TPU)
+    is refused on GPU by name, before any lowering."""
+    x = jnp.zeros((1, 96, 1, 16))
+    with pytest.raises(ValueError, match="power of two >= 16.*got 48"):
+        gla_pallas(x, x, x, x, scale=1.0, chunk_size=48, interpret=True, gpu=True)

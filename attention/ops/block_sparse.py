@@ -16,8 +16,10 @@ impl:
   "xla": gathers each query block's active key blocks; cost grows with the number of active
          blocks, not T x S;
   "pallas": the flash-style kernels in pallas_kernels/block_sparse (forward and backward, custom
-         VJP); on CPU only in interpret mode;
-  "auto": pallas on TPU (any block sizes), else xla (warning once on GPU: no GPU kernel yet).
+         VJP): Mosaic on TPU, Triton on GPU (lowered in the tests, not yet timed on a GPU),
+         interpret mode on CPU;
+  "auto": pallas on TPU (any block sizes), else xla (warning once on GPU, until its kernels
+         are timed there).
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def _core_bwd(cfg, res, cotangents):
     bs, hs, tp, d = q.shape
     hkv = k.shape[1]
     rep = hs // hkv
-    # D_r = rowsum(dO * O) - dlse_r (the lse cotangent folded in, see the module docstring)
+    # D_r = rowsum(dO * O) - dlse_r (the lse cotangent folded in, see kernels.py's docstring)
     di = jnp.sum(do.astype(_F32) * o.astype(_F32), axis=-1).reshape(lse.shape) - dlse
     # rows that saw no key: lse = +inf makes p = exp(s - lse) exactly 0 in both kernels
     lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)

@@ -15,7 +15,9 @@ cost is its active blocks, never the padded width.
 Triton's tensors and dot shapes need power-of-two dims >= 16: the wrapper rounds each mask block
 up to such a tile (padding keys masked, padding queries sliced off, as for the TPU's 8-row tiles)
 and zero-pads the head dim (zero key dims add nothing to q k^T, zero value dims give zero outputs
-that are sliced off). The per-row statistics (lse, D) are [B, H, Tp] rows here (the TPU's
+that are sliced off); blocks of more than 128 tokens (Routing's T / C) are first split into equal
+sub-blocks, so a program's [block_q, block_k] scores and [block, D] accumulators stay in
+registers. Under causal masking a listed block wholly in a row's future is skipped (lax.cond). The per-row statistics (lse, D) are [B, H, Tp] rows here (the TPU's
 [B, H, NQ, 1, block_q] tiles hold the same values in the same order).
 
 On CPU these run in interpret mode (the tests); on a GPU they compile through Triton. The state
@@ -32,8 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.block_sparse.kernels import (Config, _allowed, _cost, _flat, _mm, _mm_nt,
-                                                 dkv_step, dq_step)
+from pallas_kernels.block_sparse.kernels import (Config, _allowed, _block_live, _cost, _flat,
+                                                 _mm, _mm_nt, dkv_step, dq_step)
 
 _F32 = jnp.float32
 
@@ -63,6 +65,14 @@ def _call(kernel, cfg: Config, d: int, *, grid, in_specs, out_specs, out_shape, 
                           interpret=cfg.interpret, name=name, cost_estimate=cost)
 
 
+def _if_live(live, visit, carry):
+    """visit(carry) for a (query block, key block) pair causality leaves anything of, else the
+    carry unchanged (a listed block wholly in the future costs a comparison, not two matmuls)."""
+    if live is True:  # not causal
+        return visit(carry)
+    return lax.cond(live, visit, lambda c: c, carry)
+
+
 def _row(cfg: Config, cnt_ref, n_rows: int):
     """This program's (b, h, mask row r, the flat index of row r, how many blocks it lists)."""
     b, h, r = (pl.program_id(a) for a in range(3))
@@ -79,21 +89,24 @@ def _fwd_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: C
     bq, bk = cfg.block_q, cfg.block_k
     q = q_ref[...]
 
-    def visit(j, carry):
-        m_prev, l_prev, acc = carry
+    def slot(j, carry):
         k_block = idx_ref[row * width + j]
         keys = pl.ds(pl.multiple_of(k_block * bk, bk), bk)
-        s = _mm_nt(q, k_ref[keys, :]) * cfg.scale                      # [bq, bk] f32
-        s = jnp.where(_allowed(cfg, i, k_block, (bq, bk), False), s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no NaN from -inf - (-inf)
-        alpha = jnp.exp(m_prev - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
-        v = v_ref[keys, :]
-        return (m_next, alpha * l_prev + jnp.sum(p, axis=1),
-                alpha[:, None] * acc + _mm(p.astype(v.dtype), v))
 
-    m, l, acc = lax.fori_loop(0, count, visit, (jnp.full((bq,), -jnp.inf, _F32),
+        def visit(carry):
+            m_prev, l_prev, acc = carry
+            s = _mm_nt(q, k_ref[keys, :]) * cfg.scale                  # [bq, bk] f32
+            s = jnp.where(_allowed(cfg, i, k_block, (bq, bk), False), s, -jnp.inf)
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+            m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # no NaN from -inf - (-inf)
+            alpha = jnp.exp(m_prev - m_safe)
+            p = jnp.exp(s - m_safe[:, None])
+            v = v_ref[keys, :]
+            return (m_next, alpha * l_prev + jnp.sum(p, axis=1),
+                    alpha[:, None] * acc + _mm(p.astype(v.dtype), v))
+        return _if_live(_block_live(cfg, i, k_block), visit, carry)
+
+    m, l, acc = lax.fori_loop(0, count, slot, (jnp.full((bq,), -jnp.inf, _F32),
                                                 jnp.zeros((bq,), _F32),
                                                 jnp.zeros((bq, q.shape[-1]), _F32)))
     seen = l > 0.0
@@ -138,13 +151,14 @@ def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
     q, do = q_ref[...], do_ref[...]
     lse, di = lse_ref[...][:, None], di_ref[...][:, None]
 
-    def visit(j, dq):
+    def slot(j, dq):
         k_block = idx_ref[row * width + j]
         keys = pl.ds(pl.multiple_of(k_block * bk, bk), bk)
-        return dq + dq_step(cfg, q, k_ref[keys, :], v_ref[keys, :], do, lse, di,
-                            _allowed(cfg, i, k_block, (bq, bk), False))
+        return _if_live(_block_live(cfg, i, k_block), lambda dq: dq + dq_step(
+            cfg, q, k_ref[keys, :], v_ref[keys, :], do, lse, di,
+            _allowed(cfg, i, k_block, (bq, bk), False)), dq)
 
-    dq = lax.fori_loop(0, count, visit, jnp.zeros(q.shape, _F32))
+    dq = lax.fori_loop(0, count, slot, jnp.zeros(q.shape, _F32))
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -176,17 +190,20 @@ def _dkv_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, 
     bq, bk = cfg.block_q, cfg.block_k
     k, v = k_ref[...], v_ref[...]
 
-    def visit(t, carry):
-        dk, dv = carry
+    def slot(t, carry):
         q_block = idx_ref[row * width + t]
         rows = pl.ds(pl.multiple_of(q_block * bq, bq), bq)
-        dk_t, dv_t = dkv_step(cfg, q_ref[rows, :], k, v, do_ref[rows, :],
-                              lse_ref[rows][None, :], di_ref[rows][None, :],
-                              _allowed(cfg, q_block, j, (bk, bq), True))
-        return dk + dk_t, dv + dv_t
+
+        def visit(carry):
+            dk, dv = carry
+            dk_t, dv_t = dkv_step(cfg, q_ref[rows, :], k, v, do_ref[rows, :],
+                                  lse_ref[rows][None, :], di_ref[rows][None, :],
+                                  _allowed(cfg, q_block, j, (bk, bq), True))
+            return dk + dk_t, dv + dv_t
+        return _if_live(_block_live(cfg, q_block, j), visit, carry)
 
     zeros = jnp.zeros(k.shape, _F32)
-    dk, dv = lax.fori_loop(0, count, visit, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, count, slot, (zeros, zeros))
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -67,6 +67,7 @@ class Config(NamedTuple):
     scale: float
     causal: bool
     block_q: int  # the kernel's tiles: the mask's blocks rounded up to a multiple of 8 rows
+    # (TPU) or to a power of two >= 16 (GPU)
     block_k: int
     q_len: int    # T, unpadded
     k_len: int    # S, unpadded: keys >= k_len are masked
@@ -76,6 +77,7 @@ class Config(NamedTuple):
     q_block_len: int = 0  # the mask's block of tokens (0: = block_q); rows past it are padding
     k_block_len: int = 0  # (0: = block_k); keys past it in a tile are padding, masked
     gpu: bool = False  # the GPU arrangement (gpu.py: in-kernel loops over the listed blocks)
+    head_dim: int = 0  # D before any padding (GPU: to a power of two), what costs count; 0: D
 
     @property
     def q_tokens(self) -> int:
@@ -212,13 +214,14 @@ def _fwd_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_
 
 
 def _cost(grid, cfg: Config, d: int, matmuls: int, arrays) -> pl.CostEstimate:
-    """XLA's view of a kernel (it cannot see inside a Mosaic call; the dry run's FLOPs and step
-    time, and MFU, use this): `matmuls` products of a mask block's tokens [q_tokens x k_tokens x
-    D] (not the tiles' padding rows) and one exp per score for every slot of the grid (an upper
-    bound: slots past a row's count repeat a block and skip it)."""
+    """XLA's view of a kernel (it cannot see inside a Mosaic or Triton call; the dry run's FLOPs
+    and step time, and MFU, use this): `matmuls` products of a mask block's tokens [q_tokens x
+    k_tokens x D] (not the tiles' padding rows nor a padded head dim) and one exp per score
+    for every slot of the grid (an upper bound: slots past a row's count repeat a block and
+    skip it)."""
     pairs = math.prod(grid)
     return pl.CostEstimate(
-        flops=2 * matmuls * pairs * cfg.q_tokens * cfg.k_tokens * d,
+        flops=2 * matmuls * pairs * cfg.q_tokens * cfg.k_tokens * (cfg.head_dim or d),
         transcendentals=pairs * cfg.q_tokens * cfg.k_tokens,
         bytes_accessed=sum(a.size * a.dtype.itemsize for a in arrays))
 

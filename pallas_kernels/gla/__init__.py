@@ -46,23 +46,21 @@ def gla_pallas(q, k, v, log_g, *, scale: float, initial_state=None,
     if interpret is None:
         interpret = platform.interpret_default()
     if gpu is None:
-        gpu = platform.is_gpu()
+        gpu = not interpret and platform.is_gpu()
     sub = 16 if chunk_size % 16 == 0 else 8
-    if gpu and sub != 16:
-        raise ValueError(f"gla_pallas on GPU: chunk_size must be a multiple of 16 (Triton's dot "
-                         f"shapes), got {chunk_size}")
+    if gpu and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"gla_pallas on GPU: chunk_size must be a power of two >= 16 (Triton's "
+                         f"tensor and dot shapes), got {chunk_size}")
+    kp, vp = (_gpu_dim(kd), _gpu_dim(vd)) if gpu else (kd, vd)
     cfg = Config(scale=float(scale), chunk=int(chunk_size), sub=sub, interpret=bool(interpret),
-                 state_pass="loop" if gpu else "kernel")
-    if gpu and (kd != _gpu_dim(kd) or vd != _gpu_dim(vd)):
+                 state_pass="loop" if gpu else "kernel", dims=(kd, vd))
+    if (kp, vp) != (kd, vd):
         # zero key dims add nothing to q k^T; zero value dims give zero outputs: exact
-        pk, pv = _gpu_dim(kd) - kd, _gpu_dim(vd) - vd
         pad = lambda x, p: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, p)])  # noqa: E731
-        h0 = None if initial_state is None else jnp.pad(
-            initial_state, [(0, 0), (0, 0), (0, pk), (0, pv)])
-        o, final = gla_pallas(pad(q, pk), pad(k, pk), pad(v, pv), pad(log_g, pk), scale=scale,
-                              initial_state=h0, output_final_state=output_final_state,
-                              chunk_size=chunk_size, interpret=interpret, gpu=True)
-        return o[..., :vd], (None if final is None else final[:, :, :kd, :vd])
+        q, k, log_g = (pad(x, kp - kd) for x in (q, k, log_g))
+        v = pad(v, vp - vd)
+        if initial_state is not None:
+            initial_state = jnp.pad(initial_state, [(0, 0), (0, 0), (0, kp - kd), (0, vp - vd)])
 
     t_pad = -(-t // chunk_size) * chunk_size
 
@@ -72,10 +70,11 @@ def gla_pallas(q, k, v, log_g, *, scale: float, initial_state=None,
         return jnp.pad(x, ((0, 0), (0, 0), (0, t_pad - t), (0, 0))) if t_pad != t else x
 
     if initial_state is None:
-        h0 = jnp.zeros((bs, hs, vd, kd), jnp.float32)
+        h0 = jnp.zeros((bs, hs, vp, kp), jnp.float32)
     else:
         h0 = jnp.swapaxes(initial_state.astype(jnp.float32), -1, -2)
     o, final = gla_core(to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v),
                         to_kernel_layout(log_g.astype(jnp.float32)), h0, cfg)
-    o = jnp.transpose(o[:, :, :t], (0, 2, 1, 3))
-    return o, (jnp.swapaxes(final, -1, -2) if output_final_state else None)
+    o = jnp.transpose(o[:, :, :t, :vd], (0, 2, 1, 3))
+    final = jnp.swapaxes(final, -1, -2)[:, :, :kd, :vd]
+    return o, (final if output_final_state else None)

@@ -53,6 +53,7 @@ class Config(NamedTuple):
     # state over a sequential grid axis (TPU); "loop": as kernels looping over the chunks inside
     # one program per (batch, head, value block) (GPU, whose lowering has no sequential grid axis)
     state_pass: str = "kernel"
+    dims: tuple = ()  # (K, V) before any padding (GPU: to powers of two), what costs count
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -314,13 +315,14 @@ def chunk_states(k, v, b, h0, cfg: Config):
     Returns (states entering each chunk [B, H, N, V, K], final state [B, H, V, K]), f32."""
     (bs, hs, t, kd), vd, c = k.shape, v.shape[-1], cfg.chunk
     n, out_shapes = _state_pass_shapes(bs, hs, t // c, kd, vd)
+    fk, fv = cfg.dims or (kd, vd)  # costs count the unpadded head dims
     return _gla_call(
         _chunk_states_kernel, cfg, grid=(bs, hs, n),
         in_specs=[_seq_spec(c, kd), _seq_spec(c, vd), _seq_spec(c, kd), _bh_spec(kd, vd)],
         out_specs=[_state_spec(kd, vd), _bh_spec(kd, vd)], out_shape=out_shapes,
         scratch_shapes=[pltpu.VMEM((vd, kd), _F32)], sequential=True,
         name="gla_chunk_states",
-        cost=_cost((k, v, b, h0), out_shapes, 2 * kd * vd, kd, bs * hs * t),
+        cost=_cost((k, v, b, h0), out_shapes, 2 * fk * fv, fk, bs * hs * t),
     )(k, v, b, h0)
 
 
@@ -329,6 +331,7 @@ def chunk_output(q, k, v, b, states, cfg: Config):
     vd = v.shape[-1]
     c = cfg.chunk
     out_shapes = jax.ShapeDtypeStruct((bs, hs, t, vd), v.dtype)
+    fk, fv = cfg.dims or (kd, vd)  # costs count the unpadded head dims
     return _gla_call(
         functools.partial(_output_kernel, scale=cfg.scale, sub=cfg.sub), cfg,
         grid=(bs, hs, t // c),
@@ -336,7 +339,7 @@ def chunk_output(q, k, v, b, states, cfg: Config):
                   _state_spec(kd, vd)],
         out_specs=_seq_spec(c, vd), out_shape=out_shapes,
         name="gla_chunk_output",
-        cost=_cost((q, k, v, b, states), out_shapes, 2 * kd * vd + c * (kd + vd), 2 * kd,
+        cost=_cost((q, k, v, b, states), out_shapes, 2 * fk * fv + c * (fk + fv), 2 * fk,
                    bs * hs * t),
     )(q, k, v, b, states)
 
@@ -345,6 +348,7 @@ def chunk_state_grads(q, b, do, dfinal, cfg: Config):
     """Returns (dS of the state leaving each chunk [B, H, N, V, K], d h0 [B, H, V, K]), f32."""
     (bs, hs, t, kd), vd, c = q.shape, do.shape[-1], cfg.chunk
     n, out_shapes = _state_pass_shapes(bs, hs, t // c, kd, vd)
+    fk, fv = cfg.dims or (kd, vd)  # costs count the unpadded head dims
     return _gla_call(
         functools.partial(_state_grads_kernel, scale=cfg.scale), cfg, grid=(bs, hs, n),
         in_specs=[_seq_spec(c, kd, n), _seq_spec(c, kd, n), _seq_spec(c, vd, n),
@@ -352,7 +356,7 @@ def chunk_state_grads(q, b, do, dfinal, cfg: Config):
         out_specs=[_state_spec(kd, vd, n), _bh_spec(kd, vd)], out_shape=out_shapes,
         scratch_shapes=[pltpu.VMEM((vd, kd), _F32)], sequential=True,
         name="gla_chunk_state_grads",
-        cost=_cost((q, b, do, dfinal), out_shapes, 2 * kd * vd, kd, bs * hs * t),
+        cost=_cost((q, b, do, dfinal), out_shapes, 2 * fk * fv, fk, bs * hs * t),
     )(q, b, do, dfinal)
 
 
@@ -363,6 +367,7 @@ def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
     c = cfg.chunk
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                   jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(q.shape, _F32)]
+    fk, fv = cfg.dims or (kd, vd)  # costs count the unpadded head dims
     return _gla_call(
         functools.partial(_input_grads_kernel, scale=cfg.scale, sub=cfg.sub), cfg,
         grid=(bs, hs, t // c),
@@ -372,7 +377,7 @@ def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
         out_shape=out_shapes,
         name="gla_chunk_input_grads",
         cost=_cost((q, k, v, b, do, states, dstates), out_shapes,
-                   6 * kd * vd + 2 * c * (kd + vd), 2 * kd, bs * hs * t),
+                   6 * fk * fv + 2 * c * (fk + fv), 2 * fk, bs * hs * t),
     )(q, k, v, b, do, states, dstates)
 
 
@@ -381,8 +386,10 @@ def chunk_input_grads(q, k, v, b, do, states, dstates, cfg: Config):
 # head, block of value rows) in a loop inside the kernel, the state carried in registers (fla's
 # arrangement). Rows of S^T [V, K] evolve independently (the decay scales columns), so the value
 # dim splits over programs for parallelism.
-def _gpu_value_block(vd: int) -> int:
-    return min(vd, 64)
+def _gpu_value_block(kd: int, vd: int) -> int:
+    """Value rows per program: the [bv, K] f32 state and a [chunk, K] f32 operand in registers
+    (a heuristic no GPU has timed yet: 64 rows up to K = 128, 32 beyond)."""
+    return min(vd, 64 if kd <= 128 else 32)
 
 
 def _loop_states_kernel(k_ref, b_ref, v_ref, h0_ref, states_ref, final_ref, *, chunk: int):
@@ -422,7 +429,10 @@ def _loop_call(kernel, cfg: Config, seq_arrays, value_array, first, *, name: str
     and `value_array` [B, H, T, V] whole per program (its bv columns), `first` [B, H, V, K]."""
     bs, hs, t, kd = seq_arrays[0].shape
     vd = value_array.shape[-1]
-    bv = _gpu_value_block(vd)
+    bv = _gpu_value_block(kd, vd)
+    if vd % bv:
+        raise ValueError(f"gla loop state pass: V={vd} is not a multiple of its value block {bv} "
+                         f"(gla_pallas pads head dims to powers of two on GPU)")
     n, out_shapes = _state_pass_shapes(bs, hs, t // cfg.chunk, kd, vd)
     seq = pl.BlockSpec((None, None, t, kd), lambda b, h, j: (b, h, 0, 0))
     rows = pl.BlockSpec((None, None, bv, kd), lambda b, h, j: (b, h, j, 0))
@@ -437,19 +447,21 @@ def _loop_call(kernel, cfg: Config, seq_arrays, value_array, first, *, name: str
 def chunk_states_loop(k, v, b, h0, cfg: Config):
     """chunk_states' contract, as a GPU kernel looping over the chunks."""
     kd, vd, tokens = k.shape[-1], v.shape[-1], k.shape[0] * k.shape[1] * k.shape[2]
+    fk, fv = cfg.dims or (kd, vd)  # costs count the unpadded head dims
     return _loop_call(
         functools.partial(_loop_states_kernel, chunk=cfg.chunk), cfg, (k, b), v, h0,
         name="gla_chunk_states_loop",
-        cost=lambda outs: _cost((k, v, b, h0), outs, 2 * kd * vd, kd, tokens))
+        cost=lambda outs: _cost((k, v, b, h0), outs, 2 * fk * fv, fk, tokens))
 
 
 def chunk_state_grads_loop(q, b, do, dfinal, cfg: Config):
     """chunk_state_grads' contract, as a GPU kernel looping over the chunks in reverse."""
     kd, vd, tokens = q.shape[-1], do.shape[-1], q.shape[0] * q.shape[1] * q.shape[2]
+    fk, fv = cfg.dims or (kd, vd)  # costs count the unpadded head dims
     return _loop_call(
         functools.partial(_loop_state_grads_kernel, chunk=cfg.chunk, scale=cfg.scale),
         cfg, (q, b), do, dfinal, name="gla_chunk_state_grads_loop",
-        cost=lambda outs: _cost((q, b, do, dfinal), outs, 2 * kd * vd, kd, tokens))
+        cost=lambda outs: _cost((q, b, do, dfinal), outs, 2 * fk * fv, fk, tokens))
 
 
 # ----------------------------------------------------------------------------- custom_vjp
