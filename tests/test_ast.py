@@ -142,7 +142,7 @@ def test_config_errors_name_the_field():
 
 
 @pytest.mark.slow
-def test_petl_through_the_trainer(tmp_path):
+def test_petl_through_the_trainer(tmp_path, capsys):
     """Pretrain a few steps, then adapt with init_from (another target length: the position
     embeddings are adapted) for one step: frozen parameters bit-identical to the source,
     the classifier fresh, the trainable share reported, spectrogram pictures drawn."""
@@ -169,9 +169,17 @@ def test_petl_through_the_trainer(tmp_path):
     src_dir = str(tmp_path / "pretrain")
     Trainer(config("pretrain", **{"train.steps": 2}), src_dir, quiet=True).fit()
     c = config("lora", **{"train.steps": 1, "init_from": src_dir, "data.target_length": 60})
-    t = Trainer(c, str(tmp_path / "lora"), quiet=True)
+    t = Trainer(c, str(tmp_path / "lora"))
     assert 0 < t.trainable_share() < 0.05
+    capsys.readouterr()
     t.fit()
+    # another target length resizes the position embeddings: said so, and no "growth" loss
+    # comparison (the two models see different spectrograms)
+    said = capsys.readouterr()
+    log = said.out + said.err
+    assert "init_from: position embeddings resized to this run's data.target_length: 1 arrays " \
+           "adapted (backbone/pos_embed)" in log
+    assert "growth" not in log and t.growth == {}
 
     src = Checkpoints(src_dir)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])

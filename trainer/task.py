@@ -99,6 +99,11 @@ class Task(abc.ABC):
     # model with the data (e.g. a classifier's outputs and the data's classes); a run that
     # trains or evaluates the model makes them
     match_data: bool = True
+    # what adapt_init_from does to a source's arrays of another shape, for the log: "growth"
+    # (the model grows and should compute the source's function: the loss on a fixed eval batch
+    # is compared before / after, trainer.transfer) or a description of an adaptation whose
+    # inputs differ, so no loss is compared (AST: "position embeddings resized")
+    init_from_adaptation: str = "growth"
     # the bounds of the family's own fields, in the rule language of attention/fields.py
     # ({"model.num_layers": ">= 1", "model.norm": ("layernorm", "rmsnorm")}); a subclass adds
     # to its bases' (field_rules()); checked before validate, fields a variant lacks skipped

@@ -121,8 +121,11 @@ def init_from(trainer, source: str, state):
     if with_step and not same_data:
         what += " (the data position restarts: the source's data or batch differ)"
     trainer._log(f"initialised {what} from {src.directory}/{src_step}")
-    if grown:
+    if grown and trainer.task.init_from_adaptation == "growth":
         trainer.growth = _growth_report(trainer, src_config, flat, new_state, grown)
+    elif grown:  # the inputs changed with the shapes: no loss to compare
+        trainer._log(f"init_from: {trainer.task.init_from_adaptation}: {len(grown)} arrays "
+                     f"adapted ({grown[0]}{', ...' if len(grown) > 1 else ''})")
     return new_state
 
 def _sharding_for_source(trainer):

@@ -339,6 +339,9 @@ class ASTTask(ClassificationTask):
         d = self.config.data
         return AST(self.config.model, d.target_length, d.num_mel_bins, dtype=dtype, rngs=rngs)
 
+    # another data.target_length changes the inputs: not a growth whose losses compare
+    init_from_adaptation = "position embeddings resized to this run's data.target_length"
+
     def adapt_init_from(self, name, source, target):
         if not name.endswith("backbone/pos_embed"):
             return None
