@@ -8,6 +8,15 @@
 No positional encoding: the decaying state orders the tokens. Decoding keeps the recurrent state
 [B, H, K, V] as the cache, so generation costs O(1) per token whatever the context length.
 
+Bidirectional (model.causal=False: the vision encoders, mode="train" only). The gate is
+directional, so an encoder reads the sequence both ways with the same q, k, v and gates and sums
+the two, the current token counted once (the bidirectional reading of vision linear-attention
+models such as ViG and Vision-RWKV):
+    o = GLA(q, k, v, g) + flip(GLA(flip q, flip k, flip v, flip g)) - scale (q_t . k_t) v_t
+so key j reaches query i with decay prod_{m=j+1..i} e^{g_m} (j <= i) or prod_{m=i..j-1} e^{g_m}
+(j > i). Over image patches in raster order the decay follows that order: rows are read as one
+long line, as in those models.
+
 Config fields (config.model; defaults used when absent): num_heads, d_model, gla_expand_k (0.5),
 gla_expand_v (1.0), gla_gate_rank (16), gla_gate_norm (16.0), gla_chunk (64), gla_impl ("auto").
 """
@@ -23,10 +32,26 @@ from attention.registry import read_options, register
 from attention.sharding import constrain
 
 
+def bidirectional_gla(q, k, v, log_g, *, chunk_size: int = 64, impl: str = "auto"):
+    """Both directions of GLA summed, the diagonal once (module docstring):
+    o_i = sum_j (scale q_i . (k_j * decay_ij)) v_j over every j. Shapes as attention.ops.gla.gla;
+    returns o [B, T, H, V] in v's dtype."""
+    flip = lambda a: jnp.flip(a, axis=1)  # noqa: E731
+    forward, _ = gla(q, k, v, log_g, chunk_size=chunk_size, impl=impl, caller="GLA")
+    backward, _ = gla(flip(q), flip(k), flip(v), flip(log_g), chunk_size=chunk_size, impl=impl,
+                      caller="GLA")
+    f32 = jnp.float32
+    scale = q.shape[-1] ** -0.5  # the op's default, which both calls use
+    diagonal = scale * jnp.sum(q.astype(f32) * k.astype(f32), -1, keepdims=True) * v.astype(f32)
+    return (forward.astype(f32) + flip(backward).astype(f32) - diagonal).astype(v.dtype)
+
+
 @register("gla")
 class GatedLinearAttention(nnx.Module):
     """x [B, T, D] -> [B, T, D] with num_heads heads of key dim D*expand_k/H, value D*expand_v/H."""
 
+    # honours model.causal=False: both directions summed (module docstring)
+    BIDIRECTIONAL = True
     # fla GatedLinearAttention defaults, added to config.model when model.attention = "gla"
     OPTION_PREFIX = "gla"
     CONFIG_DEFAULTS = dict(gla_expand_k=0.5, gla_expand_v=1.0, gla_gate_rank=16,
@@ -46,6 +71,7 @@ class GatedLinearAttention(nnx.Module):
         self.gate_norm = opt["gla_gate_norm"]
         self.chunk = opt["gla_chunk"]
         self.impl = opt["gla_impl"]
+        self.causal = bool(getattr(cfg, "causal", True))
         rank = opt["gla_gate_rank"]
         out_std = 0.02 / (2 * cfg.num_layers) ** 0.5
         self.q_proj = dense(d, key_dim, ("embed", "heads"), dtype=dtype, rngs=rngs)
@@ -76,7 +102,12 @@ class GatedLinearAttention(nnx.Module):
         # g = logsigmoid(x W1 W2 + b) / 16 (GLA sec. 4.4, fla gate_logit_normalizer)
         log_g = (jax.nn.log_sigmoid(self.g_up(self.g_down(x)).astype(jnp.float32))
                  / self.gate_norm).reshape(B, T, H, self.head_k)
-        if mode == "train":
+        if not self.causal:
+            if mode != "train":
+                raise ValueError(f"gla with model.causal=False (an encoder) runs mode='train' "
+                                 f"only, got {mode!r}: a bidirectional layer has no cache")
+            o = bidirectional_gla(q, k, v, log_g, chunk_size=self.chunk, impl=self.impl)
+        elif mode == "train":
             o, _ = gla(q, k, v, log_g, chunk_size=self.chunk, impl=self.impl, caller="GLA")
         elif mode in ("prefill", "decode"):
             if cache is None:

@@ -10,6 +10,9 @@ Feature map (pinned: the lolcats variant, HazyResearch/lolcats `softmax_dim`):
     phi(x) = [softmax(z), softmax(-z)]   (each softmax over the feature dim; 2f features)
 Attention (causal):
     y_i = phi(q_i) S_i / (phi(q_i) z_i),  S_i = sum_{j<=i} phi(k_j)^T v_j,  z_i = sum_{j<=i} phi(k_j)
+Bidirectional (model.causal=False, the vision encoders): the sums run over every j, so S and z
+are one [F, d] matrix and one [F] vector per head (Katharopoulos et al. 2020, eq. 4-5: linear
+attention without a mask needs no recurrence).
 Distillation (per layer): L = -mean_{b,h,i} sum_{j<=i} A_ij log Â_ij, A the teacher's causal
 softmax attention and Â_ij = phi(q_i) phi(k_j)^T / sum_{l<=i} phi(q_i) phi(k_l)^T.
 
@@ -108,38 +111,55 @@ def hedgehog_linear_attention(phi_q, phi_k, v, *, initial_state=None, output_fin
     return y, state
 
 
-def hedgehog_quadratic_attention(phi_q, phi_k, v):
-    """The masked quadratic form: Â = rownorm(tril(phi_q phi_k^T)), y = Â v (the reference, and
-    what distillation needs). phi_q, phi_k: [B, T, H, F]; v: [B, T, H, d_v].
-    Returns (y [B, T, H, d_v] f32, Â [B, H, T, T] f32; rows sum to 1, zero above the diagonal)."""
+def hedgehog_bidirectional_attention(phi_q, phi_k, v):
+    """Normalised linear attention over the whole sequence (no mask):
+    y_i = phi_q_i (sum_j phi_k_j^T v_j) / (phi_q_i sum_j phi_k_j)  (Katharopoulos et al. eq. 5).
+    phi_q, phi_k: [B, T, H, F]; v: [B, T, H, d_v]. Returns y [B, T, H, d_v] f32: O(T F d_v)."""
+    f32 = jnp.float32
+    phi_q, phi_k = phi_q.astype(f32), phi_k.astype(f32)
+    kv = jnp.einsum("bjhf,bjhd->bhfd", phi_k, v.astype(f32))
+    num = jnp.einsum("bihf,bhfd->bihd", phi_q, kv)
+    den = jnp.einsum("bihf,bhf->bih", phi_q, jnp.sum(phi_k, axis=1))
+    return num / (den[..., None] + _DEN_EPS)
+
+
+def hedgehog_quadratic_attention(phi_q, phi_k, v, causal: bool = True):
+    """The quadratic form: Â = rownorm(tril(phi_q phi_k^T)) (no tril when not causal), y = Â v
+    (the reference, and what distillation needs). phi_q, phi_k: [B, T, H, F]; v: [B, T, H, d_v].
+    Returns (y [B, T, H, d_v] f32, Â [B, H, T, T] f32; rows sum to 1, zero above the diagonal
+    when causal)."""
     f32 = jnp.float32
     T = phi_q.shape[1]
     a = jnp.einsum("bihf,bjhf->bhij", phi_q.astype(f32), phi_k.astype(f32))
-    a = jnp.where(jnp.tril(jnp.ones((T, T), bool)), a, 0.0)
+    if causal:
+        a = jnp.where(jnp.tril(jnp.ones((T, T), bool)), a, 0.0)
     a_hat = a / (a.sum(-1, keepdims=True) + _DEN_EPS)
     y = jnp.einsum("bhij,bjhd->bihd", a_hat, v.astype(f32))
     return y, a_hat
 
 
-def distillation_loss(a_teacher, a_student):
-    """Hedgehog's attention distillation: L = -mean_{b,h,i} sum_{j<=i} A_ij log Â_ij.
+def distillation_loss(a_teacher, a_student, causal: bool = True):
+    """Hedgehog's attention distillation: L = -mean_{b,h,i} sum_{j<=i} A_ij log Â_ij (every j
+    when not causal).
 
-    a_teacher (A), a_student (Â): [B, H, T, T] causal attention rows (each row a distribution
-    over j <= i). Â is clipped at the smallest normal f32 before the log; entries j > i are
-    masked out. L >= H(A) (Gibbs), with equality iff Â = A on A's support. f32 scalar."""
+    a_teacher (A), a_student (Â): [B, H, T, T] attention rows (each row a distribution over
+    j <= i, or over every j). Â is clipped at the smallest normal f32 before the log; entries
+    j > i are masked out when causal. L >= H(A) (Gibbs), with equality iff Â = A on A's
+    support. f32 scalar."""
     f32 = jnp.float32
     T, S = a_teacher.shape[-2:]
-    mask = jnp.tril(jnp.ones((T, S), bool))
+    mask = jnp.tril(jnp.ones((T, S), bool)) if causal else jnp.ones((T, S), bool)
     log_a = jnp.log(jnp.maximum(a_student.astype(f32), _LOG_EPS))
     ce = jnp.where(mask, a_teacher.astype(f32) * log_a, 0.0)
     return -jnp.mean(jnp.sum(ce, axis=-1))
 
 
-def softmax_attention_weights(q, k):
-    """Causal softmax(q k^T / sqrt(d)) in f32. q, k: [B, T, H, d] -> [B, H, T, T]."""
+def softmax_attention_weights(q, k, causal: bool = True):
+    """softmax(q k^T / sqrt(d)) in f32, causal or not. q, k: [B, T, H, d] -> [B, H, T, T]."""
     T, d = q.shape[1], q.shape[-1]
     s = jnp.einsum("bihd,bjhd->bhij", q.astype(jnp.float32), k.astype(jnp.float32)) * d ** -0.5
-    s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf)
     return jax.nn.softmax(s, axis=-1)
 
 
@@ -153,7 +173,12 @@ class HedgehogAttention(nnx.Module):
     (so the rest of the network sees what the pretrained model saw) and sows the distillation
     loss as nnx.Intermediate "aux_loss" (the teacher's A is a stop_gradient target; O(T^2)).
     Cache (prefill/decode): the recurrent state {"S": [B, H, 2f, head_dim], "z": [B, H, 2f]} f32.
+    model.causal=False (encoders; mode="train" only): every token attends to every token, the
+    unmasked sums computed once (hedgehog_bidirectional_attention), distilled from the
+    unmasked softmax.
     """
+
+    BIDIRECTIONAL = True
 
     OPTION_PREFIX = "hedgehog"
     CONFIG_DEFAULTS = dict(hedgehog_feature_dim=0,  # 0: head_dim
@@ -166,6 +191,7 @@ class HedgehogAttention(nnx.Module):
         self.head_dim = cfg.head_dim or cfg.d_model // cfg.num_heads
         self.rope_theta = cfg.rope_theta
         self.rope_scaling = rope_scaling(cfg)
+        self.causal = bool(getattr(cfg, "causal", True))
         opt = read_options(type(self), cfg)
         self.distill = opt["hedgehog_distill"]
         self.feature_dim = opt["hedgehog_feature_dim"] or self.head_dim
@@ -191,6 +217,9 @@ class HedgehogAttention(nnx.Module):
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
         check_mode(mode, cache)
+        if not self.causal and mode != "train":
+            raise ValueError(f"hedgehog with model.causal=False (an encoder) runs mode='train' "
+                             f"only, got {mode!r}: a bidirectional layer has no recurrent cache")
         B, T, _ = x.shape
         H, hd = self.num_heads, self.head_dim
         q = self.q_proj(x).reshape(B, T, H, hd)
@@ -204,11 +233,13 @@ class HedgehogAttention(nnx.Module):
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
 
         if mode == "train" and self.distill:
-            a_teacher = softmax_attention_weights(q, k)
+            a_teacher = softmax_attention_weights(q, k, self.causal)
             y = jnp.einsum("bhij,bjhd->bihd", a_teacher, v.astype(jnp.float32))
-            _, a_student = hedgehog_quadratic_attention(phi_q, phi_k, v)
-            self.sow(nnx.Intermediate, "aux_loss",
-                     distillation_loss(jax.lax.stop_gradient(a_teacher), a_student))
+            _, a_student = hedgehog_quadratic_attention(phi_q, phi_k, v, self.causal)
+            self.sow(nnx.Intermediate, "aux_loss", distillation_loss(
+                jax.lax.stop_gradient(a_teacher), a_student, self.causal))
+        elif mode == "train" and not self.causal:
+            y = hedgehog_bidirectional_attention(phi_q, phi_k, v)
         elif mode == "train":
             y, _ = hedgehog_linear_attention(phi_q, phi_k, v)
         else:

@@ -227,7 +227,8 @@ class HiPAttention(BlockSparsePrefillAttention):
         "hip_in_train": False,    # sparse in mode="train" too (default: dense training)
     }
     # a window- or sink-only mask is the window's job: the search needs a budget and a score
-    OPTION_RULES = {"hip_mask_k": ">= 1", "hip_block_q": ">= 1", "hip_block_k": ">= 1",
+    # hip_mask_k = 0: no tree search, only the sinks, the window and the diagonal (a control)
+    OPTION_RULES = {"hip_mask_k": ">= 0", "hip_block_q": ">= 1", "hip_block_k": ">= 1",
                     "hip_rep_tokens": ">= 1", "hip_window": ">= 0", "hip_sink": ">= 0"}
 
     def block_mask(self, q, k) -> BlockMask:

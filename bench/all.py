@@ -12,7 +12,8 @@ idle cores, 2026-11-26); --full: each script's documented budget (hours).
 
 README.md: every block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is replaced
 by bench/results/NAME.md when this run rewrote that file (today: compare-lm and
-compare-vision, written by bench/compare.py); the other README tables are edited by hand.
+compare-vision, written by bench/compare.py, and sparse, by bench/sparse.py); the other README
+tables are edited by hand.
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ BENCHMARKS = {
     # import-hf's peak host memory on a random Llama: 4 layers quick, the documented 1.1B full
     # (~3 min, 9 GB of disk under $BENCH_TMP or /tmp)
     "hf_import": ("bench/hf_import.py", ["--layers", "4"], [], 900, 1800),
+    # block-sparse attention vs dense, and the sparse prefill methods on a 2k-context softmax LM
+    # (trained into runs/lm_long first when it has no checkpoint: 100 steps quick, ~3 min; the
+    # whole quick run ~8 min)
+    "sparse": ("bench/sparse.py", ["--part", "all", "--lengths", "2048,4096,8192", "--reps", "2",
+                                   "--train_steps", "100", "--batches", "4"],
+               ["--part", "all", "--train_steps", "200", "--batches", "6"], 1500, 3600),
 }
 
 MARKER = re.compile(r"(<!-- bench:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /bench:(?P=name) -->)",
@@ -81,15 +88,18 @@ def replace_markers(text: str, tables: dict[str, str]) -> tuple[str, list[str]]:
     return MARKER.sub(sub, text), done
 
 
-def update_readme(readme: str, names=None, since: float | None = None) -> list[str]:
+def update_readme(readme: str, names=None, since: float | None = None, failed=()) -> list[str]:
     """Rewrites the marked README blocks from bench/results/<name>.md: those in `names` (None:
-    every marked block with a results file), and only files written after `since` when given."""
+    every marked block with a results file), and only files written after `since` when given;
+    never from a benchmark in `failed` (block NAME or NAME-*: its table stays as it was)."""
     with open(readme) as f:
         text = f.read()
     tables = {}
     for m in MARKER.finditer(text):
         name = m.group("name")
         path = os.path.join(RESULTS, f"{name}.md")
+        if name in failed or name.split("-")[0] in failed:
+            continue
         if (names is None or name in names) and os.path.exists(path) and (
                 since is None or os.path.getmtime(path) >= since):
             with open(path) as f:
@@ -221,8 +231,10 @@ def main(argv=None) -> int:
     else:
         print("bench/results/all.md left as it is: it records the last run of every benchmark")
     if not a.no_readme and os.path.exists(a.readme):
-        done = update_readme(a.readme, since=t_start)
-        print(f"README tables refreshed: {', '.join(done) or '(none)'}")
+        failed = {r["name"] for r in results if r["status"] != "ok"}
+        done = update_readme(a.readme, since=t_start, failed=failed)
+        print(f"README tables refreshed: {', '.join(done) or '(none)'}"
+              + (f" (not from the failed: {', '.join(sorted(failed))})" if failed else ""))
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 

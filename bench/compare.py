@@ -316,6 +316,10 @@ def vision_table(steps: int, probe_steps: int, cmd: str) -> str:
         ("ViT tiny", "MoH 75%", "vit", "moh", [], "3 of 4 routed heads per token"),
         ("ViT tiny", "MoH 50%", "vit", "moh", ["model.moh_top_k=2"],
          "2 of 4 routed heads per token"),
+        ("ViT tiny", "GLA, both directions", "vit", "tiny", ["model.attention=gla"],
+         "linear attention: a forward and a backward scan summed"),
+        ("ViT tiny", "Hedgehog", "vit", "tiny", ["model.attention=hedgehog"],
+         "linear attention, unmasked, trained from scratch"),
         ("iFormer tiny", "softmax (inception mixer)", "iformer", "tiny", [], "32 px images"),
     ]
     rows = []

@@ -10,8 +10,12 @@ eval split at the model's context through mode="prefill"; prints eval loss again
 attention cost: (query, key) pairs computed, dense causal / method.
 
     python bench/sparse.py [--lengths 4096,8192,16384] [--density 0.1] [--reps 3]
-    python bench/sparse.py --part quality --workdir runs/lm_long [--batches 4]
+    python bench/sparse.py --part quality --workdir runs/lm_long [--batches 4] [--train_steps N]
     python bench/sparse.py --pallas     # also impl="pallas" (on a TPU)
+
+`make bench` runs both parts at reduced lengths (--part all, training the LM first when its
+workdir has no checkpoint) and puts the output in README.md between `<!-- bench:sparse -->`
+markers.
 
 Targets (issue 5): at 8k, 10% density is >= 4x faster than dense; HiP / FlexPrefill / DHSA keep
 eval loss within 2% of dense at >= 3x lower attention cost.
@@ -30,6 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.timing import time_one  # noqa: E402
+from trainer import perf  # noqa: E402
 
 from attention.ops.block_sparse import BlockMask, block_sparse_attention, causal_blocks  # noqa: E402
 
@@ -101,9 +106,13 @@ def main():
     ap.add_argument("--pallas", action="store_true", help="also time impl='pallas'")
     ap.add_argument("--workdir", default="runs/lm_long", help="a trained softmax LM (quality part)")
     ap.add_argument("--batches", type=int, default=4, help="eval batches (quality part)")
+    ap.add_argument("--train_steps", type=int, default=0,
+                    help="quality part: train configs/lm.py:long this many steps into --workdir "
+                         "first if it has no checkpoint (0: require one)")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help="';'-separated `name[:field=value,...]` (quality part)")
     a = ap.parse_args()
+    print(perf.machine_line())
     if a.part in ("kernel", "all"):
         kernel_part(a)
     if a.part in ("quality", "all"):

@@ -25,18 +25,44 @@ from models.lm import LM, LMTask
 from trainer.checkpoint import Checkpoints
 
 
-def _load(workdir: str):
+def _train(workdir: str, steps: int) -> None:
+    """configs/lm.py:long for `steps` steps into `workdir` (what `python -m trainer.main
+    --config=configs/lm.py:long --workdir=... --config.train.steps=N` runs)."""
+    import os
+
+    from trainer.cli import load_config
+    from trainer.trainer import Trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "configs", "lm.py") + ":long",
+                         [f"train.steps={steps}", "sample.max_new_tokens=0"])
+    t0 = time.perf_counter()
+    with Trainer(config, workdir, quiet=True) as t:
+        t.fit()
+    print(f"(trained configs/lm.py:long for {steps} steps into {workdir} in "
+          f"{time.perf_counter() - t0:.0f} s: --train_steps, no checkpoint was there)")
+
+
+def _load(workdir: str, train_steps: int = 0):
     ck = Checkpoints(workdir, async_save=False)
     step = ck.latest_step()
+    if step is None and train_steps:
+        ck.close()
+        _train(workdir, train_steps)
+        ck = Checkpoints(workdir, async_save=False)
+        step = ck.latest_step()
     if step is None:
         raise SystemExit(f"bench/sparse.py --part quality: no checkpoint in {workdir!r}; train one "
                          f"first: python -m trainer.main --config=configs/lm.py:long "
-                         f"--workdir={workdir}")
+                         f"--workdir={workdir} (or pass --train_steps N)")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     params = ck.restore_params(step, mesh)
     config = ml_collections.ConfigDict(ck.restore_config(step))
     ck.close()
     return step, params, config
+
+
+_NOTES: list[str] = []
 
 
 def _build(config, spec: str, params: dict):
@@ -56,9 +82,9 @@ def _build(config, spec: str, params: dict):
     state = nnx.state(model, nnx.Param)
     flat = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
     new = sorted(set(flat) - set(params))  # e.g. Landmark's landmark keys: they keep their init
-    if new:
-        print(f"({spec}: {len(new)} parameters not in the checkpoint keep their initial values: "
-              f"{', '.join(n.split('/')[-1] for n in new[:2])}, ...)")
+    if new:  # said below the table (a line inside it would break the Markdown)
+        _NOTES.append(f"{spec}: {len(new)} parameters not in the checkpoint keep their initial "
+                      f"values ({', '.join(n.split('/')[-1] for n in new[:2])}, ...).")
     for path, var in nnx.to_flat_state(state):
         name = "/".join(str(k) for k in path)
         if name in params:
@@ -93,7 +119,7 @@ def _eval(model, batches, T: int):
 
 
 def quality_part(a):
-    step, params, config = _load(a.workdir)
+    step, params, config = _load(a.workdir, a.train_steps)
     task = LMTask(config)
     T = config.data.seq_len  # windows hold seq_len + 1 bytes: seq_len inputs, seq_len targets
     ds = task.eval_data()
@@ -114,3 +140,5 @@ def quality_part(a):
         rel = (loss / dense_loss - 1) * 100
         ratio = dense_pairs / pairs if pairs > 0 else math.nan
         print(f"| {method} | {loss:.4f} | {rel:+.2f}% | {pairs:,.0f} | {ratio:.2f}x | {secs:.2f} |")
+    if _NOTES:
+        print("\n" + "\n".join(_NOTES))

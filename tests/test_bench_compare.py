@@ -76,3 +76,25 @@ def test_all_md_records_only_runs_of_every_benchmark(tmp_path, monkeypatch):
     monkeypatch.setattr(all_, "BENCHMARKS", {"attention": all_.BENCHMARKS["attention"]})
     assert all_.main(["--no_readme"]) == 0  # now every benchmark ran
     assert "| attention | ok | 1 |" in (results / "all.md").read_text()
+
+
+def test_a_failed_benchmark_leaves_its_readme_table(tmp_path, monkeypatch):
+    """A benchmark that fails or times out keeps its README block as it was (its results file
+    holds the error, not a table); one that ran refreshes its block."""
+    all_ = load_bench("all")
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(all_, "RESULTS", str(results))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:sparse -->\nold sparse\n<!-- /bench:sparse -->\n"
+                      "<!-- bench:input -->\nold input\n<!-- /bench:input -->\n")
+
+    def fake_run_one(name, script, args, timeout):
+        (results / f"{name}.md").write_text(f"new {name}\n")
+        return {"name": name, "status": "ok" if name == "input" else "failed (exit 1)",
+                "seconds": 1.0, "command": script}
+
+    monkeypatch.setattr(all_, "run_one", fake_run_one)
+    assert all_.main(["--only", "sparse,input", "--readme", str(readme)]) == 1
+    text = readme.read_text()
+    assert "old sparse" in text and "new sparse" not in text and "new input" in text

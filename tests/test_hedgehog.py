@@ -20,7 +20,7 @@ from attention.softmax import SoftmaxAttention
 # jitted: one compile per shape is much cheaper on CPU than op-by-op dispatch of the chunked form
 hedgehog_linear_attention = jax.jit(hedgehog_linear_attention,
                                     static_argnames=("output_final_state", "chunk_size", "impl"))
-hedgehog_quadratic_attention = jax.jit(hedgehog_quadratic_attention)
+hedgehog_quadratic_attention = jax.jit(hedgehog_quadratic_attention, static_argnames="causal")
 
 
 def _randn(shape, seed):
@@ -279,3 +279,44 @@ def test_lm_with_hedgehog_generates_like_full_recompute():
     full, _ = nnx.jit(lambda m, t: m(t))(model, jnp.concatenate([prompt, new], 1))
     assert np.all(np.isfinite(np.asarray(full)))
     np.testing.assert_allclose(step_logits, full[:, 4:-1], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bidirectional
+def test_bidirectional_equals_the_unmasked_quadratic_form():
+    """model.causal=False (encoders): phi_q (sum_j phi_k_j^T v_j) / (phi_q sum_j phi_k_j) is
+    the unmasked quadratic form; the distillation pieces drop the mask alike."""
+    from attention.hedgehog import hedgehog_bidirectional_attention
+
+    phi_q, phi_k, v = _phis(2, 11, 3, 8, 5, seed=3)
+    y = hedgehog_bidirectional_attention(phi_q, phi_k, v)
+    y_ref, a_hat = hedgehog_quadratic_attention(phi_q, phi_k, v, causal=False)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(a_hat) > 0)  # every key seen, above the diagonal too
+    np.testing.assert_allclose(np.asarray(a_hat).sum(-1), 1.0, rtol=1e-5)
+    q, k = _randn((1, 6, 2, 8), 1), _randn((1, 6, 2, 8), 2)
+    a = softmax_attention_weights(q, k, causal=False)
+    assert np.all(np.asarray(a) > 0)
+    # L >= H(A), equality at Â = A, over every entry
+    entropy = -float(jnp.mean(jnp.sum(a * jnp.log(a), -1)))
+    assert float(distillation_loss(a, a, causal=False)) == pytest.approx(entropy, rel=1e-5)
+    assert float(distillation_loss(a, jnp.full_like(a, 1 / 6), causal=False)) > entropy
+
+
+def test_bidirectional_layer_sees_every_token_and_is_permutation_equivariant():
+    """Without positions (rope_theta = 0, a ViT's setting) a bidirectional layer commutes with
+    permuting the tokens; the first token's output depends on the last token, unlike causal."""
+    cfg = _cfg(rope_theta=0.0, causal=False)
+    layer = _layer(cfg)
+    _perturb_feature_maps(layer)
+    B, T = 2, 9
+    x = _x(B, T, cfg.d_model)
+    y, cache = _call(layer, x, _positions(B, T))
+    assert cache is None
+    perm = np.random.default_rng(0).permutation(T)
+    y_perm, _ = _call(layer, x[:, perm], _positions(B, T))
+    np.testing.assert_allclose(np.asarray(y_perm), np.asarray(y)[:, perm], rtol=1e-4, atol=1e-5)
+    x2 = x.at[:, -1].add(1.0)
+    assert not np.allclose(np.asarray(_call(layer, x2, _positions(B, T))[0])[:, 0],
+                           np.asarray(y)[:, 0])
+    with pytest.raises(ValueError, match="mode='train' only"):
+        layer(x, positions=_positions(B, T), cache=layer.init_cache(B, T), mode="prefill")

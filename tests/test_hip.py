@@ -69,6 +69,9 @@ def test_config_defaults_and_overrides():
         make(hip_cfg(sparse_impl="cuda"))
     with pytest.raises(ValueError, match="hip_block_k"):
         make(hip_cfg(hip_block_k=0))
+    assert make(hip_cfg(hip_mask_k=0)).hip_mask_k == 0  # no search: sinks + window (a control)
+    with pytest.raises(ValueError, match="hip_mask_k=-1"):
+        make(hip_cfg(hip_mask_k=-1))
     with pytest.raises(ValueError, match="hip_window"):
         make(hip_cfg(hip_window=-1))
 
