@@ -241,6 +241,12 @@ class FlexPrefillAttention(SparseImplOption, SoftmaxAttention):
         return flexprefill_mask(q, k, block=self.block, gamma=self.gamma, tau=self.tau,
                                 min_budget=self.min_budget)
 
+    def explain_extras(self, x, *, positions, q, k, mode: str) -> dict:
+        """attention.explain's extras: the block mask bool [B, H, NB, NB] and which heads are
+        query-aware (bool [B, H]; the others vertical-slash)."""
+        mask, info = self.block_mask(q, k)
+        return {"block_mask": mask, "query_aware": info["query_aware"]}
+
     def attend(self, q, k, v, *, mode: str):
         if mode == "prefill" or (mode == "train" and self.in_train):
             bm = flexprefill_block_mask(q, k, block=self.block, gamma=self.gamma, tau=self.tau,

@@ -203,6 +203,10 @@ class BlockSparsePrefillAttention(SparseImplOption, SoftmaxAttention):
         """The prefill mask of q [B, T, H, d] and k [B, T, H_kv, d]: each mechanism's own."""
         raise NotImplementedError(f"{type(self).__name__} must define block_mask(q, k)")
 
+    def explain_extras(self, x, *, positions, q, k, mode: str) -> dict:
+        """attention.explain's extras: the prefill block mask, bool [B|1, H|1, NQ, NK]."""
+        return {"block_mask": self.block_mask(q, k).to_dense()}
+
     def attend(self, q, k, v, *, mode: str):
         if mode == "prefill" or (mode == "train" and self.in_train):
             mask = self.block_mask(q, k)

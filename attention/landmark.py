@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attention.inspect import effective_weights
 from attention.ops.block_sparse import IMPLS, BlockMask, block_sparse_attention
 from attention.ops.rope import apply_rope
 from attention.registry import read_options, register
@@ -320,6 +321,28 @@ class LandmarkAttention(SoftmaxAttention):
     def _landmarks(self, k_raw, valid=None):
         return landmark_keys(k_raw, self.landmark_pool[...], self.landmark_embed[...],
                              self.block, valid)
+
+    def explain_extras(self, x, *, positions, q, k, mode: str) -> dict:
+        """attention.explain's extras: "retrieved" [B, H, NQ, NQ] (1: a block the query block
+        retrieved at prefill, 0.5: its own) and the "weights" [B, H, T, T] this layer applies at
+        `mode` (grouped softmax in training, retrieval at prefill)."""
+        B, T, _ = x.shape
+        q_raw = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+        k_raw = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        s_land = landmark_scores(q_raw, self._landmarks(k_raw))              # [B, H, T, NB]
+        idx, valid = select_blocks(s_land, self.block, T, self.top_k)        # [B, H, NQ, k]
+        nq = idx.shape[2]
+        hit = jnp.any((idx[..., None] == jnp.arange(nq)) & valid[..., None], axis=3)
+        retrieved = jnp.where(hit, 1.0, 0.5 * jnp.eye(nq))
+
+        def attend(q, k, v):  # q, k, v stacked chunk-major on the batch axis (effective_weights)
+            s = jnp.broadcast_to(s_land[None], (q.shape[0] // B, *s_land.shape))
+            s = s.reshape(-1, *s_land.shape[1:])
+            if mode == "train":
+                return grouped_softmax_attention(q, k, v, s, block=self.block)
+            return landmark_retrieval_attention(q, k, v, s, block=self.block, top_k=self.top_k,
+                                                formula=self.inference, impl=self.impl)
+        return {"retrieved": retrieved, "weights": effective_weights(attend, q, k)}
 
     def __call__(self, x, *, positions, cache=None, mode: str = "train"):
         check_mode(mode, cache)

@@ -128,6 +128,26 @@ def _causal_slots(assign, C: int, w: int):
     return idx, valid
 
 
+def cluster_slots(q, k, mu, *, cluster_size: int, membership: str = "topw"):
+    """Which tokens each centroid holds. q, k: [B, T, R, d], mu [R, C, d] -> (idx int32
+    [B, R, C * w] the member positions, cluster by cluster, each ascending; valid bool
+    [B, R, C * w]), w = min(cluster_size, T). membership as in routed_attention."""
+    B, T, R, d = q.shape
+    C = mu.shape[1]
+    w = min(cluster_size, T)
+    route = layer_norm(q) + layer_norm(k)
+    score = jax.lax.stop_gradient(jnp.einsum("btrd,rcd->brct", route, mu))   # [B, R, C, T]
+    if membership == "topw":
+        # balanced clusters: each centroid takes its top-w tokens (Roy et al. 2021, Sec. 4)
+        idx = jnp.sort(jax.lax.top_k(score, w)[1], axis=-1).reshape(B, R, C * w)  # by position
+        return idx, jnp.ones((B, R, C * w), bool)
+    if membership == "causal":
+        # |q^ - mu|^2 + |k^ - mu|^2 = const - 2 (q^ + k^) . mu + 2 |mu|^2
+        near = jnp.argmax(score - jnp.sum(mu * mu, -1)[None, :, :, None], axis=2)  # [B, R, T]
+        return jax.vmap(jax.vmap(lambda a: _causal_slots(a, C, w)))(near)
+    raise ValueError(f"routing membership must be 'topw' or 'causal', got {membership!r}")
+
+
 def routed_attention(q, k, v, mu, *, cluster_size: int, membership: str = "topw",
                      impl: str = "auto"):
     """Clustered causal attention. q, k, v: [B, T, R, d] (one key/value head per query head),
@@ -141,18 +161,7 @@ def routed_attention(q, k, v, mu, *, cluster_size: int, membership: str = "topw"
     C = mu.shape[1]
     w = min(cluster_size, T)
     f32 = jnp.float32
-    route = layer_norm(q) + layer_norm(k)
-    score = jax.lax.stop_gradient(jnp.einsum("btrd,rcd->brct", route, mu))   # [B, R, C, T]
-    if membership == "topw":
-        # balanced clusters: each centroid takes its top-w tokens (Roy et al. 2021, Sec. 4)
-        idx = jnp.sort(jax.lax.top_k(score, w)[1], axis=-1).reshape(B, R, C * w)  # by position
-        valid = jnp.ones((B, R, C * w), bool)
-    elif membership == "causal":
-        # |q^ - mu|^2 + |k^ - mu|^2 = const - 2 (q^ + k^) . mu + 2 |mu|^2
-        near = jnp.argmax(score - jnp.sum(mu * mu, -1)[None, :, :, None], axis=2)  # [B, R, T]
-        idx, valid = jax.vmap(jax.vmap(lambda a: _causal_slots(a, C, w)))(near)
-    else:
-        raise ValueError(f"routing membership must be 'topw' or 'causal', got {membership!r}")
+    idx, valid = cluster_slots(q, k, mu, cluster_size=w, membership=membership)
 
     def gather(x):  # [B, T, R, d] -> [B, C*w, R, d]
         xt = x.transpose(0, 2, 1, 3)
@@ -218,6 +227,21 @@ class RoutingAttention(SoftmaxAttention):
 
     def cluster_size_for(self, T: int) -> int:
         return min(self.cluster_size or math.ceil(T / self.num_clusters), T)
+
+    def explain_extras(self, x, *, positions, q, k, mode: str) -> dict:
+        """attention.explain's extras: "clusters" bool [B, R, C, T], the tokens each centroid
+        holds for each routed head (the local heads come first and have none)."""
+        B, T = q.shape[:2]
+        rep = self.num_heads // k.shape[2]
+        L = self.local_heads
+        qr, kr = q[:, :, L:], jnp.repeat(k, rep, axis=2)[:, :, L:]
+        w = self.cluster_size_for(T)
+        idx, valid = cluster_slots(qr, kr, self.centroids[...], cluster_size=w,
+                                   membership=self.membership)
+        C = self.num_clusters
+        hit = (idx.reshape(B, -1, C, w)[..., None] == jnp.arange(T)) & valid.reshape(
+            B, -1, C, w)[..., None]
+        return {"clusters": jnp.any(hit, axis=3)}
 
     def attend(self, q, k, v, *, mode: str):
         B, T, H, hd = q.shape

@@ -115,9 +115,12 @@ def write_result(name: str, text: str, directory: str = RESULTS) -> str:
 
 def _header(cmd: str) -> str:
     import jax
+
+    from trainer import perf
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"`{cmd}` ({now}; jax {jax.__version__}, {jax.device_count()} x "
-            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores)")
+            f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores)\n\n"
+            f"{perf.machine_line()}")
 
 
 def _mib(n: float) -> float:

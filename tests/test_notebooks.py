@@ -182,6 +182,27 @@ def _images(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
+def _figure_cells(nb) -> list[int]:
+    """Indices of the code cells with a figure among their outputs."""
+    return [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and any(
+        "image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+
+
+def check_stored_figures(name: str, executed) -> None:
+    """The notebook is stored executed (examples/execute.py: outputs and figures, so it reads
+    on a web page), and every cell stored with a figure still draws one when run again."""
+    import nbformat
+
+    stored = nbformat.read(os.path.join(EXAMPLES, name), as_version=4)
+    code = [c for c in stored.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code), f"{name}: stored without running it"
+    figures = _figure_cells(stored)
+    assert figures, f"{name}: stored without its figures (python examples/execute.py)"
+    assert set(figures) <= set(_figure_cells(executed)), (
+        f"{name}: cells {sorted(set(figures) - set(_figure_cells(executed)))} no longer draw "
+        "the figure they are stored with")
+
+
 @pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path):
     nb = run_notebook("quickstart.ipynb", dict(QUICKSTART, workdir=str(tmp_path / "qs")),
@@ -195,12 +216,17 @@ def test_quickstart_notebook_runs(tmp_path):
     # the progress bar is a notebook widget (or tqdm's text bar), not a wall of log lines
     assert "step 20/20" not in out
     assert (tmp_path / "qs" / "checkpoints").is_dir()  # the workdir given, not examples/runs
+    check_stored_figures("quickstart.ipynb", nb)
 
 
 @pytest.mark.slow
 def test_attention_zoo_notebook_runs(tmp_path):
     nb = run_notebook("attention_zoo.ipynb", ZOO, cwd=REPO_ROOT)
     out = _outputs(nb)
-    for name in ("softmax", "routing", "HiP", "FlexPrefill", "Landmark"):
+    for name in ("softmax", "routing", "HiP", "FlexPrefill", "Landmark", "ACT"):
         assert re.search(rf"^{name}.* distance to the dense softmax map", out, re.M), out
-    assert _images(nb) >= 6  # one figure per mechanism, and the gallery
+    assert _images(nb) >= 7  # one figure per mechanism, and the gallery
+    check_stored_figures("attention_zoo.ipynb", nb)
+    # the public API only (attention.layer_config / build / explain): no internals imported
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert not re.search(r"^\s*from attention\.|^\s*import attention\.", source, re.M), source
