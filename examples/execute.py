@@ -20,16 +20,14 @@ ROOT = os.path.dirname(HERE)
 NOTEBOOKS = ("quickstart.ipynb", "attention_zoo.ipynb")
 
 
-def execute(name: str, timeout: int = 1800) -> None:
+def run(nb, cwd: str, timeout: int) -> None:
+    """Executes the notebook `nb` (nbformat) in place, in a kernel of this interpreter (not
+    whatever `python3` kernelspec comes first on the path), with one CPU device (a simulated
+    device count in XLA_FLAGS, as the test session sets, removed) and inline figures; raises
+    on a cell error. tests/test_notebooks.py runs the examples through this too."""
     import nbclient
-    import nbformat
     from jupyter_client.manager import KernelManager
 
-    if name == "quickstart.ipynb" and os.path.exists(os.path.join(ROOT, "runs", "quickstart")):
-        raise SystemExit("runs/quickstart exists: the quickstart would resume it; move it away "
-                         "first (nothing was changed)")
-    path = os.path.join(HERE, name)
-    nb = nbformat.read(path, as_version=4)
     km = KernelManager(kernel_name="python3")
     km.kernel_spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     env = dict(os.environ)
@@ -37,7 +35,18 @@ def execute(name: str, timeout: int = 1800) -> None:
                                 if "xla_force_host_platform_device_count" not in f)
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     nbclient.NotebookClient(nb, km=km, timeout=timeout, allow_errors=False).execute(
-        cwd=ROOT, env=env)
+        cwd=cwd, env=env)
+
+
+def execute(name: str, timeout: int = 1800) -> None:
+    import nbformat
+
+    if name == "quickstart.ipynb" and os.path.exists(os.path.join(ROOT, "runs", "quickstart")):
+        raise SystemExit("runs/quickstart exists: the quickstart would resume it; move it away "
+                         "first (nothing was changed)")
+    path = os.path.join(HERE, name)
+    nb = nbformat.read(path, as_version=4)
+    run(nb, ROOT, timeout)
     for cell in nb.cells:  # no timings or widget state in the stored file
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":

@@ -147,25 +147,20 @@ def run_notebook(name: str, parameters: dict, cwd: str, timeout: int = 300):
     """Executes examples/<name> in a kernel of this interpreter, the `parameters` cell replaced
     by `parameters` (the rest of that cell's assignments kept); raises on a cell error."""
     nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    from jupyter_client.manager import KernelManager
+    pytest.importorskip("nbclient")
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("examples_execute",
+                                                  os.path.join(EXAMPLES, "execute.py"))
+    execute = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(execute)
     nb = nbformat.read(os.path.join(EXAMPLES, name), as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1, f"{name}: expected one cell tagged 'parameters'"
     lines = [line for line in cells[0].source.splitlines()
              if line.split("=")[0].strip() not in parameters]
     cells[0].source = "\n".join(lines + [f"{k} = {v!r}" for k, v in parameters.items()])
-    # a kernel of this interpreter (not whatever `python3` kernelspec comes first on the path),
-    # with the simulated device count of the test session removed: one CPU device, as a user has
-    km = KernelManager(kernel_name="python3")
-    km.kernel_spec.argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
-    client = nbclient.NotebookClient(nb, km=km, timeout=timeout, allow_errors=False)
-    client.execute(cwd=cwd, env=env)
+    execute.run(nb, cwd, timeout)
     return nb
 
 

@@ -123,19 +123,26 @@ def _layout(q, k, flat_indices, cfg: Config, n_rows: int):
     return (bs, hs, n_rows), width, rep
 
 
-def forward(q, k, v, counts, indices, cfg: Config):
-    """kernels.forward's contract; lse comes back as [B, H, Tp] f32."""
+def _query_rows(q, k, counts, indices, cfg: Config):
+    """What the two kernels over query blocks (forward, dq) share: (grid (B, H, NQ), the mask
+    row width, the specs of counts, indices, a q-side [bq, D] block, k / v whole for kv head
+    h // rep, and a [bq] row of lse / D)."""
     tp, d = q.shape[2:]
-    sp = k.shape[2]
     bq = cfg.block_q
     grid, width, rep = _layout(q, k, indices, cfg, tp // bq)
-    q_map = lambda b, h, i: (b, h, i, 0)  # noqa: E731
-    kv_map = lambda b, h, i: (b, h // rep, 0, 0)  # noqa: E731
+    kv = _whole((k.shape[2], d), lambda b, h, i: (b, h // rep, 0, 0))
+    return (grid, width, _flat_spec(counts), _flat_spec(indices),
+            _whole((bq, d), lambda b, h, i: (b, h, i, 0)), kv,
+            _whole((bq,), lambda b, h, i: (b, h, i)))
+
+
+def forward(q, k, v, counts, indices, cfg: Config):
+    """kernels.forward's contract; lse comes back as [B, H, Tp] f32."""
+    d = q.shape[-1]
+    grid, width, cnt, idx, q_side, kv, row = _query_rows(q, k, counts, indices, cfg)
     return _call(
         functools.partial(_fwd_kernel, cfg=cfg, n_q=grid[2], width=width), cfg, d, grid=grid,
-        in_specs=[_flat_spec(counts), _flat_spec(indices), _whole((bq, d), q_map),
-                  _whole((sp, d), kv_map), _whole((sp, d), kv_map)],
-        out_specs=[_whole((bq, d), q_map), _whole((bq,), lambda b, h, i: (b, h, i))],
+        in_specs=[cnt, idx, q_side, kv, kv], out_specs=[q_side, row],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct(q.shape[:3], _F32)],
         name="block_sparse_fwd_gpu", cost=_cost((*grid, width), cfg, d, 2, (q, k, v, q)),
@@ -164,19 +171,12 @@ def _dq_kernel(cnt_ref, idx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, d
 
 def backward_dq(q, k, v, do, lse, di, counts, indices, cfg: Config):
     """kernels.backward_dq's contract with lse, di as [B, H, Tp] rows."""
-    tp, d = q.shape[2:]
-    sp = k.shape[2]
-    bq = cfg.block_q
-    grid, width, rep = _layout(q, k, indices, cfg, tp // bq)
-    q_map = lambda b, h, i: (b, h, i, 0)  # noqa: E731
-    kv_map = lambda b, h, i: (b, h // rep, 0, 0)  # noqa: E731
-    row_map = lambda b, h, i: (b, h, i)  # noqa: E731
+    d = q.shape[-1]
+    grid, width, cnt, idx, q_side, kv, row = _query_rows(q, k, counts, indices, cfg)
     return _call(
         functools.partial(_dq_kernel, cfg=cfg, n_q=grid[2], width=width), cfg, d, grid=grid,
-        in_specs=[_flat_spec(counts), _flat_spec(indices), _whole((bq, d), q_map),
-                  _whole((sp, d), kv_map), _whole((sp, d), kv_map), _whole((bq, d), q_map),
-                  _whole((bq,), row_map), _whole((bq,), row_map)],
-        out_specs=_whole((bq, d), q_map), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        in_specs=[cnt, idx, q_side, kv, kv, q_side, row, row],
+        out_specs=q_side, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         name="block_sparse_bwd_dq_gpu", cost=_cost((*grid, width), cfg, d, 3, (q, k, v, do, q)),
     )(counts, indices, q, k, v, do, lse, di)
 
