@@ -243,7 +243,9 @@ class FlexPrefillAttention(SparseImplOption, SoftmaxAttention):
 
     def explain_extras(self, x, *, positions, q, k, mode: str) -> dict:
         """attention.explain's extras: the block mask bool [B, H, NB, NB] and which heads are
-        query-aware (bool [B, H]; the others vertical-slash)."""
+        query-aware (bool [B, H]; the others vertical-slash), where this mode applies them."""
+        if not (mode == "prefill" or (mode == "train" and self.in_train)):
+            return {}
         mask, info = self.block_mask(q, k)
         return {"block_mask": mask, "query_aware": info["query_aware"]}
 

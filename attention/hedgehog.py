@@ -14,7 +14,8 @@ Bidirectional (model.causal=False, the vision encoders): the sums run over every
 are one [F, d] matrix and one [F] vector per head (Katharopoulos et al. 2020, eq. 4-5: linear
 attention without a mask needs no recurrence).
 Distillation (per layer): L = -mean_{b,h,i} sum_{j<=i} A_ij log Â_ij, A the teacher's causal
-softmax attention and Â_ij = phi(q_i) phi(k_j)^T / sum_{l<=i} phi(q_i) phi(k_l)^T.
+softmax attention and Â_ij = phi(q_i) phi(k_j)^T / sum_{l<=i} phi(q_i) phi(k_l)^T (in an
+encoder, model.causal=False: every j, the unmasked softmax and Â).
 
 Layer (`@register("hedgehog")`): the SoftmaxAttention call shape and projections (same names,
 shapes and logical axes, so a softmax checkpoint's q/k/v/o transfer unchanged); RoPE is applied to

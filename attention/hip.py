@@ -204,7 +204,10 @@ class BlockSparsePrefillAttention(SparseImplOption, SoftmaxAttention):
         raise NotImplementedError(f"{type(self).__name__} must define block_mask(q, k)")
 
     def explain_extras(self, x, *, positions, q, k, mode: str) -> dict:
-        """attention.explain's extras: the prefill block mask, bool [B|1, H|1, NQ, NK]."""
+        """attention.explain's extras: the block mask, bool [B|1, H|1, NQ, NK], where this mode
+        applies it (prefill; training with *_in_train)."""
+        if not (mode == "prefill" or (mode == "train" and self.in_train)):
+            return {}
         return {"block_mask": self.block_mask(q, k).to_dense()}
 
     def attend(self, q, k, v, *, mode: str):
@@ -230,7 +233,6 @@ class HiPAttention(BlockSparsePrefillAttention):
         "hip_sink": 16,           # attention-sink tokens at the start, always attended
         "hip_in_train": False,    # sparse in mode="train" too (default: dense training)
     }
-    # a window- or sink-only mask is the window's job: the search needs a budget and a score
     # hip_mask_k = 0: no tree search, only the sinks, the window and the diagonal (a control)
     OPTION_RULES = {"hip_mask_k": ">= 0", "hip_block_q": ">= 1", "hip_block_k": ">= 1",
                     "hip_rep_tokens": ">= 1", "hip_window": ">= 0", "hip_sink": ">= 0"}

@@ -11,7 +11,10 @@ sparse blocks, clusters and calibration included), plus what the mechanism decid
 "query_aware" [B, H] for FlexPrefill), "clusters" [B, R, C, T] (Routing: which tokens each
 centroid holds, per routed head), "retrieved" [B, H, NQ, NQ] (Landmark: 1 for a retrieved
 block, 0.5 for the query's own). Mechanisms of the softmax family (those sharing its q / k / v
-/ o projections) are supported.
+/ o projections; ComplexFormer through its own rotations) are supported; a linear attention
+(GLA, Hedgehog) is refused by name. The layer is inspected as a copy in eval mode: nothing of
+it changes (no centroid update, nothing sown), and a mechanism that samples in training (SSA)
+shows its deterministic evaluation path.
 """
 from __future__ import annotations
 
@@ -49,12 +52,37 @@ def layer_config(name: str, *, d_model: int, num_heads: int, num_kv_heads: int |
     return c
 
 
+def _check(layer, who: str) -> None:
+    if not (hasattr(layer, "project") and hasattr(layer, "attend")):
+        raise TypeError(f"{who}: {type(layer).__name__} is not a softmax-family layer (q / k / "
+                        "v projections and a softmax over keys); the supported mechanisms are "
+                        "softmax and those sharing its projections (HiP, DHSA, FlexPrefill, SSA, "
+                        "Routing, Landmark, ACT, MoH, ComplexFormer)")
+
+
 def queries_and_keys(layer, x, positions):
     """q [B, T, H, hd] and k [B, T, H_kv, hd] as the layer's attention sees them (projected,
-    RoPE applied)."""
+    then RoPE, or the layer's own rotate_queries / rotate_keys where it has them:
+    ComplexFormer)."""
+    _check(layer, "attention.queries_and_keys")
     q, k, _ = layer.project(x, "train")
+    if hasattr(layer, "rotate_queries"):
+        return (layer.rotate_queries(q, positions).astype(q.dtype),
+                layer.rotate_keys(k, positions).astype(q.dtype))
     rope = dict(theta=layer.rope_theta, scaling=layer.rope_scaling)
     return apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
+
+
+def _inspected(layer):
+    """A copy of the layer in eval mode: inspecting never changes the layer."""
+    copy = nnx.clone(layer)
+    copy.eval()
+    return copy
+
+
+def _quiet(fn):
+    """fn(module, *args) under nnx.capture, so what a layer sows stays out of it."""
+    return lambda m, *a: nnx.capture(fn, nnx.Intermediate)(m, *a)[0]
 
 
 def effective_weights(attend, q, k):
@@ -74,21 +102,22 @@ def effective_weights(attend, q, k):
 def attention_weights(layer, x, positions, *, mode: str = "train") -> np.ndarray:
     """[B, H, T, T]: the weights the layer's heads apply to x (its `attend` at `mode`: "train",
     or "prefill" for the sparse prefill methods)."""
+    layer = _inspected(layer)
     q, k = queries_and_keys(layer, x, positions)
-    return np.asarray(effective_weights(
-        lambda q, k, v: nnx.jit(lambda m, q, k, v: m.attend(q, k, v, mode=mode))(layer, q, k, v),
-        q, k))
+    attend = nnx.jit(_quiet(lambda m, q, k, v: m.attend(q, k, v, mode=mode)))
+    return np.asarray(effective_weights(lambda q, k, v: attend(layer, q, k, v), q, k))
 
 
 def explain(layer, x, positions, *, mode: str = "prefill") -> dict[str, np.ndarray]:
     """What the layer computes for x [B, T, D] at `mode`, as numpy arrays: "weights" [B, H, T, T]
     and the mechanism's own structures (module docstring)."""
-    extras = getattr(layer, "explain_extras", None)
+    _check(layer, "attention.explain")
     out = {}
-    if extras is not None:
-        q, k = queries_and_keys(layer, x, positions)
-        found = nnx.jit(lambda m, x, p, q, k: m.explain_extras(x, positions=p, q=q, k=k,
-                                                               mode=mode))(layer, x, positions, q, k)
+    if hasattr(layer, "explain_extras"):
+        copy = _inspected(layer)
+        q, k = queries_and_keys(copy, x, positions)
+        found = nnx.jit(_quiet(lambda m, x, p, q, k: m.explain_extras(
+            x, positions=p, q=q, k=k, mode=mode)))(copy, x, positions, q, k)
         out = {name: np.asarray(jax.device_get(v)) for name, v in found.items()}
     if "weights" not in out:
         out["weights"] = attention_weights(layer, x, positions, mode=mode)

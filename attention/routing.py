@@ -132,7 +132,7 @@ def cluster_slots(q, k, mu, *, cluster_size: int, membership: str = "topw"):
     """Which tokens each centroid holds. q, k: [B, T, R, d], mu [R, C, d] -> (idx int32
     [B, R, C * w] the member positions, cluster by cluster, each ascending; valid bool
     [B, R, C * w]), w = min(cluster_size, T). membership as in routed_attention."""
-    B, T, R, d = q.shape
+    B, T, R, _ = q.shape
     C = mu.shape[1]
     w = min(cluster_size, T)
     route = layer_norm(q) + layer_norm(k)
@@ -157,7 +157,7 @@ def routed_attention(q, k, v, mu, *, cluster_size: int, membership: str = "topw"
     only on earlier tokens. Members attend causally inside their cluster; outputs are averaged
     over memberships; tokens in no cluster get their own value.
     Returns [B, T, R, d] in q's dtype."""
-    B, T, R, d = q.shape
+    T, d = q.shape[1], q.shape[3]
     C = mu.shape[1]
     w = min(cluster_size, T)
     f32 = jnp.float32

@@ -61,8 +61,8 @@ BENCHMARKS = {
     # (~3 min, 9 GB of disk under $BENCH_TMP or /tmp)
     "hf_import": ("bench/hf_import.py", ["--layers", "4"], [], 900, 1800),
     # block-sparse attention vs dense, and the sparse prefill methods on a 2k-context softmax LM
-    # (trained into runs/lm_long first when it has no checkpoint: 100 steps quick, ~3 min; the
-    # whole quick run ~8 min)
+    # (trained into runs/lm_long first when it has no checkpoint: 100 steps quick, 161 s on
+    # 2026-12-07's AVX-512 host; the quick run 76 s with the LM there, ~4 min without)
     "sparse": ("bench/sparse.py", ["--part", "all", "--lengths", "2048,4096,8192", "--reps", "2",
                                    "--train_steps", "100", "--batches", "4"],
                ["--part", "all", "--train_steps", "200", "--batches", "6"], 1500, 3600),
@@ -88,6 +88,14 @@ def replace_markers(text: str, tables: dict[str, str]) -> tuple[str, list[str]]:
     return MARKER.sub(sub, text), done
 
 
+def _failed_run(path: str) -> bool:
+    """Whether a results file records a failed or timed-out run (run_one's first line)."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return bool(re.search(r" s, (failed|timeout)", f.readline()))
+
+
 def update_readme(readme: str, names=None, since: float | None = None, failed=()) -> list[str]:
     """Rewrites the marked README blocks from bench/results/<name>.md: those in `names` (None:
     every marked block with a results file), and only files written after `since` when given;
@@ -98,7 +106,7 @@ def update_readme(readme: str, names=None, since: float | None = None, failed=()
     for m in MARKER.finditer(text):
         name = m.group("name")
         path = os.path.join(RESULTS, f"{name}.md")
-        if name in failed or name.split("-")[0] in failed:
+        if name in failed or name.split("-")[0] in failed or _failed_run(path):
             continue
         if (names is None or name in names) and os.path.exists(path) and (
                 since is None or os.path.getmtime(path) >= since):

@@ -98,3 +98,18 @@ def test_a_failed_benchmark_leaves_its_readme_table(tmp_path, monkeypatch):
     assert all_.main(["--only", "sparse,input", "--readme", str(readme)]) == 1
     text = readme.read_text()
     assert "old sparse" in text and "new sparse" not in text and "new input" in text
+
+
+def test_readme_only_never_copies_a_failed_results_file(tmp_path, monkeypatch):
+    all_ = load_bench("all")
+    results = tmp_path / "results"
+    results.mkdir()
+    monkeypatch.setattr(all_, "RESULTS", str(results))
+    (results / "sparse.md").write_text("`python -m bench.sparse` (2026-12-07 21:31 UTC, 234 s, "
+                                       "failed (exit 1))\n\ntraceback\n")
+    (results / "input.md").write_text("`python -m bench.input` (2026-12-07 21:31 UTC, 9 s, ok)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:sparse -->\nold\n<!-- /bench:sparse -->\n"
+                      "<!-- bench:input -->\nold\n<!-- /bench:input -->\n")
+    assert all_.update_readme(str(readme)) == ["input"]
+    assert "traceback" not in readme.read_text()

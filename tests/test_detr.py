@@ -171,7 +171,7 @@ def test_a_mechanisms_auxiliary_loss_reaches_the_detr_loss(tmp_path):
 
 @pytest.mark.parametrize("overrides,fragment", [
     (("model.num_classes=3",), "2 categories"),
-    (("model.attention=gla",), "causal only"),
+    (("model.attention=routing",), "causal only"),
     (("model.stride=6",), "model.stride"),
     (("loss.matcher=greedy",), "allowed: 'scipy', 'optax'"),
     (("data.augment=crop",), "allowed: 'detr', 'flip', 'none'"),

@@ -1,6 +1,8 @@
 """attention.inspect, the public API for looking inside a layer (what the attention zoo
-notebook uses): the config of one layer, the weights its heads apply, and each mechanism's own
-structures (block masks, clusters, retrieved blocks), checked against independent computations."""
+notebook uses): the config of one layer, the weights its heads apply (softmax against numpy,
+Landmark against its grouped softmax's own weights), each mechanism's own structures (block
+masks, clusters, retrieved blocks) against the weights, batches against their rows, and the
+inspected layer left unchanged."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -19,9 +21,10 @@ def _layer(name, **options):
         return attention.build(name, cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
 
 
-def _x(seed=0):
+def _x(seed=0, batch=1):
     rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.standard_normal((1, T, D)), jnp.float32), jnp.arange(T)[None]
+    return (jnp.asarray(rng.standard_normal((batch, T, D)), jnp.float32),
+            jnp.broadcast_to(jnp.arange(T), (batch, T)))
 
 
 def test_layer_config_defaults_and_bad_options():
@@ -88,3 +91,80 @@ def test_landmark_retrieved_blocks_and_weights():
     tokens = np.repeat(np.repeat(r > 0, 16, -2), 16, -1)
     assert np.all(w[~tokens] == 0.0)
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,options,mode", [
+    ("softmax", {}, "train"),
+    ("hip", dict(hip_mask_k=16, hip_block_q=16, hip_block_k=16, hip_window=16, hip_sink=0),
+     "prefill"),
+    ("routing", dict(routing_num_clusters=4, routing_local_window=16), "train"),
+    ("landmark", dict(landmark_every=16, landmark_top_k=1), "prefill"),
+    ("landmark", dict(landmark_every=16, landmark_top_k=1), "train"),
+    ("complexformer", {}, "train"),
+])
+def test_a_batch_explains_as_its_rows_and_the_layer_is_unchanged(name, options, mode):
+    """Two sequences explained together equal each explained alone (the one-hot values are
+    stacked on the batch axis: an ordering mistake would mix the rows), and inspecting leaves
+    the layer as it was (Routing's centroids not updated)."""
+    from flax import nnx
+
+    layer = _layer(name, **options)
+    before = jax_leaves(nnx.state(layer))
+    x, pos = _x(5, batch=2)
+    both = attention.explain(layer, x, pos, mode=mode)
+    for b in range(2):
+        alone = attention.explain(layer, x[b:b + 1], pos[b:b + 1], mode=mode)
+        for key, value in alone.items():
+            np.testing.assert_allclose(both[key][b:b + 1] if both[key].shape[0] == 2
+                                       else both[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    for a, b in zip(before, jax_leaves(nnx.state(layer))):
+        np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(state):
+    import jax
+    return [np.asarray(v) for v in jax.tree.leaves(state)]
+
+
+def test_landmark_training_weights_are_its_grouped_softmax():
+    """Landmark in training: the weights explain reads off are the grouped softmax's own
+    (grouped_softmax_attention's return_weights), for a batch of two."""
+    from attention.landmark import grouped_softmax_attention, landmark_scores
+
+    layer = _layer("landmark", landmark_every=16, landmark_top_k=1)
+    x, pos = _x(6, batch=2)
+    w = attention.explain(layer, x, pos, mode="train")["weights"]
+    q, k = attention.queries_and_keys(layer, x, pos)
+    q_raw = layer.q_proj(x).reshape(2, T, H, D // H)
+    k_raw = layer.k_proj(x).reshape(2, T, H, D // H)
+    s_land = landmark_scores(q_raw, layer._landmarks(k_raw))
+    v = jnp.zeros_like(k)
+    _, ref = grouped_softmax_attention(q, k, v, s_land, block=16, return_weights=True)
+    np.testing.assert_allclose(w, np.asarray(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_linear_attention_is_refused_by_name():
+    layer = _layer("gla")
+    x, pos = _x()
+    with pytest.raises(TypeError, match="GatedLinearAttention is not a softmax-family layer"):
+        attention.explain(layer, x, pos)
+
+
+@pytest.mark.parametrize("name", ["softmax", "complexformer", "act"])
+def test_the_weights_reproduce_the_layer_output(name):
+    """o_proj(sum_j w_ij v_j) with explain's weights is the layer's own output (ComplexFormer:
+    its learned phases, moved off their initial values, not plain RoPE)."""
+    options = {"act_heads": ("0:0", "0:1")} if name == "act" else {}
+    layer = _layer(name, rope_theta=10000.0, **options)
+    if name == "complexformer":
+        layer.delta[...] = layer.delta[...] * 1.7
+        layer.phase_bias[...] = layer.phase_bias[...] + 0.4
+    if name == "act":
+        layer.set_layer(0)
+    x, pos = _x(7, batch=2)
+    w = attention.explain(layer, x, pos, mode="train")["weights"]            # [B, H, T, T]
+    v = np.asarray(layer.project(x, "train")[2], np.float64)                  # [B, T, H_kv, hd]
+    y = np.einsum("bhij,bjhd->bihd", w, v).reshape(2, T, D)
+    expected = np.asarray(layer(x, positions=pos)[0])
+    np.testing.assert_allclose(np.asarray(layer.o_proj(jnp.asarray(y, jnp.float32))), expected,
+                               rtol=1e-4, atol=1e-5)

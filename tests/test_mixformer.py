@@ -73,11 +73,12 @@ def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
     # evaluation server's layout; a split mixing the two kinds of ground truth is refused
     test = tmp_path / "test"
     shutil.copytree(val, test)
-    names = [x for x in open(test / "list.txt").read().split() if x][:2]
-    for name in names:
+    every = [x for x in open(test / "list.txt").read().split() if x]
+    for name in every:
         gt = test / name / "groundtruth.txt"
         gt.write_text(gt.read_text().splitlines()[0] + "\n")
         (test / name / "absence.label").unlink()
+    names = every[:2]
     args = [f"--config={CONFIG}:score", f"--from={tmp_path / 'stage2'}",
             f"--config.data.embedded_dir={tmp_path / 'data'}", *(f"--config.{o}" for o in SMALL)]
     out3 = tmp_path / "results3"
@@ -93,8 +94,18 @@ def test_stages_train_and_the_tracker_writes_results(tmp_path, capsys):
                                                         delimiter=","), atol=1e-4)
         times = np.loadtxt(out3 / name / f"{name}_time.txt")
         assert times.shape == (frames,) and np.all(times > 0)
-    assert main([*args, f"--sequences={test}", f"--out={tmp_path / 'r4'}", "--limit=3"]) == 2
-    assert "2 of 3 sequences have only a first-frame box" in capsys.readouterr().err
+    # one sequence with its full ground truth back: a mixed folder, refused by name (whatever
+    # --limit keeps), or with --skip_bad the first-box-only ones are skipped
+    last = every[-1]
+    shutil.copy(val / last / "groundtruth.txt", test / last / "groundtruth.txt")
+    assert main([*args, f"--sequences={test}", f"--out={tmp_path / 'r4'}", "--limit=1"]) == 2
+    assert (f"{len(every) - 1} of {len(every)} sequences have only a first-frame box"
+            in capsys.readouterr().err)
+    with pytest.warns(UserWarning, match="those are skipped"):
+        assert main([*args, f"--sequences={test}", f"--out={tmp_path / 'r6'}",
+                     "--skip_bad"]) == 0
+    assert "tracker: AUC" in capsys.readouterr().out
+    assert sorted(f for f in os.listdir(tmp_path / "r6") if f.endswith(".txt")) == [f"{last}.txt"]
     # --submission on a split with ground truth: metrics and both layouts
     assert main([*args, f"--out={tmp_path / 'r5'}", "--limit=1", "--submission"]) == 0
     assert "tracker: AUC" in capsys.readouterr().out

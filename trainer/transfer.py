@@ -183,7 +183,9 @@ def _growth_report(trainer, src_config: dict, flat: dict, new_state, grown: list
     trainer._log(f"growth: {len(grown)} arrays grew ({grown[0]}, ...); parameters "
               f"{old_params:,} -> {trainer.num_params():,}; loss on a fixed eval batch "
               f"{before:.6f} before{note}, {after:.6f} after")
-    if math.isfinite(before) and abs(after - before) > GROWTH_LOSS_RTOL * max(abs(before), 1.0):
+    # "not <=": a NaN or infinite loss after growth is the most changed function of all
+    if math.isfinite(before) and not abs(after - before) <= GROWTH_LOSS_RTOL * max(abs(before),
+                                                                                   1.0):
         # a growth meant to continue the source's function (the task's adapt_init_from says how
         # arrays grow) that does not: said where it cannot be missed, with the measured change
         trainer._warn(f"init_from: the grown model does not compute the source's function: loss "

@@ -26,6 +26,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -113,19 +114,29 @@ class OnlineTracker:
                                      boxes=sequence.boxes[:n], absent=sequence.absent[:n]))
 
 
-def ground_truth_kind(sequences) -> str:
+def first_box_only(sequence) -> bool:
+    """True when groundtruth.txt gave only the first frame's box (the rows after it are NaN)."""
+    return bool(np.isnan(sequence.boxes[1:]).all())
+
+
+def ground_truth_kind(sequences, *, skip_bad: bool = False) -> str:
     """"full" (a box for every frame) or "first" (the GOT-10k test split: the first frame's box
-    only, in every sequence of more than one frame); a mix of the two is a ConfigError."""
+    only, in every sequence of more than one frame), judged over the whole split. A mix of the
+    two is a ConfigError naming a first-box-only sequence; with skip_bad those are left out of a
+    full split instead (said in a warning), as any bad annotation is."""
     longer = [s for s in sequences if len(s) > 1]
-    first = [s.name for s in longer if np.isnan(s.boxes[1:]).all()]
+    first = [s.name for s in longer if first_box_only(s)]
     if not first:
         return "full"
     if len(first) == len(longer):
         return "first"
-    raise ConfigError(
-        f"--sequences: {len(first)} of {len(longer)} sequences have only a first-frame box in "
-        f"groundtruth.txt (e.g. {first[0]!r}) while the others have a box per frame: a test "
-        f"split has first boxes only, a train / val split a box per frame")
+    what = (f"{len(first)} of {len(longer)} sequences have only a first-frame box in "
+            f"groundtruth.txt (e.g. {first[0]!r}) while the others have a box per frame")
+    if skip_bad:
+        warnings.warn(f"--sequences: {what}: those are skipped (--skip_bad)", stacklevel=2)
+        return "full"
+    raise ConfigError(f"--sequences: {what}: a test split has first boxes only, a train / val "
+                      f"split a box per frame (--skip_bad skips the short ones)")
 
 
 def write_submission(out: str, name: str, boxes: np.ndarray, seconds) -> None:
@@ -159,11 +170,14 @@ def main(argv=None) -> int:
             # either every sequence is so or none is (ground_truth_kind)
             sequences = tracking.load_got10k(args.sequences, args.split, skip_bad=args.skip_bad,
                                              first_box_only=True)
+            test_split = ground_truth_kind(sequences, skip_bad=args.skip_bad) == "first"
+            if not test_split:
+                sequences = [s for s in sequences if len(s) < 2 or not first_box_only(s)]
         else:
             sequences = task.sequences(config.data.eval_split)
+            test_split = False
         if args.limit:
             sequences = sequences[:args.limit]
-        test_split = ground_truth_kind(sequences) == "first"
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

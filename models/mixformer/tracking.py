@@ -844,9 +844,8 @@ def _atomic_write(path: str, write) -> None:
 
 
 def write_lines(path: str, lines) -> str:
-    """Write `lines` (strings, one per line), atomically. Returns path."""
-    lines = list(lines)
-
+    """Write `lines` (strings, one per line; an iterable consumed while writing), atomically:
+    if producing or writing a line fails, path is left as it was. Returns path."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(f"{line}\n" for line in lines)
