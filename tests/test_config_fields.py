@@ -71,6 +71,7 @@ ACCEPTED = {
     ("model.max_len", "0"): "learned positions only (RoPE models have none)",
     ("model.norm_eps", "0"): "the norm's default epsilon",
     ("model.hedgehog_feature_dim", "0"): "the head dim",
+    ("model.hip_mask_k", "0"): "no tree search: the sinks, the window and the diagonal (a control)",
     ("model.moh_shared_heads", "0"): "every head routed",
     ("model.moh_aux_weight", "0"): "no load-balance loss",
     ("model.num_queries_one2many", "0"): "no hybrid-matching query group",

@@ -74,10 +74,11 @@ def test_bidirectional_softmax_equals_full_attention(kv_heads):
     assert float(jnp.max(jnp.abs(y2[:, 0] - y[:, 0]))) > 1e-4
 
 
-@pytest.mark.parametrize("config,mechanism", [(VIT, "gla"), (IFORMER, "hedgehog")])
+@pytest.mark.parametrize("config,mechanism", [(VIT, "gla"), (VIT, "hedgehog")])
 def test_linear_attention_trains_in_the_encoders(config, mechanism, tmp_path):
     """GLA (both directions) and Hedgehog (unmasked) are bidirectional mechanisms: a vision
-    encoder takes them (its parameters are the mechanism's) and trains a few steps."""
+    encoder takes them (its parameters are the mechanism's) and trains a few steps (the ViT:
+    iFormer's attention comes from the same registry check, and costs 50 s to compile here)."""
     assert mechanism in attention.names(bidirectional=True)
     c = load_config(f"{config}:tiny", [f"model.attention={mechanism}", "train.steps=6",
                                        "train.warmup_steps=0", "train.log_every=1",
