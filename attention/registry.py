@@ -38,6 +38,7 @@ _MODULES = {name: f"attention.{name}" for name in (
     "routing", "landmark", "hip", "flexprefill", "dhsa", "ssa",  # sparse (block_sparse_attention)
     "moh", "complexformer",  # head-level (Mixture-of-Head) and positional (complex phase)
     "act",  # inference-time attention calibration (a SoftmaxAttention subclass)
+    "stdha",  # video: some heads read a neighbouring frame (ZeroI2V), zero parameters
 )}
 
 
