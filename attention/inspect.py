@@ -99,26 +99,30 @@ def effective_weights(attend, q, k):
     return y[..., :T].astype(jnp.float32)
 
 
+def _weights(copy, q, k, mode: str):
+    """effective_weights of an inspected copy's own attend at `mode` (numpy)."""
+    attend = nnx.jit(_quiet(lambda m, q, k, v: m.attend(q, k, v, mode=mode)))
+    return np.asarray(effective_weights(lambda q, k, v: attend(copy, q, k, v), q, k))
+
+
 def attention_weights(layer, x, positions, *, mode: str = "train") -> np.ndarray:
     """[B, H, T, T]: the weights the layer's heads apply to x (its `attend` at `mode`: "train",
     or "prefill" for the sparse prefill methods)."""
-    layer = _inspected(layer)
-    q, k = queries_and_keys(layer, x, positions)
-    attend = nnx.jit(_quiet(lambda m, q, k, v: m.attend(q, k, v, mode=mode)))
-    return np.asarray(effective_weights(lambda q, k, v: attend(layer, q, k, v), q, k))
+    copy = _inspected(layer)
+    return _weights(copy, *queries_and_keys(copy, x, positions), mode)
 
 
 def explain(layer, x, positions, *, mode: str = "prefill") -> dict[str, np.ndarray]:
     """What the layer computes for x [B, T, D] at `mode`, as numpy arrays: "weights" [B, H, T, T]
     and the mechanism's own structures (module docstring)."""
     _check(layer, "attention.explain")
+    copy = _inspected(layer)  # one copy, one projection, for the extras and the weights
+    q, k = queries_and_keys(copy, x, positions)
     out = {}
-    if hasattr(layer, "explain_extras"):
-        copy = _inspected(layer)
-        q, k = queries_and_keys(copy, x, positions)
+    if hasattr(copy, "explain_extras"):
         found = nnx.jit(_quiet(lambda m, x, p, q, k: m.explain_extras(
             x, positions=p, q=q, k=k, mode=mode)))(copy, x, positions, q, k)
         out = {name: np.asarray(jax.device_get(v)) for name, v in found.items()}
     if "weights" not in out:
-        out["weights"] = attention_weights(layer, x, positions, mode=mode)
+        out["weights"] = _weights(copy, q, k, mode)
     return out

@@ -62,10 +62,7 @@ def _load(workdir: str, train_steps: int = 0):
     return step, params, config
 
 
-_NOTES: list[str] = []
-
-
-def _build(config, spec: str, params: dict):
+def _build(config, spec: str, params: dict, notes: list[str] | None = None):
     """spec: `name` or `name:field=value,field=value` (config.model fields of the mechanism)."""
     method, _, opts = spec.partition(":")
     cfg = ml_collections.ConfigDict(config.to_dict())
@@ -82,9 +79,13 @@ def _build(config, spec: str, params: dict):
     state = nnx.state(model, nnx.Param)
     flat = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
     new = sorted(set(flat) - set(params))  # e.g. Landmark's landmark keys: they keep their init
-    if new:  # said below the table (a line inside it would break the Markdown)
-        _NOTES.append(f"{spec}: {len(new)} parameters not in the checkpoint keep their initial "
-                      f"values ({', '.join(n.split('/')[-1] for n in new[:2])}, ...).")
+    if new:  # into `notes`, said below a table (a line inside one breaks the Markdown)
+        note = (f"{spec}: {len(new)} parameters not in the checkpoint keep their initial "
+                f"values ({', '.join(n.split('/')[-1] for n in new[:2])}, ...).")
+        if notes is None:
+            print(note)
+        else:
+            notes.append(note)
     for path, var in nnx.to_flat_state(state):
         name = "/".join(str(k) for k in path)
         if name in params:
@@ -131,14 +132,14 @@ def quality_part(a):
           f"context {T}; {a.batches} eval batches of {bs}, mode=prefill")
     print("\n| method | eval loss | vs dense | attention pairs | dense / method | s / batch |")
     print("|---|---|---|---|---|---|")
-    dense_loss = None
+    dense_loss, notes = None, []
     for method in ["softmax"] + [x for x in a.methods.split(";") if x]:
-        model = _build(config, method, params)
+        model = _build(config, method, params, notes)
         loss, pairs, secs = _eval(model, batches, T)
         pairs = dense_pairs if method == "softmax" else pairs
         dense_loss = loss if method == "softmax" else dense_loss
         rel = (loss / dense_loss - 1) * 100
         ratio = dense_pairs / pairs if pairs > 0 else math.nan
         print(f"| {method} | {loss:.4f} | {rel:+.2f}% | {pairs:,.0f} | {ratio:.2f}x | {secs:.2f} |")
-    if _NOTES:
-        print("\n" + "\n".join(_NOTES))
+    if notes:
+        print("\n" + "\n".join(notes))
