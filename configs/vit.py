@@ -77,6 +77,8 @@ def get_config(name=None):
     m.head_dim = 0  # 0: d_model // num_heads
     m.pool = "mean"  # "cls": a learned CLS token feeds the classifier
     m.norm_eps = 0.0  # LayerNorm epsilon; 0: the default (1e-6); Hugging Face's ViT: 1e-12
+    # the learned position embeddings start from "normal" (std 0.02) or "sincos2d" (2-D sin-cos)
+    m.posemb_init = v.get("posemb_init", "normal")
     for field, value in v.get("model", {}).items():  # a variant's mechanism fields
         m[field] = value
     return finish_config(c)

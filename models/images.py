@@ -398,27 +398,29 @@ def _class_dirs(folder: str) -> list[str]:
                   if not x.startswith(".") and os.path.isdir(os.path.join(folder, x)))
 
 
-def _scan(folder: str, class_names: list[str] | None = None
+def _scan(folder: str, class_names: list[str] | None = None, *, items=_image_files,
+          what: str = "ImageFolder", unit: str = "images"
           ) -> tuple[list[str], list[int], list[str]]:
-    """(files, labels, class names) of a class-per-folder tree; class_names fixes the labels
-    (an eval folder is labelled by the train folder's classes)."""
+    """(items, labels, class names) of a class-per-folder tree; class_names fixes the labels
+    (an eval folder is labelled by the train folder's classes). items(class folder) lists one
+    class's examples (image files; a video family's clip folders), `what` and `unit` name the
+    layout and its examples in errors."""
     classes = _class_dirs(folder)
     if not classes:
-        raise ConfigError(f"ImageFolder: {folder!r} has no class sub-folders (expected "
-                          f"{folder}/<class>/<image>)")
+        raise ConfigError(f"{what}: {folder!r} has no class sub-folders (expected "
+                          f"{folder}/<class>/...)")
     names = classes if class_names is None else class_names
     extra = sorted(set(classes) - set(names))
     if extra:
-        raise ConfigError(f"ImageFolder: {folder!r} has classes {extra} that the train folder "
+        raise ConfigError(f"{what}: {folder!r} has classes {extra} that the train folder "
                           f"does not have")
-    per_class = {c: _image_files(os.path.join(folder, c)) for c in classes}
+    per_class = {c: items(os.path.join(folder, c)) for c in classes}
     if not any(per_class.values()):
-        raise ConfigError(f"ImageFolder: no images at all under {folder!r} (extensions "
+        raise ConfigError(f"{what}: no {unit} at all under {folder!r} (image extensions "
                           f"{', '.join(IMAGE_EXTENSIONS)})")
     for c in classes:
         if not per_class[c]:
-            raise ConfigError(f"ImageFolder: class folder {os.path.join(folder, c)!r} has no "
-                              f"images")
+            raise ConfigError(f"{what}: class folder {os.path.join(folder, c)!r} has no {unit}")
     files, labels = [], []
     for c in classes:
         files += per_class[c]
@@ -426,36 +428,39 @@ def _scan(folder: str, class_names: list[str] | None = None
     return files, labels, names
 
 
-def list_image_folder(root: str, split: str, *, eval_fraction: float = 0.1
+def list_image_folder(root: str, split: str, *, eval_fraction: float = 0.1, items=_image_files,
+                      what: str = "ImageFolder", unit: str = "images"
                       ) -> tuple[list[str], list[int], list[str]]:
     """(files, labels, class_names) of one split of an ImageFolder tree; example i of
     `image_folder(root, split)` is files[i]. Listing only: nothing is decoded.
 
     Layouts: root/train/<class>/... with root/val/... (or root/eval/...) for the eval split;
     otherwise root/<class>/..., split by a hash of each file's path relative to root (about
-    eval_fraction of the files go to eval, the same ones on every machine)."""
+    eval_fraction of the files go to eval, the same ones on every machine). items / what /
+    unit: `_scan`'s (a video family lists clip folders with the same layouts)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     if not os.path.isdir(root):
-        raise ConfigError(f"ImageFolder: root {root!r} does not exist or is not a directory")
+        raise ConfigError(f"{what}: root {root!r} does not exist or is not a directory")
     eval_dir = next((os.path.join(root, d) for d in ("val", "eval")
                      if os.path.isdir(os.path.join(root, d))), None)
     train_dir = os.path.join(root, "train")
     if os.path.isdir(train_dir) and eval_dir:
-        files, labels, names = _scan(train_dir)
+        kw = dict(items=items, what=what, unit=unit)
+        files, labels, names = _scan(train_dir, **kw)
         if split == "eval":
-            files, labels, _ = _scan(eval_dir, names)
+            files, labels, _ = _scan(eval_dir, names, **kw)
         return files, labels, names
     if not 0 < eval_fraction < 1:
-        raise ConfigError(f"ImageFolder: eval_fraction={eval_fraction} must be in (0, 1)")
-    files, labels, names = _scan(root)
+        raise ConfigError(f"{what}: eval_fraction={eval_fraction} must be in (0, 1)")
+    files, labels, names = _scan(root, items=items, what=what, unit=unit)
     held = [zlib.crc32(os.path.relpath(f, root).replace(os.sep, "/").encode()) % 10_000
             < eval_fraction * 10_000 for f in files]
     keep = [k for k, h in enumerate(held) if h == (split == "eval")]
     if not keep:
-        raise ConfigError(f"ImageFolder: the hash split of the {len(files)} images under {root!r} "
+        raise ConfigError(f"{what}: the hash split of the {len(files)} {unit} under {root!r} "
                           f"leaves the {split} split empty (eval_fraction={eval_fraction}); add "
-                          f"images, change eval_fraction or use {root}/train and {root}/val")
+                          f"{unit}, change eval_fraction or use {root}/train and {root}/val")
     return [files[k] for k in keep], [labels[k] for k in keep], names
 
 
@@ -481,9 +486,10 @@ def _load_rgb(path: str, draft: int):
         raise BadExample(path, f"ImageFolder: cannot decode image file {path!r}: {e}") from None
 
 
-class _ImageFiles:
-    """Random-access source of (path, label, id) records: decoding happens in the map after it,
-    so the train split's crop is chosen per (seed, index) by grain's random_map."""
+class PathRecords:
+    """Random-access source of (path, label, id) records (image files; the video family's clip
+    folders): decoding happens in the map after it, so the train split's crop is chosen per
+    (seed, index) by grain's random_map."""
 
     def __init__(self, files: list[str], labels: list[int]):
         self.files, self.labels = files, labels
@@ -504,6 +510,28 @@ def _resized(im, size: int, box: tuple[float, float, float, float]) -> np.ndarra
     return np.asarray(im.resize((size, size), Image.BILINEAR, box=box), np.uint8)
 
 
+def centre_box(w: int, h: int) -> tuple[float, float, float, float]:
+    """The centre square of a w x h image (resized to S x S: the short side to S, centre crop)."""
+    s = min(w, h)
+    return ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
+
+
+def random_resized_box(w: int, h: int, rng: np.random.Generator,
+                       scale: tuple[float, float] = (0.35, 1.0)) -> tuple[int, int, int, int]:
+    """Inception-style random resized crop of a w x h image (torchvision's algorithm): area
+    scale[0]..scale[1] of the image, aspect 3/4..4/3; after 10 misses the largest centred crop
+    within 3/4..4/3. Returns (x0, y0, x1, y1) in pixels."""
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            return (x0, y0, x0 + cw, y0 + ch)
+    cw, ch = min(w, round(h * 4 / 3)), min(h, round(w * 4 / 3))
+    return ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+
+
 class _EvalTransform(grain.transforms.Map):
     """Resize the short side to S and take the centre S x S (the centre square, resized)."""
 
@@ -512,16 +540,13 @@ class _EvalTransform(grain.transforms.Map):
 
     def map(self, x):
         im = _load_rgb(x["path"], self.size)
-        w, h = im.size
-        s = min(w, h)
-        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-        img = _resized(im, self.size, box)
+        img = _resized(im, self.size, centre_box(*im.size))
         return {"image": _to_float(img), "label": x["label"], "id": x["id"]}
 
 
 class _TrainTransform(grain.transforms.RandomMap):
     """Inception-style random resized crop (area 35..100 %, aspect 3/4..4/3, torchvision's
-    algorithm), a horizontal flip with probability 1/2, resize to S x S."""
+    algorithm: `random_resized_box`), a horizontal flip with probability 1/2, resize to S x S."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.35, 1.0)):
         self.size, self.scale = size, scale
@@ -530,20 +555,7 @@ class _TrainTransform(grain.transforms.RandomMap):
         # a crop's sides are >= 0.51 x the short side, so a JPEG decoded with short side >= 2S
         # keeps >= S px across the crop
         im = _load_rgb(x["path"], 2 * self.size)
-        w, h = im.size
-        box = None
-        for _ in range(10):
-            area = w * h * rng.uniform(*self.scale)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-            if 0 < cw <= w and 0 < ch <= h:
-                x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-                box = (x0, y0, x0 + cw, y0 + ch)
-                break
-        if box is None:  # extreme aspect ratios: the largest centred crop within 3/4..4/3
-            cw, ch = min(w, round(h * 4 / 3)), min(h, round(w * 4 / 3))
-            box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
-        img = _resized(im, self.size, box)
+        img = _resized(im, self.size, random_resized_box(*im.size, rng, self.scale))
         if rng.uniform() < 0.5:
             img = img[:, ::-1]
         return {"image": _to_float(img), "label": x["label"], "id": x["id"]}
@@ -572,7 +584,7 @@ def image_folder(root: str, split: str, *, image_size: int, seed: int = 0,
         raise ConfigError(f"ImageFolder: none of the {len(files)} image files of the {split} "
                           f"split of {root!r} can be read")
     files, labels = [files[k] for k in keep], [labels[k] for k in keep]
-    ds = grain.MapDataset.source(_ImageFiles(files, labels))
+    ds = grain.MapDataset.source(PathRecords(files, labels))
     if split == "train":
         ds = ds.shuffle(seed=seed).repeat(None).random_map(_TrainTransform(image_size), seed=seed)
     else:

@@ -35,6 +35,7 @@ from trainer.config import ConfigError
 from trainer.task import Task, register_task
 
 POOLS = ("cls", "mean")
+POSEMB_INITS = ("normal", "sincos2d")  # the learned position embeddings' initialisation
 PROBES = ("", "ep", "linear")
 
 
@@ -69,6 +70,17 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
 
 
+def sincos_2d(grid: int, d: int, temperature: float = 10_000.0):
+    """2-D sine-cosine position embeddings of a grid x grid patch grid (row-major, as `patchify`)
+    [grid * grid, d]: d / 4 frequencies omega_i = temperature^(-i / (d / 4)) of the column and
+    of the row, [sin(x omega), cos(x omega), sin(y omega), cos(y omega)] (big_vision's
+    posemb_sincos_2d; MAE's fixed embeddings). d must be a multiple of 4."""
+    y, x = jnp.mgrid[:grid, :grid]
+    omega = 1.0 / temperature ** (jnp.arange(d // 4) / (d // 4))
+    x, y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+    return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+
+
 def patchify(images, p: int):
     """[B, S, S', C] -> [B, (S/p)(S'/p), p*p*C], patches in row-major order."""
     B, H, W, C = images.shape
@@ -78,7 +90,8 @@ def patchify(images, p: int):
 
 class ViT(nnx.Module):
     """cfg: config.model (patch_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
-    mlp_dim, pool, attention, rope_theta, causal, norm_eps); image_size from config.data.
+    mlp_dim, pool, attention, rope_theta, causal, norm_eps, posemb_init: "normal" (std 0.02) or
+    "sincos2d"); image_size from config.data.
     images [B, S, S, 3] -> (tokens [B, N, D] (patch tokens, after the final LN), pooled [B, D])."""
 
     def __init__(self, cfg, image_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -92,6 +105,12 @@ class ViT(nnx.Module):
                 if cfg.pool == "cls" else None
             self.pos_embed = param(rngs, nnx.initializers.normal(0.02),
                                    (n + (cfg.pool == "cls"), d), (None, "embed"))
+            if getattr(cfg, "posemb_init", "normal") == "sincos2d":
+                # learned, starting from 2-D sin-cos (the CLS row, if any, stays random): with
+                # unit-scale positions attention can tell patches apart from step 0, which
+                # tasks that hinge on where things are (motion) need to leave their plateau
+                table = sincos_2d(image_size // cfg.patch_size, d).astype(self.pos_embed.dtype)
+                self.pos_embed[...] = self.pos_embed[...].at[-n:].set(table)
             self.blocks = nnx.List([Block(cfg, dtype=dtype, rngs=rngs, layer=i)
                                     for i in range(cfg.num_layers)])
             self.final_norm = norm(d, cfg, dtype=dtype, rngs=rngs)
@@ -262,12 +281,17 @@ class ClassificationTask(Task):
                               f"paths {tuple(c.data.paths)}")
         _, _, classes = self.data()
         if m.num_classes != len(classes) and self.match_data:
-            where = (f"the ImageFolder {c.data.paths[0]!r}" if c.data.paths
-                     else "the shapes data (models/images.py SHAPE_KINDS)")
-            raise ConfigError(f"config.model.num_classes={m.num_classes}, but {where} has "
+            raise ConfigError(f"config.model.num_classes={m.num_classes}, but "
+                              f"{self.data_description()} has "
                               f"{len(classes)} classes ({', '.join(classes[:10])}"
                               f"{', ...' if len(classes) > 10 else ''}); set "
                               f"--config.model.num_classes={len(classes)}")
+
+    def data_description(self) -> str:
+        """The data this run reads, for messages."""
+        paths = self.config.data.paths
+        return (f"the ImageFolder {paths[0]!r}" if paths
+                else "the shapes data (models/images.py SHAPE_KINDS)")
 
     def feature_dim(self) -> int:
         """The backbone's token width D (what a probe reads)."""
@@ -321,9 +345,7 @@ class ClassificationTask(Task):
         m = self.config.model
         head = {"": "supervised classifier", "ep": f"EP probe ({m.probe_queries} queries)",
                 "linear": "linear probe"}[m.probe]
-        paths = self.config.data.paths
-        return (f"{self.name}: {head}, {m.num_classes} classes, "
-                f"{'ImageFolder ' + paths[0] if paths else 'shapes'}",)
+        return (f"{self.name}: {head}, {m.num_classes} classes, {self.data_description()}",)
 
 
 @register_task("vit")
@@ -332,7 +354,8 @@ class ViTTask(ClassificationTask):
     ViTModel checkpoints in and out: models/vit_hf.py."""
 
     BACKBONE_FIELDS = (*ClassificationTask.BACKBONE_FIELDS, "pool")
-    FIELD_RULES = {"model.pool": POOLS, "model.norm_eps": ">= 0"}  # norm_eps 0: the default
+    FIELD_RULES = {"model.pool": POOLS, "model.norm_eps": ">= 0",  # norm_eps 0: the default
+                   "model.posemb_init": POSEMB_INITS}
     hf_importers = vit_hf.IMPORTERS
 
     def validate_backbone(self, mesh_sizes):
@@ -348,6 +371,9 @@ class ViTTask(ClassificationTask):
         if m.num_heads % m.num_kv_heads:
             raise ConfigError(f"config.model.num_heads={m.num_heads} must be a multiple of "
                               f"config.model.num_kv_heads={m.num_kv_heads}")
+        if m.get("posemb_init", "normal") == "sincos2d" and m.d_model % 4:
+            raise ConfigError(f"config.model.posemb_init='sincos2d' needs d_model divisible by 4 "
+                              f"(a sine and a cosine per axis), got d_model={m.d_model}")
         if not m.head_dim and m.d_model % m.num_heads:
             raise ConfigError(f"config.model.d_model={m.d_model} is not divisible by "
                               f"num_heads={m.num_heads}; set model.head_dim explicitly")

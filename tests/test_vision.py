@@ -297,3 +297,35 @@ def test_bad_vision_fields_are_config_errors(tmp_path):
                                             "init_from=", "init_from_config=", tmp_path=tmp_path)
     assert "attention_heads" in trainer_error(f"{IFORMER}:tiny", "model.attention_heads=(1,2,4)",
                                               tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("pool", ("mean", "cls"))
+def test_sincos2d_position_embeddings(pool):
+    """model.posemb_init="sincos2d": the learned position embeddings start from the 2-D sin-cos
+    table (numpy, big_vision's layout [sin x, cos x, sin y, cos y], row-major patches); the CLS
+    row keeps its random start; d_model not a multiple of 4 is refused by name."""
+    g, d = 3, 8
+    cfg = model_cfg(d_model=d, num_heads=2, num_kv_heads=2, patch_size=4, pool=pool,
+                    posemb_init="sincos2d")
+    table = np.asarray(vit.ViT(cfg, 4 * g, rngs=nnx.Rngs(0)).pos_embed[...])
+    omega = 1.0 / 10_000 ** (np.arange(d // 4) / (d // 4))
+    want = []
+    for r in range(g):
+        for col in range(g):
+            want.append(np.concatenate([np.sin(col * omega), np.cos(col * omega),
+                                        np.sin(r * omega), np.cos(r * omega)]))
+    np.testing.assert_allclose(table[-g * g:], np.array(want), rtol=1e-6, atol=1e-6)
+    assert table.shape[0] == g * g + (pool == "cls")
+    if pool == "cls":
+        assert np.abs(table[0]).max() < 0.2  # normal(0.02), not a table row
+    normal = np.asarray(vit.ViT(model_cfg(d_model=d, num_heads=2, num_kv_heads=2, patch_size=4,
+                                          pool=pool), 4 * g, rngs=nnx.Rngs(0)).pos_embed[...])
+    assert np.abs(normal).max() < 0.2
+
+
+def test_sincos2d_needs_d_model_divisible_by_4(tmp_path):
+    msg = trainer_error(f"{VIT}:tiny", "model.posemb_init=sincos2d", "model.d_model=66",
+                        "model.num_heads=3", "model.num_kv_heads=3", tmp_path=tmp_path)
+    assert "posemb_init='sincos2d'" in msg and "d_model=66" in msg
+    assert "posemb_init" in trainer_error(f"{VIT}:tiny", "model.posemb_init=learned",
+                                          tmp_path=tmp_path)

@@ -147,9 +147,12 @@ def inherit_config(config: ConfigDict) -> ConfigDict:
     left_out = [f[1:] for f in entries if f.startswith("-")]
     field = f"init_from_config={config.init_from_config!r} with init_from"
     saved = saved_config(config.init_from, field)
-    if saved.get("task") != config.task:
+    from trainer.task import get_task
+    allowed = (config.task, *get_task(config.task).init_from_tasks)
+    if saved.get("task") not in allowed:
         raise ConfigError(f"config.{field}: {config.init_from!r} is a {saved.get('task')!r} run; "
-                          f"this config is {config.task!r}")
+                          f"this config is {config.task!r}, which starts from "
+                          f"{' or '.join(map(repr, allowed))} runs")
 
     def leaves(d, prefix=""):
         for k, v in d.items():

@@ -179,6 +179,10 @@ class Task(abc.ABC):
         """Called once after training (e.g. the LM prints a generated sample)."""
 
     # ---- initialising from another run (config.init_from)
+    # other families whose runs this one may start from (init_from, init_from_config): their
+    # parameters are this family's (e.g. video from an image ViT); check_init_from still judges
+    init_from_tasks: tuple[str, ...] = ()
+
     def check_init_from(self, source_config: dict) -> None:
         """Raise trainer.config.ConfigError when a run with `source_config` (the JSON config
         saved with its checkpoint) cannot initialise this one, naming the fields and the fix."""
