@@ -25,7 +25,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -59,8 +58,7 @@ def main():
     a = ap.parse_args()
 
     peak0 = perf.measure_cpu_matmul()
-    print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
-          f"f32 2048 matmul peak {peak0 / 1e9:.1f} GFLOP/s (start of run)")
+    print(perf.machine_line(perf.machine(peak0)) + "  [start of run]")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in a.families.split(","):

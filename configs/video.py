@@ -49,11 +49,15 @@ def get_config(name=None):
     # 2-D sin-cos start for the learned positions: where the shape is must be readable from
     # step 0, or the tiny model sits at chance for thousands of steps (README, video)
     m.posemb_init = "sincos2d"
-    m.stdha_shift = ("1:-1", "2:1")  # ZeroI2V: head 1 from frame t - 1, head 2 from t + 1
+    if m.attention == "stdha":  # ZeroI2V: head 1 from frame t - 1, head 2 from t + 1
+        m.stdha_shift = ("1:-1", "2:1")
     if c.init_from:  # classification_base set it from the variant
-        c.init_from_new = "classifier"  # the source's head classifies images
+        # the source's head classifies images: skip it whatever its shape (a ViTModel import,
+        # a probe run: none at all), so this run's classifier starts new
+        c.init_from_skip = "^classifier"
+        c.init_from_new = "classifier"
         # the backbone as the source built it; attention (stdha), the STDHA fields and the
         # label set stay this config's
         c.init_from_config = ("model,-model.attention,-model.stdha_,-model.num_classes,"
-                              "-model.probe,data.image_size")
+                              "-model.probe,-model.classifier_,data.image_size")
     return finish_config(c)

@@ -483,7 +483,7 @@ def _load_rgb(path: str, draft: int):
                 im = im.convert("RGBA")
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadExample(path, f"ImageFolder: cannot decode image file {path!r}: {e}") from None
+        raise BadExample(path, f"cannot decode image file {path!r}: {e}") from None
 
 
 class PathRecords:

@@ -214,7 +214,8 @@ def _load_clip(path: str, num_frames: int, size: int, rng: np.random.Generator |
                flip: bool) -> np.ndarray:
     """num_frames frames of clip folder `path` -> float32 [F, S, S, 3] in [-1, 1]: one crop for
     the whole clip (the centre square for eval; a random resized crop, and a horizontal flip with
-    probability 1/2 when `flip`, for train), as a fraction of the first frame's size."""
+    probability 1/2 when `flip`, for train), as a fraction of the first frame's size (frames of
+    another aspect ratio than the first are squashed by it)."""
     frames = clip_frames(path)
     if not frames:
         raise BadExample(path, f"clip folder: {path!r} has no frames")
@@ -297,7 +298,9 @@ def write_clip_folder(root: str, *, num_per_class: int, image_size: int, num_fra
 # ----------------------------------------------------------------------------- model
 class VideoViT(ViT):
     """models/vit.py's ViT over the frames of clips (module docstring); the same parameters.
-    clips [B, F, S, S, 3] -> (tokens [B, F * N, D], pooled [B, D] = mean over frames)."""
+    clips [B, F, S, S, 3] -> (tokens [B, F * N, D], pooled [B, D] = mean over frames).
+    The attention layers are built with stdha_frames = num_frames (config.model keeps 1: build
+    a layer from config.model alone and it shifts nothing)."""
 
     def __init__(self, cfg, image_size: int, num_frames: int, *, dtype=jnp.float32, rngs):
         # the frame count is the data's: STDHA shifts keys / values along F

@@ -73,8 +73,9 @@ class Block(nnx.Module):
 def sincos_2d(grid: int, d: int, temperature: float = 10_000.0):
     """2-D sine-cosine position embeddings of a grid x grid patch grid (row-major, as `patchify`)
     [grid * grid, d]: d / 4 frequencies omega_i = temperature^(-i / (d / 4)) of the column and
-    of the row, [sin(x omega), cos(x omega), sin(y omega), cos(y omega)] (big_vision's
-    posemb_sincos_2d; MAE's fixed embeddings). d must be a multiple of 4."""
+    of the row, [sin(x omega), cos(x omega), sin(y omega), cos(y omega)] (MAE's
+    fixed embeddings; big_vision's posemb_sincos_2d divides the exponent by d / 4 - 1). d must
+    be a multiple of 4."""
     y, x = jnp.mgrid[:grid, :grid]
     omega = 1.0 / temperature ** (jnp.arange(d // 4) / (d // 4))
     x, y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega

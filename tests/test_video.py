@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -158,6 +159,19 @@ def test_frame_order_matters_only_with_a_shift():
                 np.testing.assert_allclose(got, base, rtol=1e-5, atol=1e-5)
 
 
+def test_clips_of_a_batch_stay_apart():
+    """STDHA shifts keys / values within each clip only: changing clip 1 leaves clip 0's
+    logits as they were (a layout mismatch between VideoViT's [B * F] frames and the shift
+    would mix clips), and changes clip 1's."""
+    vid, _ = _models(("1:-1", "2:1"))
+    x = _clips(B=3)
+    y = x.at[1].set(-x[1])
+    a = np.asarray(jit_apply(vid, lambda m, x: m(x), x))
+    b = np.asarray(jit_apply(vid, lambda m, x: m(x), y))
+    np.testing.assert_allclose(b[[0, 2]], a[[0, 2]], rtol=1e-5, atol=1e-6)
+    assert np.abs(b[1] - a[1]).max() > 1e-3
+
+
 # ----------------------------------------------------------------------------- clip folders
 def test_frame_indices_are_tsn_segments():
     np.testing.assert_array_equal(video.frame_indices(12, 6), [1, 3, 5, 7, 9, 11])
@@ -248,11 +262,15 @@ def test_an_image_vit_run_trains_on_a_clip_folder(tmp_path):
     src = run_trainer(load_config(f"{VIT}:tiny", ["train.steps=1", "model.num_layers=1",
                                                   "data.image_size=16", *RUN]), tmp_path / "img")
     root = _write(str(tmp_path / "clips"))
+    for split in ("train", "val"):  # 3 classes: another label set than the source's 8
+        for motion in sorted(os.listdir(os.path.join(root, split)))[3:]:
+            shutil.rmtree(os.path.join(root, split, motion))
     c = load_config(f"{VIDEO}:from_vit", ["train.steps=2", *RUN, "data.num_frames=4",
-                                          f"data.paths={root}", f"init_from={tmp_path / 'img'}"])
+                                          f"data.paths={root}", f"init_from={tmp_path / 'img'}",
+                                          "model.num_classes=3", "train.global_batch_size=2"])
     assert (c.model.num_layers, c.model.patch_size, c.data.image_size) == (1, 4, 16)
-    assert c.model.attention == "stdha" and c.init_from_new == "classifier"
-    with Trainer(c, str(tmp_path / "video"), quiet=True) as t:
+    assert c.model.attention == "stdha" and c.init_from_skip == "^classifier"
+    with Trainer(c, str(tmp_path / "video"), quiet=True, devices=jax.devices()[:1]) as t:
         before = param_arrays(t.model)
         result = t.fit()
         after = param_arrays(t.model)
@@ -261,6 +279,10 @@ def test_an_image_vit_run_trains_on_a_clip_folder(tmp_path):
         if k.startswith("['backbone']"):
             np.testing.assert_array_equal(before[k], v, err_msg=k)
             assert not np.array_equal(after[k], v), k
+    # the classifier is new (zeros, 3 classes), not the image run's (8 classes, trained)
+    kernel = next(k for k in src.params if k.startswith("['classifier']") and "kernel" in k)
+    assert src.params[kernel].shape[-1] == 8 and np.abs(src.params[kernel]).max() > 0
+    assert before[kernel].shape[-1] == 3 and not before[kernel].any()
     assert math.isfinite(result["eval"]["loss"]) and t.task.throughput_unit == "clips"
     # a run of a family the video family cannot start from is refused by name
     with pytest.raises(ConfigError, match="'video', which starts from 'video' or 'vit' runs"):
@@ -292,9 +314,11 @@ def test_bad_video_fields_are_config_errors(tmp_path):
 
 
 def test_every_variant_builds(tmp_path):
-    """frame_avg (softmax: a config without the STDHA fields) and tiny pass the checks and build;
+    """frame_avg (softmax: no STDHA fields, not even stdha_shift) and tiny pass the checks and
+    build;
     from_vit needs its source run (test_an_image_vit_run_trains_on_a_clip_folder)."""
     for variant, attention in (("tiny", "stdha"), ("frame_avg", "softmax")):
         c = load_config(f"{VIDEO}:{variant}", ["model.num_layers=1"])
         with Trainer(c, str(tmp_path / variant), quiet=True) as t:
             assert c.model.attention == attention and t.num_params() > 0
+            assert ("stdha_shift" in c.model) == (attention == "stdha")

@@ -302,7 +302,7 @@ def test_bad_vision_fields_are_config_errors(tmp_path):
 @pytest.mark.parametrize("pool", ("mean", "cls"))
 def test_sincos2d_position_embeddings(pool):
     """model.posemb_init="sincos2d": the learned position embeddings start from the 2-D sin-cos
-    table (numpy, big_vision's layout [sin x, cos x, sin y, cos y], row-major patches); the CLS
+    table (numpy, MAE's layout [sin x, cos x, sin y, cos y], row-major patches); the CLS
     row keeps its random start; d_model not a multiple of 4 is refused by name."""
     g, d = 3, 8
     cfg = model_cfg(d_model=d, num_heads=2, num_kv_heads=2, patch_size=4, pool=pool,

@@ -166,7 +166,7 @@ def check_files(paths: Sequence[str], opener, *, what: str, skip_bad: bool,
 
     def one(path):
         try:
-            if os.path.getsize(path) == 0:
+            if os.path.isfile(path) and os.path.getsize(path) == 0:  # (a video's clip: a folder)
                 return "an empty file"
             opener(path)
         except Exception as e:  # noqa: BLE001 -- any reason a file cannot be read is reported
