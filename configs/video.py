@@ -49,6 +49,7 @@ def get_config(name=None):
     # 2-D sin-cos start for the learned positions: where the shape is must be readable from
     # step 0, or the tiny model sits at chance for thousands of steps (README, video)
     m.posemb_init = "sincos2d"
+    m.classifier_std = 0.0  # the classifier's initial std; 0: zeros
     if m.attention == "stdha":  # ZeroI2V: head 1 from frame t - 1, head 2 from t + 1
         m.stdha_shift = ("1:-1", "2:1")
     if c.init_from:  # classification_base set it from the variant
