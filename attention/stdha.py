@@ -10,8 +10,9 @@ keys / values (PAPERS.md). Each head then attends within its frame as the image 
 with no shift (or F = 1) the layer is exactly SoftmaxAttention applied frame by frame, and an
 image checkpoint loads unchanged (the same q / k / v / o parameters).
 
-Config (config.model): stdha_frames F (the clip length, set by a video family; 1: images),
-stdha_shift: a tuple of "head:offset" strings, head a key/value head index (with GQA a kv head
+Config (config.model): num_frames F, the clip length, is the family's (as causal is): a video
+family builds its layers with it (models/video.py, from data.num_frames); absent or 1: images.
+The option stdha_shift: a tuple of "head:offset" strings, head a key/value head index (with GQA a kv head
 shifts for every query head that reads it), offset a frame offset (ZeroI2V: one head from t - 1,
 another from t + 1; optionally t - 2). Default ("1:-1", "2:1").
 """
@@ -53,7 +54,7 @@ def temporal_shift(x, frames: int, shifts: dict[int, int]):
         return x
     bf, n, h, d = x.shape
     if bf % frames:
-        raise ValueError(f"stdha: {bf} sequences are not whole clips of stdha_frames={frames}")
+        raise ValueError(f"stdha: {bf} sequences are not whole clips of num_frames={frames}")
     clips = x.reshape(bf // frames, frames, n, h, d)
     t = jnp.arange(frames)
     heads = []
@@ -70,8 +71,7 @@ class STDHAAttention(SoftmaxAttention):
     frame (module docstring). x [B * F, N, D] -> [B * F, N, D]; no new parameters."""
 
     OPTION_PREFIX = "stdha"
-    CONFIG_DEFAULTS = dict(stdha_frames=1, stdha_shift=("1:-1", "2:1"))
-    OPTION_RULES = dict(stdha_frames=">= 1")
+    CONFIG_DEFAULTS = dict(stdha_shift=("1:-1", "2:1"))
     BIDIRECTIONAL = True
 
     @staticmethod
@@ -81,7 +81,10 @@ class STDHAAttention(SoftmaxAttention):
     def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, rngs=rngs)
         opt = read_options(type(self), cfg)
-        self.frames = int(opt["stdha_frames"])
+        # the clip length is the family's structure, not an option (absent: images)
+        self.frames = int(getattr(cfg, "num_frames", 1) or 1)
+        if self.frames < 1:
+            raise ValueError(f"stdha: model num_frames={self.frames} must be >= 1")
         # (head, offset) pairs: hashable, static under jit
         self.shifts = tuple(sorted(parse_shifts(opt["stdha_shift"], self.num_kv_heads).items()))
 

@@ -6,7 +6,7 @@ of clip b is image b * F + t, the layout attention/stdha.py shifts along) -> the
 models/vit.py, whose attention (`model.attention`) sees one frame per sequence -> tokens
 [B, F * N, D] and pooled features [B, D], the mean over frames of each frame's pooled
 features. With `model.attention=stdha` chosen heads read the keys / values of a neighbouring
-frame (`model.stdha_shift`; `model.stdha_frames` is set from `data.num_frames`); with
+frame (`model.stdha_shift`; the layers are built with num_frames = `data.num_frames`); with
 `softmax` (or stdha without shifts) every frame is classified on its own and the linear head
 averages them: frame averaging, the baseline STDHA has to beat. The parameters are exactly the
 image ViT's, so `init_from` an image ViT run (configs/vit.py, or a Hugging Face ViT imported
@@ -299,12 +299,12 @@ def write_clip_folder(root: str, *, num_per_class: int, image_size: int, num_fra
 class VideoViT(ViT):
     """models/vit.py's ViT over the frames of clips (module docstring); the same parameters.
     clips [B, F, S, S, 3] -> (tokens [B, F * N, D], pooled [B, D] = mean over frames).
-    The attention layers are built with stdha_frames = num_frames (config.model keeps 1: build
-    a layer from config.model alone and it shifts nothing)."""
+    The attention layers are built with num_frames (a copy of config.model with the field set:
+    a layer built from config.model alone sees images and shifts nothing)."""
 
     def __init__(self, cfg, image_size: int, num_frames: int, *, dtype=jnp.float32, rngs):
-        # the frame count is the data's: STDHA shifts keys / values along F
-        super().__init__(layer_config(cfg, stdha_frames=num_frames), image_size, dtype=dtype,
+        # the frame count is the data's: a temporal mechanism (STDHA) shifts along F
+        super().__init__(layer_config(cfg, num_frames=num_frames), image_size, dtype=dtype,
                          rngs=rngs)
         self.frames = num_frames
 
@@ -323,18 +323,10 @@ class VideoTask(ViTTask):
     """Video classification (configs/video.py): VideoViT on moving shapes by default, a clip
     folder when `config.data.paths=(root,)`. Fields over ViTTask's: data.num_frames (F),
     data.speed (moving shapes: a fraction of the image per frame), data.flip (clip folders:
-    horizontal flips in training). model.stdha_frames follows data.num_frames."""
+    horizontal flips in training)."""
 
     throughput_unit = "clips"
-    FIELD_RULES = {"data.num_frames": ">= 1", "data.speed": "> 0", "model.stdha_frames": ">= 1"}
-
-    def validate_backbone(self, mesh_sizes):
-        super().validate_backbone(mesh_sizes)
-        m, f = self.config.model, self.config.data.num_frames
-        frames = m.get("stdha_frames", 1)  # only an stdha config has the field
-        if frames not in (1, f):
-            raise ConfigError(f"config.model.stdha_frames={frames}, but the video family "
-                              f"sets it from config.data.num_frames={f}; leave it at 1")
+    FIELD_RULES = {"data.num_frames": ">= 1", "data.speed": "> 0"}
 
     def validate_data(self):
         d = self.config.data

@@ -269,6 +269,8 @@ LOCAL_IMPORTS = {
     ("trainer.main", "trainer.trainer"): "heavy (jax, orbax)",
     ("trainer.main", "trainer.checkpoint"): "heavy (jax, orbax)",
     ("trainer.main", "trainer.sharding"): "heavy (jax)",
+    # only a config with init_from_config asks the family which source tasks it accepts
+    ("trainer.cli", "trainer.task"): "heavy (jax, grain)",
 }
 
 

@@ -304,8 +304,6 @@ def _error(*overrides, tmp_path):
 
 
 def test_bad_video_fields_are_config_errors(tmp_path):
-    msg = _error("model.stdha_frames=3", tmp_path=tmp_path)
-    assert "model.stdha_frames=3" in msg and "data.num_frames=" in msg
     assert "data.num_frames=20" in _error("data.num_frames=20", tmp_path=tmp_path)
     msg = _error("model.num_classes=5", tmp_path=tmp_path)
     assert "moving shapes" in msg and "8 classes" in msg
